@@ -1,0 +1,51 @@
+"""How a callback finds the adapter of the model it is attached to."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from xaiwatch.adapters.base import DetectorAdapter
+from xaiwatch.core.errors import UnsupportedModelError
+
+__all__ = ["resolve_adapter"]
+
+
+def resolve_adapter(module: nn.Module, adapter: DetectorAdapter | None = None) -> DetectorAdapter:
+    """Return the adapter to explain ``module`` with.
+
+    In order: the ``adapter`` given to the callback; ``module.xai_adapter()``; an adapter inferred from the
+    type of a network inside ``module`` (an ultralytics ``DetectionModel``).
+
+    Raises:
+        UnsupportedModelError: if none of the three applies; the message says how to provide one.
+    """
+    if adapter is not None:
+        if not isinstance(adapter, DetectorAdapter):
+            raise UnsupportedModelError(f"`adapter` must be a DetectorAdapter, got {type(adapter).__name__}.")
+        return adapter
+    factory = getattr(module, "xai_adapter", None)
+    if callable(factory):
+        found = factory()
+        if not isinstance(found, DetectorAdapter):
+            raise UnsupportedModelError(
+                f"{type(module).__name__}.xai_adapter() must return a DetectorAdapter, got {type(found).__name__}."
+            )
+        return found
+    from xaiwatch.adapters.yolov8 import YOLOv8Adapter, is_ultralytics_detection_model
+
+    for sub in module.modules():
+        if is_ultralytics_detection_model(sub):
+            return YOLOv8Adapter(sub, names=_names_of(module))
+    raise UnsupportedModelError(
+        f"Cannot explain {type(module).__name__}: no adapter. Either (1) give the callback one, "
+        "`ExplainCallback(adapter=YOLOv8Adapter(net))`; (2) add a method `xai_adapter(self) -> DetectorAdapter` "
+        "to your LightningModule; or (3) hold a supported network (ultralytics DetectionModel) as a submodule so "
+        "that it can be inferred."
+    )
+
+
+def _names_of(module: nn.Module) -> list[str] | None:
+    names = getattr(module, "names", None)
+    if isinstance(names, dict):
+        return [names[k] for k in sorted(names)]
+    return list(names) if names else None

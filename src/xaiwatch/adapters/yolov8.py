@@ -1,0 +1,149 @@
+"""Adapter for ultralytics YOLOv8 (and v5u/v9/v11-style) ``DetectionModel``s."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from xaiwatch.adapters.base import DetectorAdapter
+from xaiwatch.core.errors import UnsupportedModelError
+from xaiwatch.core.types import RawOutput
+
+__all__ = ["YOLOv8Adapter", "is_ultralytics_detection_model"]
+
+
+def is_ultralytics_detection_model(module: object) -> bool:
+    """True for an ultralytics ``DetectionModel`` (checked by class, without importing ultralytics)."""
+    return any(
+        c.__name__ == "DetectionModel" and c.__module__.startswith("ultralytics") for c in type(module).__mro__
+    )
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # ultralytics.YOLO is a wrapper whose .train() starts a training run; work on its inner DetectionModel.
+    if type(model).__name__ in {"YOLO", "Model"} and type(model).__module__.startswith("ultralytics"):
+        raise UnsupportedModelError(
+            "Got an ultralytics `YOLO` wrapper. Pass its network instead: `YOLOv8Adapter(YOLO(path).model)` "
+            "(the wrapper's `.train()` starts a training run, so xaiwatch never calls it)."
+        )
+    if not is_ultralytics_detection_model(model):
+        raise UnsupportedModelError(
+            f"YOLOv8Adapter needs an ultralytics `DetectionModel`, got {type(model).__name__}. Build one with "
+            "`DetectionModel('yolov8n.yaml', nc=...)` or take `YOLO(path).model`."
+        )
+    head = model.model[-1]
+    if type(head).__name__ != "Detect":
+        raise UnsupportedModelError(
+            f"YOLOv8Adapter supports the plain `Detect` head, got {type(head).__name__} "
+            "(segmentation, pose and OBB heads are not supported yet)."
+        )
+    return model
+
+
+class YOLOv8Adapter(DetectorAdapter):
+    """Explain an ultralytics ``DetectionModel``.
+
+    Inputs are RGB float images in ``[0, 1]`` (ultralytics' own convention), with sides a multiple of the
+    largest stride (32). Candidates are the head's decoded one-to-many outputs (``(B, 4 + C, N)``): boxes
+    converted to ``xyxy`` pixels, class scores after the sigmoid. :meth:`detect` equals ultralytics'
+    ``non_max_suppression`` with the same thresholds.
+
+    Layers: ``backbone.p3``/``p4``/``p5`` (last backbone stage at stride 8/16/32) and ``neck.p3``/``p4``/
+    ``p5`` (the feature maps the Detect head reads). ``neck.p3`` is the default CAM layer: every level's
+    candidates depend on it, and at stride 8 it resolves small objects.
+
+    Args:
+        model: ultralytics ``DetectionModel`` (``YOLO(path).model``).
+        names: class names; read from ``model.names`` when omitted.
+        conf, iou, max_det: post-processing thresholds of :meth:`detect`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        names: Sequence[str] | None = None,
+        conf: float = 0.25,
+        iou: float = 0.7,
+        max_det: int = 300,
+    ) -> None:
+        model = _unwrap(model)
+        if names is None:
+            raw_names = getattr(model, "names", None)
+            if isinstance(raw_names, dict):
+                names = [raw_names[k] for k in sorted(raw_names)]
+            elif raw_names is not None:
+                names = list(raw_names)
+            else:
+                names = [str(i) for i in range(model.model[-1].nc)]
+        super().__init__(model, names, conf=conf, iou=iou, max_det=max_det)
+        self._layers: dict[str, str] | None = None
+
+    @property
+    def head(self) -> nn.Module:
+        """The ``Detect`` module."""
+        return self.model.model[-1]
+
+    def raw(self, images: torch.Tensor) -> RawOutput:
+        """Decoded candidates (see :class:`DetectorAdapter`); the model must be in eval mode."""
+        return self.raw_from_output(self.model(images))
+
+    def raw_from_output(self, out: tuple | torch.Tensor | dict) -> RawOutput:
+        """Candidates from an eval-mode output of the model, ``(y, preds)`` or ``y`` of shape (B, 4 + C, N)."""
+        if isinstance(out, dict):
+            raise UnsupportedModelError(
+                "The YOLOv8 model is in training mode; call the adapter inside `xaiwatch.explaining(model)` "
+                "or `eval_state(model)` (its Detect head returns undecoded outputs in training mode)."
+            )
+        y, preds = out if isinstance(out, tuple) else (out, None)
+        nc = self.head.nc
+        xywh = y[:, :4].transpose(1, 2)
+        boxes = torch.cat((xywh[..., :2] - xywh[..., 2:] / 2, xywh[..., :2] + xywh[..., 2:] / 2), dim=-1)
+        scores = y[:, 4 : 4 + nc].transpose(1, 2)
+        levels = None
+        if preds is not None and "feats" in preds:
+            sizes = [f.shape[2] * f.shape[3] for f in preds["feats"]]
+            levels = torch.repeat_interleave(
+                torch.arange(len(sizes), device=y.device), torch.tensor(sizes, device=y.device)
+            )
+        return RawOutput(boxes, scores, levels)
+
+    def layer_names(self) -> dict[str, str]:
+        """Aliases ``neck.p3`` … and ``backbone.p3`` … to ``model.<i>`` paths (see class docstring)."""
+        if self._layers is None:
+            self._layers = self._probe_layers()
+        return self._layers
+
+    @property
+    def default_cam_layer(self) -> str:
+        """``neck.p3``."""
+        return "neck.p3"
+
+    def _probe_layers(self) -> dict[str, str]:
+        head = self.head
+        strides = [int(s) for s in head.stride.tolist()]
+        layers = {f"neck.p{s.bit_length() - 1}": f"model.{i}" for s, i in zip(strides, head.f)}
+        n_backbone = len(getattr(self.model, "yaml", {}).get("backbone", [])) or min(head.f)
+        # One cheap forward on a tiny image tells each backbone layer's stride.
+        size = 2 * max(strides)
+        seen: dict[int, int] = {}
+        hooks = [
+            m.register_forward_hook(lambda _m, _i, o, i=i: seen.__setitem__(i, o.shape[-1]))
+            for i, m in enumerate(self.model.model[:n_backbone])
+        ]
+        from xaiwatch.core.context import eval_state, fork_rng
+
+        p = next(self.model.parameters())
+        try:
+            with torch.no_grad(), eval_state(self.model), fork_rng():
+                self.model(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype))
+        finally:
+            for h in hooks:
+                h.remove()
+            self.reset_caches()
+        for i in sorted(seen):
+            stride = size // seen[i]
+            if stride in strides:
+                layers[f"backbone.p{stride.bit_length() - 1}"] = f"model.{i}"  # last layer at that stride wins
+        return dict(sorted(layers.items(), key=lambda kv: (not kv[0].startswith("neck"), kv[0])))

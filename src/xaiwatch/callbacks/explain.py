@@ -1,0 +1,280 @@
+"""``ExplainCallback``: explain fixed probe images with several methods at every scheduled epoch."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import rank_zero_warn
+from typing_extensions import override
+
+from xaiwatch.adapters import DetectorAdapter, resolve_adapter
+from xaiwatch.callbacks.probes import choose_probe_indices, load_probes, validation_dataset
+from xaiwatch.core.context import explaining
+from xaiwatch.core.errors import ConfigurationError
+from xaiwatch.core.types import Detections, ProbeSet
+from xaiwatch.explain import Engine, engine_class, get_engine
+from xaiwatch.logging import XaiWriter
+from xaiwatch.render import NORMALIZATIONS, explanation_panel
+from xaiwatch.targets import MatchedBoxTarget
+
+__all__ = ["ExplainCallback", "tensorboard_writer"]
+
+_ON_ERROR = ("warn", "raise")
+
+
+def tensorboard_writer(trainer: pl.Trainer, owner: str) -> Any:
+    """The ``SummaryWriter`` of the trainer's TensorBoard logger.
+
+    Raises:
+        ConfigurationError: when the trainer has no ``TensorBoardLogger``.
+    """
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return logger.experiment
+    raise ConfigurationError(
+        f"Cannot use `{owner}` with a `Trainer` that has no `TensorBoardLogger`: add "
+        "`logger=TensorBoardLogger(save_dir)` (the default logger when tensorboard is installed)."
+    )
+
+
+class ExplainCallback(Callback):
+    """Explain a fixed set of held-out probe images at every scheduled epoch and log them to TensorBoard.
+
+    For each probe image one object is tracked (its largest ground-truth box, followed by IoU as the
+    model's detections change, see :class:`~xaiwatch.targets.MatchedBoxTarget`). At the end of every
+    ``every_n_epochs``-th validation, every method explains that object's class score and TensorBoard gets
+    one picture per method and probe, ``explain/<method>/probe_<NN>``, whose step is the number of completed
+    training epochs (step 0 = before training when ``explain_at_start``). Explanations never change training
+    (see :func:`~xaiwatch.core.context.explaining`).
+
+    Args:
+        methods: explanation methods by name (see :func:`xaiwatch.explain.available_methods`).
+        num_probe: number of probe images chosen (seeded) from the validation set.
+        probe_indices: explicit validation indices instead of a seeded choice.
+        every_n_epochs: explain after every n-th training epoch's validation.
+        layer: layer of CAM methods (adapter alias such as ``"neck.p3"`` or a dotted path).
+        adapter: the model adapter; otherwise ``pl_module.xai_adapter()`` or inferred from the network.
+        normalize: ``"per_map"``, ``"fixed"`` (scale of the first explained epoch per method) or ``"signed"``.
+        explain_at_start: also explain the model before training (step 0).
+        batch_size: probes per explanation batch.
+        on_error: ``"warn"`` (training continues) or ``"raise"``.
+        seed: seed of the probe choice and of stochastic methods.
+        iou_threshold: IoU at which a candidate is the tracked object.
+
+    Raises:
+        ConfigurationError: for invalid arguments here, and at ``setup()`` for an unknown layer, a missing
+            TensorBoard logger, missing validation data or too few validation images.
+        UnsupportedModelError: at ``setup()`` when no adapter can be found for the model.
+    """
+
+    def __init__(
+        self,
+        methods: Sequence[str] = ("saliency", "grad_cam"),
+        num_probe: int = 8,
+        probe_indices: Sequence[int] | None = None,
+        every_n_epochs: int = 1,
+        layer: str | None = None,
+        adapter: DetectorAdapter | None = None,
+        normalize: str = "per_map",
+        explain_at_start: bool = True,
+        batch_size: int = 8,
+        on_error: str = "warn",
+        seed: int = 0,
+        iou_threshold: float = 0.5,
+    ) -> None:
+        if isinstance(methods, str):
+            methods = [methods]
+        if not methods:
+            raise ConfigurationError("`methods` must name at least one explanation method.")
+        for m in methods:
+            engine_class(m)  # raises with the list of valid methods
+        if len(set(methods)) != len(methods):
+            raise ConfigurationError(f"`methods` has duplicates: {list(methods)}.")
+        if probe_indices is not None:
+            probe_indices = [int(i) for i in probe_indices]
+            if not probe_indices or len(set(probe_indices)) != len(probe_indices) or min(probe_indices) < 0:
+                raise ConfigurationError(f"`probe_indices` must be distinct indices >= 0, got {probe_indices}.")
+            num_probe = len(probe_indices)
+        if int(num_probe) <= 0:
+            raise ConfigurationError(f"`num_probe` must be >= 1, got {num_probe}.")
+        if int(every_n_epochs) < 1:
+            raise ConfigurationError(f"`every_n_epochs` must be >= 1, got {every_n_epochs}.")
+        if int(batch_size) < 1:
+            raise ConfigurationError(f"`batch_size` must be >= 1, got {batch_size}.")
+        if normalize not in NORMALIZATIONS:
+            raise ConfigurationError(f"`normalize` can be {', '.join(NORMALIZATIONS)}, got {normalize!r}.")
+        if on_error not in _ON_ERROR:
+            raise ConfigurationError(f"`on_error` can be warn or raise, got {on_error!r}.")
+        if not 0.0 < iou_threshold <= 1.0:
+            raise ConfigurationError(f"`iou_threshold` must be in (0, 1], got {iou_threshold}.")
+        self.methods = list(methods)
+        self.num_probe = int(num_probe)
+        self.probe_indices = probe_indices
+        self.every_n_epochs = int(every_n_epochs)
+        self.layer = layer
+        self.adapter = adapter
+        self.normalize = normalize
+        self.explain_at_start = bool(explain_at_start)
+        self.batch_size = int(batch_size)
+        self.on_error = on_error
+        self.seed = int(seed)
+        self.iou_threshold = float(iou_threshold)
+        # state (state_dict)
+        self._probe_indices: list[int] | None = None
+        self._tracked: list[list[float]] = []  # per probe: x1, y1, x2, y2, label
+        self._scales: dict[str, float] = {}
+        self._last_step: int = -1
+        # resolved at setup
+        self._adapter: DetectorAdapter | None = None
+        self._engines: dict[str, Engine] = {}
+        self._probes: ProbeSet | None = None
+        self._writer: XaiWriter | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(methods=self.methods, num_probe=self.num_probe, layer=self.layer)
+
+    # ---------------------------------------------------------------------------------------------- setup
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        name = type(self).__name__
+        self._writer = XaiWriter(tensorboard_writer(trainer, name)) if trainer.is_global_zero else None
+        self._adapter = resolve_adapter(pl_module, self.adapter)
+        self._engines = {m: get_engine(m, self._adapter, layer=self.layer, seed=self.seed) for m in self.methods}
+        dataset = validation_dataset(trainer, name)
+        if self._probe_indices is None:  # not restored from a checkpoint
+            self._probe_indices = self.probe_indices or choose_probe_indices(dataset, self.num_probe, self.seed, name)
+        self._probes = load_probes(dataset, self._probe_indices, name)
+        if not self._tracked:
+            self._tracked = [self._initial_track(b, lab) for b, lab in zip(self._probes.boxes, self._probes.labels)]
+        if trainer.limit_val_batches == 0:
+            rank_zero_warn(f"{name}: `limit_val_batches=0`, validation never runs, so nothing will be explained.")
+
+    @staticmethod
+    def _initial_track(boxes: torch.Tensor, labels: torch.Tensor) -> list[float]:
+        if not len(boxes):
+            return []
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        i = int(area.argmax())
+        return [*boxes[i].tolist(), float(labels[i])]
+
+    # ---------------------------------------------------------------------------------------------- hooks
+    def _should_skip(self, trainer: pl.Trainer) -> bool:
+        from pytorch_lightning.trainer.states import TrainerFn
+
+        return bool(trainer.sanity_checking or trainer.fast_dev_run or trainer.state.fn != TrainerFn.FITTING)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.explain_at_start and not self._should_skip(trainer) and trainer.current_epoch == 0:
+            self._run_safely(trainer, pl_module, step=0)
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._should_skip(trainer):
+            return
+        step = trainer.current_epoch + 1
+        if step % self.every_n_epochs == 0:
+            self._run_safely(trainer, pl_module, step=step)
+
+    def _run_safely(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        if step == self._last_step:  # several validations in one epoch: explain once
+            return
+        self._last_step = step
+        if not trainer.is_global_zero:  # explanations issue no collective op; rank zero renders and writes
+            return
+        try:
+            self._run_explain(pl_module, step)
+        except Exception as err:
+            if self.on_error == "raise":
+                raise
+            rank_zero_warn(f"{type(self).__name__} failed at step {step} ({type(err).__name__}: {err}); training continues.")
+
+    # ------------------------------------------------------------------------------------------------ run
+    def _targets(self) -> list[MatchedBoxTarget | None]:
+        return [
+            MatchedBoxTarget(t[:4], int(t[4]), iou_threshold=self.iou_threshold, conf=self._adapter.conf) if t else None
+            for t in self._tracked
+        ]
+
+    def _run_explain(self, pl_module: pl.LightningModule, step: int) -> None:
+        if self._probes is None or self._adapter is None:
+            raise ConfigurationError(f"{type(self).__name__} was not set up; it runs inside `Trainer.fit`.")
+        start = time.perf_counter()
+        adapter = self._adapter
+        probes = self._probes.to(pl_module.device)
+        with explaining(adapter.model, seed=self.seed):
+            detections = adapter.detect(probes.images)
+        self._track_missing(detections)
+        targets = self._targets()
+        keep = [i for i, t in enumerate(targets) if t is not None]
+        maps: dict[str, torch.Tensor] = {}
+        matches = {}
+        for method, engine in self._engines.items():
+            out = torch.zeros(len(probes), 1, *probes.images.shape[-2:])
+            for lo in range(0, len(keep), self.batch_size):
+                chunk = keep[lo : lo + self.batch_size]
+                batch_targets = [targets[i] for i in chunk]
+                out[chunk] = engine.attribute(probes.images[chunk], batch_targets).float().cpu()
+                matches.update({i: targets[i].last_match[0] for i in chunk})
+            maps[method] = out
+            if self.normalize in ("fixed", "signed") and method not in self._scales:
+                self._scales[method] = float(out.abs().amax()) or 1.0
+        if self._writer is not None:
+            self._write(probes, detections, maps, matches, step, time.perf_counter() - start)
+
+    def _track_missing(self, detections: list[Detections]) -> None:
+        """Probes without ground truth track their top detection from the first explained epoch on."""
+        for i, dets in enumerate(detections):
+            if not self._tracked[i] and len(dets):
+                self._tracked[i] = [*dets.boxes[0].tolist(), float(dets.labels[0])]
+
+    def _write(self, probes: ProbeSet, detections: list, maps: dict, matches: dict, step: int, seconds: float) -> None:
+        names = self._adapter.names
+        for i in range(len(probes)):
+            match = matches.get(i)
+            tracked = self._tracked[i]
+            label = names[int(tracked[4])] if tracked and names else ""
+            if match is not None:
+                state = "detected" if match.detected else "missed, nearest candidate"
+                subtitle = f"{label}: {state} (score {match.score:.2f}, IoU {match.iou:.2f})"
+                self._writer.tracked(i, match.detected, match.score, step)
+            else:
+                subtitle = "no object to track"
+            for method, m in maps.items():
+                picture = explanation_panel(
+                    probes.images[i], m[i], gt_boxes=probes.boxes[i], gt_labels=probes.labels[i],
+                    detections=detections[i], tracked_box=match.box if match else None, names=names,
+                    title=f"{method} | probe {i} (val #{probes.indices[i]}) | epoch {step}", subtitle=subtitle,
+                    normalize=self.normalize, scale=self._scales.get(method),
+                )
+                self._writer.explanation(method, i, picture, step)
+        self._writer.explain_seconds(seconds, step)
+        self._writer.flush()
+
+    # ---------------------------------------------------------------------------------------------- state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "probe_indices": list(self._probe_indices or []),
+            "tracked": [list(t) for t in self._tracked],
+            "scales": dict(self._scales),
+            "last_step": self._last_step,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._probe_indices = list(state_dict.get("probe_indices", [])) or None
+        self._tracked = [list(t) for t in state_dict.get("tracked", [])]
+        self._scales = dict(state_dict.get("scales", {}))
+        self._last_step = int(state_dict.get("last_step", -1))

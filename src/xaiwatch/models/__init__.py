@@ -1,0 +1,7 @@
+"""LightningModules for fine-tuning detectors: users of the library, not part of its core."""
+
+from __future__ import annotations
+
+from xaiwatch.models.yolov8 import YOLOv8Module, load_matching_weights, to_ultralytics_batch
+
+__all__ = ["YOLOv8Module", "load_matching_weights", "to_ultralytics_batch"]

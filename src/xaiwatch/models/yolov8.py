@@ -1,0 +1,277 @@
+"""``YOLOv8Module``: fine-tune an ultralytics YOLOv8 detector with Lightning, on ``YoloDataModule`` batches."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+from torch import nn
+
+from xaiwatch.adapters.yolov8 import YOLOv8Adapter
+from xaiwatch.core.errors import ConfigurationError
+from xaiwatch.core.imports import require
+
+__all__ = ["YOLOv8Module", "load_matching_weights", "to_ultralytics_batch"]
+
+
+def _build_detection_model(cfg: str | dict, num_classes: int) -> nn.Module:
+    require("ultralytics", extra="yolo")
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    from ultralytics.nn.tasks import DetectionModel
+    from ultralytics.utils import LOGGER
+
+    level = LOGGER.level
+    LOGGER.setLevel("ERROR")  # "Overriding model.yaml nc=80 with nc=3" is expected, not news
+    try:
+        return DetectionModel(cfg, nc=num_classes, verbose=False)
+    except FileNotFoundError as err:
+        raise ConfigurationError(
+            f"Cannot find the architecture yaml {cfg!r}. Use a name ultralytics ships (e.g. 'yolov8n.yaml', "
+            "'yolov8s.yaml') or a path to your own model yaml."
+        ) from err
+    finally:
+        LOGGER.setLevel(level)
+
+
+def load_matching_weights(net: nn.Module, path: str | os.PathLike, trust_pickle: bool = False) -> dict[str, list[str]]:
+    """Copy every tensor of a checkpoint whose name and shape match ``net``'s; report the rest.
+
+    Reads ``state_dict`` files, Lightning checkpoints and ultralytics ``.pt`` checkpoints. The file is read
+    with ``torch.load(weights_only=True)``; an ultralytics checkpoint stores a pickled model object whose
+    loading runs code from the file, so it is read only when ``trust_pickle=True``.
+
+    Returns:
+        ``{"loaded": [...], "skipped": [...], "missing": [...]}``: names copied, names in the file not
+        copied (absent from ``net`` or of another shape, e.g. the class layer of an 80-class model), and
+        names of ``net`` the file did not provide.
+
+    Raises:
+        ConfigurationError: if the file is missing, unreadable, needs ``trust_pickle`` or matches nothing.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigurationError(f"`weights` file {str(path)!r} does not exist. Pass a local .pt/.pth/.ckpt file.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises several types for a pickled model
+        if not trust_pickle:
+            raise ConfigurationError(
+                f"{str(path)!r} is not a plain state_dict: it stores pickled Python objects (as ultralytics '.pt' "
+                "checkpoints do), and loading it would run code from the file. If you trust the file, pass "
+                "`trust_pickle=True`; or save `YOLO(path).model.state_dict()` with torch.save once and pass that."
+            ) from err
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    state = _state_dict_of(ckpt, path)
+    own = net.state_dict()
+    loaded = [k for k, v in state.items() if k in own and own[k].shape == v.shape]
+    if not loaded:
+        raise ConfigurationError(
+            f"No tensor of {str(path)!r} matches the model (first names in the file: {list(state)[:3]}). "
+            "Is it a checkpoint of the same architecture?"
+        )
+    net.load_state_dict({k: state[k] for k in loaded}, strict=False)
+    return {
+        "loaded": loaded,
+        "skipped": [k for k in state if k not in set(loaded)],
+        "missing": [k for k in own if k not in state],
+    }
+
+
+def _state_dict_of(ckpt: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(ckpt, dict):
+        for key in ("ema", "model", "state_dict"):
+            inner = ckpt.get(key)
+            if isinstance(inner, nn.Module):
+                return inner.float().state_dict()
+            if isinstance(inner, dict) and inner:
+                ckpt = inner
+                break
+        if "state_dict" in ckpt and isinstance(ckpt["state_dict"], dict):
+            ckpt = ckpt["state_dict"]
+        out = {k.removeprefix("net."): v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}
+        if out:
+            return out
+    if isinstance(ckpt, nn.Module):
+        return ckpt.float().state_dict()
+    raise ConfigurationError(f"{str(path)!r} holds no tensors xaiwatch can read (got {type(ckpt).__name__}).")
+
+
+def to_ultralytics_batch(boxes: Sequence[torch.Tensor], labels: Sequence[torch.Tensor], size: tuple[int, int]) -> dict:
+    """Convert per-image ``xyxy`` pixel boxes to the flat batch ultralytics' ``v8DetectionLoss`` reads.
+
+    Args:
+        boxes: per image :math:`(n_i, 4)` ``x1, y1, x2, y2`` pixels.
+        labels: per image :math:`(n_i,)` class indices.
+        size: ``(H, W)`` of the input images.
+
+    Returns:
+        ``{"batch_idx": (M,), "cls": (M, 1), "bboxes": (M, 4) normalised cx, cy, w, h}``.
+    """
+    h, w = size
+    device = boxes[0].device if len(boxes) else torch.device("cpu")
+    idx = torch.cat([torch.full((len(b),), i, device=device, dtype=torch.float32) for i, b in enumerate(boxes)])
+    xyxy = torch.cat([b.reshape(-1, 4).float() for b in boxes]) if len(boxes) else torch.zeros(0, 4)
+    cls = torch.cat([lab.reshape(-1).float() for lab in labels]) if len(labels) else torch.zeros(0)
+    scale = torch.tensor([w, h, w, h], device=device, dtype=torch.float32)
+    cxcywh = torch.cat(((xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]), dim=1) / scale
+    return {"batch_idx": idx, "cls": cls[:, None], "bboxes": cxcywh}
+
+
+class YOLOv8Module(pl.LightningModule):
+    """A LightningModule that fine-tunes an ultralytics ``DetectionModel`` with ultralytics' own loss.
+
+    Batches are those of :class:`~xaiwatch.data.YoloDataModule`: ``images`` :math:`(B, 3, H, W)` in
+    ``[0, 1]``, per-image ``boxes`` (``xyxy`` pixels) and ``labels``. Validation logs ``val/loss``,
+    ``val/map50`` and ``val/map`` (torchmetrics ``MeanAveragePrecision``) from detections post-processed
+    exactly as ultralytics validates (conf 0.001, IoU 0.7).
+
+    Args:
+        model: architecture yaml (``"yolov8n.yaml"`` or a path).
+        num_classes: number of classes of the new head.
+        names: class names (default ``"0"``, ``"1"``, …).
+        weights: optional local checkpoint; tensors matching by name and shape are copied, the rest reported.
+        trust_pickle: allow reading an ultralytics ``.pt`` checkpoint (pickled objects, runs code).
+        lr: peak learning rate of AdamW.
+        weight_decay: decay of conv/linear weights (not of biases and norm layers).
+        warmup_steps: steps of linear warm-up.
+        box, cls, dfl: loss gains (ultralytics defaults 7.5, 0.5, 1.5).
+        val_conf, val_iou: post-processing used for mAP.
+    """
+
+    def __init__(
+        self,
+        model: str | dict = "yolov8n.yaml",
+        num_classes: int = 3,
+        names: list[str] | None = None,
+        weights: str | None = None,
+        trust_pickle: bool = False,
+        lr: float = 2e-3,
+        weight_decay: float = 5e-4,
+        warmup_steps: int = 50,
+        box: float = 7.5,
+        cls: float = 0.5,
+        dfl: float = 1.5,
+        val_conf: float = 0.001,
+        val_iou: float = 0.7,
+    ) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ConfigurationError(f"`num_classes` must be >= 1, got {num_classes}.")
+        if names is not None and len(names) != num_classes:
+            raise ConfigurationError(f"`names` has {len(names)} entries but `num_classes` is {num_classes}.")
+        if lr <= 0:
+            raise ConfigurationError(f"`lr` must be > 0, got {lr}.")
+        self.save_hyperparameters()
+        self.names = list(names) if names is not None else [str(i) for i in range(num_classes)]
+        self.net = _build_detection_model(model, num_classes)
+        self.net.names = dict(enumerate(self.names))
+        self.net.args = SimpleNamespace(box=box, cls=cls, dfl=dfl)
+        self.weights_report: dict[str, list[str]] | None = None
+        if weights:
+            self.weights_report = load_matching_weights(self.net, weights, trust_pickle=trust_pickle)
+            r = self.weights_report
+            rank_zero_info(
+                f"Loaded {len(r['loaded'])} tensors from {weights}; skipped {len(r['skipped'])} "
+                f"(e.g. {r['skipped'][:3]}), {len(r['missing'])} left at initialisation."
+            )
+        self._criterion: Any = None
+        self._map: Any = None
+
+    # ---------------------------------------------------------------------------------------------- adapter
+    def xai_adapter(self) -> YOLOv8Adapter:
+        """The adapter xaiwatch's callbacks explain this model with."""
+        return YOLOv8Adapter(self.net, names=self.names)
+
+    def forward(self, images: torch.Tensor) -> Any:
+        """The wrapped ``DetectionModel``'s forward (raw dict in training mode, decoded tuple in eval)."""
+        return self.net(images)
+
+    # ------------------------------------------------------------------------------------------------- loss
+    @property
+    def criterion(self) -> Any:
+        """ultralytics' ``v8DetectionLoss`` for this model, built on first use on the model's device."""
+        device = next(self.net.parameters()).device
+        if self._criterion is None or self._criterion.device != device:
+            from ultralytics.utils.loss import v8DetectionLoss
+
+            self._criterion = v8DetectionLoss(self.net)
+        return self._criterion
+
+    def _loss(self, preds: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        images = batch["images"]
+        target = to_ultralytics_batch(batch["boxes"], batch["labels"], tuple(images.shape[-2:]))
+        loss, items = self.criterion(preds, {k: v.to(images.device) for k, v in target.items()})
+        return loss.sum(), items
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """One step of ultralytics' detection loss (box + cls + dfl, scaled by the batch size)."""
+        loss, items = self._loss(self.net(batch["images"]), batch)
+        bs = batch["images"].shape[0]
+        self.log("train/loss", loss / bs, prog_bar=True, batch_size=bs)
+        if isinstance(items, dict):
+            items = torch.stack(list(items.values()))
+        for name, value in zip(("box", "cls", "dfl"), items):
+            self.log(f"train/{name}_loss", value, batch_size=bs)
+        return loss
+
+    # ------------------------------------------------------------------------------------------- validation
+    @property
+    def map_metric(self) -> Any:
+        """torchmetrics ``MeanAveragePrecision`` (xyxy boxes), created on first use."""
+        if self._map is None:
+            from torchmetrics.detection import MeanAveragePrecision
+
+            self._map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox").to(self.device)
+        return self._map
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Loss and detections of one validation batch (the model is in eval mode here)."""
+        images = batch["images"]
+        out = self.net(images)
+        loss, _ = self._loss(out, batch)
+        self.log("val/loss", loss / images.shape[0], batch_size=images.shape[0], sync_dist=True)
+        adapter = YOLOv8Adapter(self.net, names=self.names, conf=self.hparams.val_conf, iou=self.hparams.val_iou)
+        dets = adapter.postprocess(adapter.raw_from_output(out))
+        self.map_metric.update(
+            [{"boxes": d.boxes, "scores": d.scores, "labels": d.labels} for d in dets],
+            [{"boxes": b.to(images.device), "labels": lab.to(images.device)} for b, lab in zip(batch["boxes"], batch["labels"])],
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        """Log ``val/map50`` and ``val/map``."""
+        result = self.map_metric.compute()
+        self.map_metric.reset()
+        self.log("val/map50", result["map_50"].float(), prog_bar=True, sync_dist=True)
+        self.log("val/map", result["map"].float(), sync_dist=True)
+
+    # -------------------------------------------------------------------------------------------- optimiser
+    def configure_optimizers(self) -> Any:
+        """AdamW (decay on weights only, as ultralytics) with linear warm-up then cosine decay to 5%."""
+        decay, no_decay = [], []
+        for module in self.net.modules():
+            for name, p in module.named_parameters(recurse=False):
+                is_norm = isinstance(module, nn.modules.batchnorm._NormBase) or isinstance(module, nn.GroupNorm)
+                (no_decay if name == "bias" or is_norm else decay).append(p)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr,
+            betas=(0.9, 0.999),
+        )
+        total = max(int(self.trainer.estimated_stepping_batches), 1) if self._trainer is not None else 1000
+        warm = min(self.hparams.warmup_steps, max(total // 5, 1))
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            t = min((step - warm) / max(total - warm, 1), 1.0)
+            return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

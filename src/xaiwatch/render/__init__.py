@@ -1,0 +1,7 @@
+"""Rendering: pure functions from tensors to pictures (matplotlib object API, no pyplot)."""
+
+from __future__ import annotations
+
+from xaiwatch.render.overlay import NORMALIZATIONS, explanation_panel, figure_to_array, normalize_map
+
+__all__ = ["NORMALIZATIONS", "explanation_panel", "figure_to_array", "normalize_map"]
