@@ -3,5 +3,6 @@
 from __future__ import annotations
 
 from xaiwatch.callbacks.explain import ExplainCallback
+from xaiwatch.callbacks.presets import load_callbacks
 
-__all__ = ["ExplainCallback"]
+__all__ = ["ExplainCallback", "load_callbacks"]

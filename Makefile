@@ -1,0 +1,46 @@
+# xaiwatch — every target creates .venv when it is missing.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+ARCH   := $(shell uname -m)
+# Wheels the package index here serves: CUDA builds on x86_64 (CPU works too), CPU builds on aarch64.
+ifeq ($(ARCH),aarch64)
+TORCH  := torch==2.9.1 torchvision==0.24.1
+else
+TORCH  := torch==2.14.1 torchvision==0.29.1
+endif
+EXTRAS ?= yolo,damo,bench,dev
+comma  := ,
+STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+export YOLO_OFFLINE = 1
+export HF_HUB_OFFLINE = 1
+export MPLBACKEND = Agg
+
+.PHONY: venv demo test test-fast bench lint clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH) -e '.[$(EXTRAS)]'
+	touch $@
+
+demo: venv
+	$(VENV)/bin/xaiwatch demo --out demo_output
+
+test: venv
+	$(PY) -m pytest -q --durations=15
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow"
+
+bench: venv
+	$(PY) benchmarks/run.py
+
+lint: venv
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff format --check src tests benchmarks examples
+
+clean:
+	rm -rf demo_output bench_output lightning_logs .pytest_cache

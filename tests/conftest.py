@@ -1,0 +1,79 @@
+"""Shared fixtures: a tiny YOLO-shaped detector built from config and a tiny in-memory detection dataset."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+TINY_SIZE = 64
+
+
+def tiny_cfg() -> dict:
+    """yolov8.yaml at width 1/16 (about 0.35 M parameters, most of them in the fixed-width box branch)."""
+    from ultralytics.nn.tasks import yaml_model_load
+
+    cfg = dict(yaml_model_load("yolov8n.yaml"))
+    cfg["scales"] = {"t": [0.33, 0.0625, 1024]}
+    cfg["scale"] = "t"
+    return cfg
+
+
+@pytest.fixture
+def tiny_net():
+    """A freshly initialised tiny ultralytics DetectionModel with 3 classes (seeded)."""
+    from xaiwatch.models.yolov8 import _build_detection_model
+
+    torch.manual_seed(0)
+    return _build_detection_model(tiny_cfg(), 3)
+
+
+class SquaresDataset(Dataset):
+    """``n`` noisy 64 px images, each with one filled square whose colour channel is its class."""
+
+    def __init__(self, n: int, seed: int, size: int = TINY_SIZE) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.items = []
+        for i in range(n):
+            img = torch.rand(3, size, size, generator=g) * 0.3
+            s = size // 3
+            x, y = torch.randint(0, size - s, (2,), generator=g).tolist()
+            c = i % 3
+            img[c, y : y + s, x : x + s] = 1.0
+            box = torch.tensor([[x, y, x + s, y + s]], dtype=torch.float32)
+            self.items.append({"image": img, "boxes": box, "labels": torch.tensor([c]), "index": i, "path": f"#{i}"})
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+def collate(items: list[dict]) -> dict:
+    return {
+        "images": torch.stack([i["image"] for i in items]),
+        "boxes": [i["boxes"] for i in items],
+        "labels": [i["labels"] for i in items],
+        "indices": torch.tensor([i["index"] for i in items]),
+    }
+
+
+@pytest.fixture
+def square_loaders():
+    """(train, val) dataloaders of the squares dataset: 16 and 8 images, batch 8."""
+    return (
+        DataLoader(SquaresDataset(16, 0), batch_size=8, collate_fn=collate),
+        DataLoader(SquaresDataset(8, 1), batch_size=8, collate_fn=collate),
+    )
+
+
+@pytest.fixture
+def images():
+    torch.manual_seed(1)
+    return torch.rand(2, 3, TINY_SIZE, TINY_SIZE)
