@@ -112,8 +112,13 @@ def bench_callback_share(quick: bool) -> dict:
     cb = ExplainCallback(num_probe=8, explain_at_start=False, on_error="raise")
     module = YOLOv8Module("yolov8n.yaml", num_classes=dm.num_classes, names=dm.names)
     trainer = pl.Trainer(
-        max_epochs=1, logger=pl.loggers.TensorBoardLogger(str(out), name="bench"), callbacks=[Clock(), cb],
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        max_epochs=1,
+        logger=pl.loggers.TensorBoardLogger(str(out), name="bench"),
+        callbacks=[Clock(), cb],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
     )
     trainer.fit(module, datamodule=dm)
     explain = timeit(lambda: cb._run_explain(module, step=99), repeat=2, warmup=0)

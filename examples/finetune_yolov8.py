@@ -38,8 +38,9 @@ def main() -> None:
     data = args.data or generate(Path(args.out) / "data", imgsz=args.imgsz, overwrite=True)
     dm = YoloDataModule(str(data), imgsz=args.imgsz, batch_size=args.batch_size)
     dm.setup("fit")
-    model = YOLOv8Module(args.model, num_classes=dm.num_classes, names=dm.names, weights=args.weights,
-                         trust_pickle=args.trust_pickle)
+    model = YOLOv8Module(
+        args.model, num_classes=dm.num_classes, names=dm.names, weights=args.weights, trust_pickle=args.trust_pickle
+    )
     trainer = pl.Trainer(
         max_epochs=args.epochs,
         logger=TensorBoardLogger(args.out, name="tensorboard"),

@@ -215,8 +215,13 @@ def test_other_loggers_alongside(tmp_path, square_loaders):
     cb = ExplainCallback(num_probe=1, on_error="raise")
     trainer = _trainer(tmp_path, [cb], epochs=1, logger=False)
     trainer = pl.Trainer(
-        max_epochs=1, limit_train_batches=1, num_sanity_val_steps=0, enable_progress_bar=False,
-        enable_checkpointing=False, callbacks=[cb], accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=1,
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        callbacks=[cb],
+        accelerator="cpu",
         logger=[CSVLogger(str(tmp_path)), TensorBoardLogger(str(tmp_path), name="tb")],
     )
     trainer.fit(_module(), *square_loaders)
@@ -231,5 +236,9 @@ def test_probe_with_no_ground_truth_tracks_top_detection(tmp_path):
     module = _module()
     module.net.model[-1].cv3[0][-1].bias.data.fill_(5.0)  # every candidate is a confident detection
     trainer = _trainer(tmp_path, [cb], epochs=1)
-    trainer.fit(module, DataLoader(SquaresDataset(8, 0), batch_size=8, collate_fn=collate), DataLoader(val, 4, collate_fn=collate))
+    trainer.fit(
+        module,
+        DataLoader(SquaresDataset(8, 0), batch_size=8, collate_fn=collate),
+        DataLoader(val, 4, collate_fn=collate),
+    )
     assert all(len(t) == 5 for t in cb.state_dict()["tracked"])

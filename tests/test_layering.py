@@ -5,8 +5,15 @@ from __future__ import annotations
 import subprocess
 import sys
 
-LIB = ["xaiwatch", "xaiwatch.core", "xaiwatch.adapters", "xaiwatch.targets", "xaiwatch.explain", "xaiwatch.render",
-       "xaiwatch.logging"]
+LIB = [
+    "xaiwatch",
+    "xaiwatch.core",
+    "xaiwatch.adapters",
+    "xaiwatch.targets",
+    "xaiwatch.explain",
+    "xaiwatch.render",
+    "xaiwatch.logging",
+]
 
 
 def test_imports_without_lightning():

@@ -76,8 +76,15 @@ def test_training_learns_and_logs_map(tmp_path):
     pl.seed_everything(0)
     module = YOLOv8Module(tiny_cfg(), num_classes=3, lr=1e-2, warmup_steps=5)
     trainer = pl.Trainer(
-        max_epochs=15, logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[Record()],
-        enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu", check_val_every_n_epoch=3,
+        max_epochs=15,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[Record()],
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        check_val_every_n_epoch=3,
     )
     train = DataLoader(SquaresDataset(64, 0), batch_size=8, collate_fn=collate, shuffle=True)
     trainer.fit(module, train, DataLoader(SquaresDataset(16, 1), batch_size=8, collate_fn=collate))
@@ -103,6 +110,8 @@ def test_validation_map_matches_torchmetrics_on_adapter_detections(square_loader
     adapter = YOLOv8Adapter(module.net, conf=0.001, iou=0.7)
     dets = adapter.detect(batch["images"])
     ref = MeanAveragePrecision(box_format="xyxy")
-    ref.update([{"boxes": d.boxes, "scores": d.scores, "labels": d.labels} for d in dets],
-               [{"boxes": b, "labels": lab} for b, lab in zip(batch["boxes"], batch["labels"])])
+    ref.update(
+        [{"boxes": d.boxes, "scores": d.scores, "labels": d.labels} for d in dets],
+        [{"boxes": b, "labels": lab} for b, lab in zip(batch["boxes"], batch["labels"])],
+    )
     assert torch.equal(ours["map_50"], ref.compute()["map_50"])

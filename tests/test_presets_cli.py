@@ -35,8 +35,14 @@ def test_preset_loads_and_runs(preset, tmp_path, square_loaders):
             cb.every_n_epochs = 1
     pl.seed_everything(0)
     trainer = pl.Trainer(
-        max_epochs=1, limit_train_batches=1, num_sanity_val_steps=0, enable_progress_bar=False,
-        enable_checkpointing=False, enable_model_summary=False, callbacks=callbacks, accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=1,
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        accelerator="cpu",
         logger=TensorBoardLogger(str(tmp_path), name="tb"),
     )
     trainer.fit(YOLOv8Module(tiny_cfg(), num_classes=3), *square_loaders)
@@ -56,9 +62,21 @@ def test_preset_parses_with_lightning_cli(preset, tmp_path):
 
     data = generate(tmp_path / "d", num_train=4, num_val=4, imgsz=64)
     cli = LightningCLI(
-        YOLOv8Module, YoloDataModule, run=False,
-        args=["--config", str(preset), "--data.dataset_yaml", str(data), "--model.num_classes", "3",
-              "--trainer.default_root_dir", str(tmp_path), "--trainer.accelerator", "cpu"],
+        YOLOv8Module,
+        YoloDataModule,
+        run=False,
+        args=[
+            "--config",
+            str(preset),
+            "--data.dataset_yaml",
+            str(data),
+            "--model.num_classes",
+            "3",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.accelerator",
+            "cpu",
+        ],
     )
     assert any(isinstance(c, ExplainCallback) for c in cli.trainer.callbacks)
 

@@ -105,8 +105,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.epochs < 1:
         parser.error(f"--epochs must be >= 1, got {args.epochs}")
     run_demo(
-        out=args.out, epochs=args.epochs, imgsz=args.imgsz, num_train=args.num_train, num_val=args.num_val,
-        batch_size=args.batch_size, preset=args.callbacks, model=args.model, seed=args.seed,
+        out=args.out,
+        epochs=args.epochs,
+        imgsz=args.imgsz,
+        num_train=args.num_train,
+        num_val=args.num_val,
+        batch_size=args.batch_size,
+        preset=args.callbacks,
+        model=args.model,
+        seed=args.seed,
         accelerator=args.accelerator,
     )
     return 0

@@ -10,7 +10,9 @@ from xaiwatch.core.types import Detections, RawOutput
 __all__ = ["nms"]
 
 
-def nms(raw: RawOutput, conf: float = 0.25, iou: float = 0.7, max_det: int = 300, max_nms: int = 30000) -> list[Detections]:
+def nms(
+    raw: RawOutput, conf: float = 0.25, iou: float = 0.7, max_det: int = 300, max_nms: int = 30000
+) -> list[Detections]:
     """Class-aware non-maximum suppression (best class per candidate), as ultralytics' ``non_max_suppression``.
 
     Each candidate keeps its best class; candidates whose best score is not above ``conf`` are dropped;

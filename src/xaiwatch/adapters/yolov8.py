@@ -16,9 +16,7 @@ __all__ = ["YOLOv8Adapter", "is_ultralytics_detection_model"]
 
 def is_ultralytics_detection_model(module: object) -> bool:
     """True for an ultralytics ``DetectionModel`` (checked by class, without importing ultralytics)."""
-    return any(
-        c.__name__ == "DetectionModel" and c.__module__.startswith("ultralytics") for c in type(module).__mro__
-    )
+    return any(c.__name__ == "DetectionModel" and c.__module__.startswith("ultralytics") for c in type(module).__mro__)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -44,6 +44,35 @@ def tensorboard_writer(trainer: pl.Trainer, owner: str) -> Any:
     )
 
 
+def _validate_methods(methods: Sequence[str]) -> None:
+    if not methods:
+        raise ConfigurationError("`methods` must name at least one explanation method.")
+    for m in methods:
+        engine_class(m)  # raises with the list of valid methods
+    if len(set(methods)) != len(methods):
+        raise ConfigurationError(f"`methods` has duplicates: {list(methods)}.")
+
+
+def _validate_probe_indices(probe_indices: Sequence[int]) -> list[int]:
+    indices = [int(i) for i in probe_indices]
+    if not indices or len(set(indices)) != len(indices) or min(indices) < 0:
+        raise ConfigurationError(f"`probe_indices` must be distinct indices >= 0, got {indices}.")
+    return indices
+
+
+def _validate_positive(**values: int) -> None:
+    for name, value in values.items():
+        if int(value) < 1:
+            raise ConfigurationError(f"`{name}` must be >= 1, got {value}.")
+
+
+def _validate_choices(normalize: str, on_error: str) -> None:
+    if normalize not in NORMALIZATIONS:
+        raise ConfigurationError(f"`normalize` can be {', '.join(NORMALIZATIONS)}, got {normalize!r}.")
+    if on_error not in _ON_ERROR:
+        raise ConfigurationError(f"`on_error` can be warn or raise, got {on_error!r}.")
+
+
 class ExplainCallback(Callback):
     """Explain a fixed set of held-out probe images at every scheduled epoch and log them to TensorBoard.
 
@@ -89,29 +118,13 @@ class ExplainCallback(Callback):
         seed: int = 0,
         iou_threshold: float = 0.5,
     ) -> None:
-        if isinstance(methods, str):
-            methods = [methods]
-        if not methods:
-            raise ConfigurationError("`methods` must name at least one explanation method.")
-        for m in methods:
-            engine_class(m)  # raises with the list of valid methods
-        if len(set(methods)) != len(methods):
-            raise ConfigurationError(f"`methods` has duplicates: {list(methods)}.")
+        methods = [methods] if isinstance(methods, str) else list(methods)
+        _validate_methods(methods)
         if probe_indices is not None:
-            probe_indices = [int(i) for i in probe_indices]
-            if not probe_indices or len(set(probe_indices)) != len(probe_indices) or min(probe_indices) < 0:
-                raise ConfigurationError(f"`probe_indices` must be distinct indices >= 0, got {probe_indices}.")
+            probe_indices = _validate_probe_indices(probe_indices)
             num_probe = len(probe_indices)
-        if int(num_probe) <= 0:
-            raise ConfigurationError(f"`num_probe` must be >= 1, got {num_probe}.")
-        if int(every_n_epochs) < 1:
-            raise ConfigurationError(f"`every_n_epochs` must be >= 1, got {every_n_epochs}.")
-        if int(batch_size) < 1:
-            raise ConfigurationError(f"`batch_size` must be >= 1, got {batch_size}.")
-        if normalize not in NORMALIZATIONS:
-            raise ConfigurationError(f"`normalize` can be {', '.join(NORMALIZATIONS)}, got {normalize!r}.")
-        if on_error not in _ON_ERROR:
-            raise ConfigurationError(f"`on_error` can be warn or raise, got {on_error!r}.")
+        _validate_choices(normalize=normalize, on_error=on_error)
+        _validate_positive(num_probe=num_probe, every_n_epochs=every_n_epochs, batch_size=batch_size)
         if not 0.0 < iou_threshold <= 1.0:
             raise ConfigurationError(f"`iou_threshold` must be in (0, 1], got {iou_threshold}.")
         self.methods = list(methods)
@@ -198,7 +211,9 @@ class ExplainCallback(Callback):
         except Exception as err:
             if self.on_error == "raise":
                 raise
-            rank_zero_warn(f"{type(self).__name__} failed at step {step} ({type(err).__name__}: {err}); training continues.")
+            rank_zero_warn(
+                f"{type(self).__name__} failed at step {step} ({type(err).__name__}: {err}); training continues."
+            )
 
     # ------------------------------------------------------------------------------------------------ run
     def _targets(self) -> list[MatchedBoxTarget | None]:
@@ -253,10 +268,17 @@ class ExplainCallback(Callback):
                 subtitle = "no object to track"
             for method, m in maps.items():
                 picture = explanation_panel(
-                    probes.images[i], m[i], gt_boxes=probes.boxes[i], gt_labels=probes.labels[i],
-                    detections=detections[i], tracked_box=match.box if match else None, names=names,
-                    title=f"{method} | probe {i} (val #{probes.indices[i]}) | epoch {step}", subtitle=subtitle,
-                    normalize=self.normalize, scale=self._scales.get(method),
+                    probes.images[i],
+                    m[i],
+                    gt_boxes=probes.boxes[i],
+                    gt_labels=probes.labels[i],
+                    detections=detections[i],
+                    tracked_box=match.box if match else None,
+                    names=names,
+                    title=f"{method} | probe {i} (val #{probes.indices[i]}) | epoch {step}",
+                    subtitle=subtitle,
+                    normalize=self.normalize,
+                    scale=self._scales.get(method),
                 )
                 self._writer.explanation(method, i, picture, step)
         self._writer.explain_seconds(seconds, step)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
-from functools import lru_cache
+from functools import cache
 
 from xaiwatch.core.errors import MissingDependencyError
 
 __all__ = ["available", "require"]
 
 
-@lru_cache(maxsize=None)
+@cache
 def available(module: str) -> bool:
     """True when ``module`` can be imported (without importing it)."""
     return importlib.util.find_spec(module) is not None

@@ -89,7 +89,9 @@ def engine_class(name: str) -> type[Engine]:
         ConfigurationError: for an unknown name; the message lists the valid ones.
     """
     if name not in _REGISTRY:
-        raise ConfigurationError(f"Unknown explanation method {name!r}. Valid methods: {', '.join(available_methods())}.")
+        raise ConfigurationError(
+            f"Unknown explanation method {name!r}. Valid methods: {', '.join(available_methods())}."
+        )
     return _REGISTRY[name]
 
 

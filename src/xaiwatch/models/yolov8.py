@@ -241,7 +241,10 @@ class YOLOv8Module(pl.LightningModule):
         dets = adapter.postprocess(adapter.raw_from_output(out))
         self.map_metric.update(
             [{"boxes": d.boxes, "scores": d.scores, "labels": d.labels} for d in dets],
-            [{"boxes": b.to(images.device), "labels": lab.to(images.device)} for b, lab in zip(batch["boxes"], batch["labels"])],
+            [
+                {"boxes": b.to(images.device), "labels": lab.to(images.device)}
+                for b, lab in zip(batch["boxes"], batch["labels"])
+            ],
         )
 
     def on_validation_epoch_end(self) -> None:

@@ -61,8 +61,15 @@ def _draw_boxes(ax, boxes, labels, names, style: str, scores=None, color=None, l
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=c, linewidth=lw, linestyle=style))
         name = names[int(lab)] if names and int(lab) < len(names) else str(int(lab))
         text = name if scores is None else f"{name} {float(scores[i]):.2f}"
-        ax.text(x1, y1 - 1, text, color="white", fontsize=6, va="bottom",
-                bbox={"facecolor": c, "alpha": 0.8, "pad": 0.5, "linewidth": 0})
+        ax.text(
+            x1,
+            y1 - 1,
+            text,
+            color="white",
+            fontsize=6,
+            va="bottom",
+            bbox={"facecolor": c, "alpha": 0.8, "pad": 0.5, "linewidth": 0},
+        )
 
 
 def explanation_panel(
@@ -119,7 +126,9 @@ def explanation_panel(
     if gt_boxes is not None and gt_labels is not None and len(gt_boxes):
         _draw_boxes(axes[0], gt_boxes.cpu(), gt_labels.cpu(), names, "--", color="#34c759")
     if detections is not None and len(detections):
-        _draw_boxes(axes[0], detections.boxes.cpu(), detections.labels.cpu(), names, "-", scores=detections.scores.cpu())
+        _draw_boxes(
+            axes[0], detections.boxes.cpu(), detections.labels.cpu(), names, "-", scores=detections.scores.cpu()
+        )
     if tracked_box is not None:
         x1, y1, x2, y2 = [float(v) for v in tracked_box]
         axes[1].add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="white", linewidth=1.8))
