@@ -1,0 +1,44 @@
+"""The demo path end to end on generated data written to disk: dataset -> YoloDataModule -> YOLOv8n -> TensorBoard."""
+
+from __future__ import annotations
+
+import pytest
+
+from xaiwatch.cli import main
+
+
+def _acc(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    return acc
+
+
+def test_demo_command_writes_dataset_and_explanations(tmp_path, capsys):
+    out = tmp_path / "demo"
+    main(["demo", "--out", str(out), "--epochs", "1", "--num-train", "16", "--num-val", "8", "--imgsz", "64",
+          "--batch-size", "8", "--accelerator", "cpu"])
+    printed = capsys.readouterr().out
+    assert f"tensorboard --logdir {out.resolve()}" in printed
+    assert len(list((out / "data" / "images" / "val").glob("*.png"))) == 8
+    log_dirs = list((out / "tensorboard").glob("version_*"))
+    assert len(log_dirs) == 1
+    acc = _acc(log_dirs[0])
+    tags = set(acc.Tags()["images"])
+    assert tags == {f"explain/{m}/probe_{i:02d}" for m in ("saliency", "grad_cam") for i in range(8)}
+    assert [e.step for e in acc.Images("explain/grad_cam/probe_07")] == [0, 1]
+    assert {"val/map50", "val/map", "xaiwatch/explain_seconds"} <= set(acc.Tags()["scalars"])
+
+
+@pytest.mark.slow
+def test_demo_learns(tmp_path):
+    """A shortened demo (300 images, 5 epochs, about 3 minutes on 2 cores) really learns: mAP@50 rises past 0.3."""
+    out = tmp_path / "demo"
+    main(["demo", "--out", str(out), "--epochs", "5", "--num-train", "300", "--num-val", "50", "--accelerator", "cpu"])
+    acc = _acc(next((out / "tensorboard").glob("version_*")))
+    maps = [e.value for e in acc.Scalars("val/map50")]
+    assert len(maps) == 5
+    assert maps[-1] > 0.3 and maps[-1] > maps[0] + 0.2
+    tracked = [e.value for e in acc.Scalars("explain_tracked/score_probe_00")]
+    assert tracked[-1] > tracked[0]  # the tracked object's score grows as the model learns
