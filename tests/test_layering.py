@@ -49,3 +49,17 @@ def test_rendering_does_not_load_pyplot():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_top_level_lazy_exports():
+    import xaiwatch
+    from xaiwatch.callbacks import ExplainCallback
+
+    assert xaiwatch.ExplainCallback is ExplainCallback
+    assert set(xaiwatch.__all__) <= set(dir(xaiwatch))
+    try:
+        xaiwatch.NoSuchThing  # noqa: B018
+    except AttributeError as err:
+        assert "NoSuchThing" in str(err)
+    else:
+        raise AssertionError("unknown attribute did not raise")
