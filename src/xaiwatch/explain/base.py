@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import importlib
+import pkgutil
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import ClassVar
@@ -30,19 +32,37 @@ class Engine(ABC):
         adapter: the model adapter.
         layer: layer alias or dotted path, for methods that read a layer (``needs_layer``).
         seed: seed of the random streams inside the explanation (stochastic methods repeat exactly).
+        max_memory_mb: memory budget of methods that evaluate the model many times (IG steps, SmoothGrad
+            samples, masks, occlusion windows); their internal batch size is derived from it.
+
+    Raises:
+        ConfigurationError: for an unknown layer or a bad argument.
+        UnsupportedModelError: when the method cannot be right on this model (see :meth:`check_model`).
     """
 
     name: ClassVar[str] = ""
     needs_layer: ClassVar[bool] = False
     signed: ClassVar[bool] = False
 
-    def __init__(self, adapter: DetectorAdapter, layer: str | None = None, seed: int = 0) -> None:
+    def __init__(
+        self, adapter: DetectorAdapter, layer: str | None = None, seed: int = 0, max_memory_mb: float = 2048
+    ) -> None:
         if not isinstance(adapter, DetectorAdapter):
             raise ConfigurationError(f"`adapter` must be a DetectorAdapter, got {type(adapter).__name__}.")
+        if float(max_memory_mb) <= 0:
+            raise ConfigurationError(f"`max_memory_mb` must be > 0, got {max_memory_mb}.")
         self.adapter = adapter
         self.seed = int(seed)
+        self.max_memory_mb = float(max_memory_mb)
         self.layer_name = (layer or adapter.default_cam_layer) if self.needs_layer else layer
         self.layer: nn.Module | None = adapter.layer(self.layer_name) if self.needs_layer else None
+        self.check_model()
+
+    def check_model(self) -> None:
+        """Refuse, with a message saying why, a model on which this method cannot give a correct map.
+
+        Called by ``__init__`` so that a callback fails at ``setup()``. The default accepts every model.
+        """
 
     def forward_func(self, targets: Target | Sequence[Target]) -> Callable[[torch.Tensor], torch.Tensor]:
         """The scalar function Captum attributes: images to the targets' scores, :math:`(B,)`."""
@@ -66,6 +86,26 @@ class Engine(ABC):
             maps = self._attribute(prepare(images).requires_grad_(), targets)
         return maps.detach()
 
+    def attribute_boxes(self, image: torch.Tensor, targets: Sequence[Target]) -> torch.Tensor:
+        """Explain ``K`` targets (e.g. the ``K`` tracked objects) of one image.
+
+        The default evaluates the image once per target; gradient and CAM engines override it with one
+        forward and one batched backward. Both give the same maps.
+
+        Args:
+            image: :math:`(1, 3, H, W)` image.
+            targets: ``K`` targets.
+
+        Returns:
+            :math:`(K, 1, H, W)` maps.
+        """
+        check_shape(image, [1, 3, "H", "W"], "image")
+        return (
+            torch.cat([self.attribute(image, t) for t in targets])
+            if targets
+            else image.new_zeros(0, 1, *image.shape[-2:])
+        )
+
     @abstractmethod
     def _attribute(self, images: torch.Tensor, targets: Target | Sequence[Target]) -> torch.Tensor:
         """Compute the maps; runs inside the explaining context on a cloned input."""
@@ -77,8 +117,16 @@ def register(cls: type[Engine]) -> type[Engine]:
     return cls
 
 
+def _load_engine_modules() -> None:
+    """Import every module of ``xaiwatch.explain`` once, so that each registers its engines."""
+    package = importlib.import_module("xaiwatch.explain")
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"xaiwatch.explain.{info.name}")
+
+
 def available_methods() -> list[str]:
     """Names accepted by :func:`get_engine` and ``ExplainCallback(methods=...)``."""
+    _load_engine_modules()
     return sorted(_REGISTRY)
 
 
@@ -88,6 +136,8 @@ def engine_class(name: str) -> type[Engine]:
     Raises:
         ConfigurationError: for an unknown name; the message lists the valid ones.
     """
+    if name not in _REGISTRY:
+        _load_engine_modules()
     if name not in _REGISTRY:
         raise ConfigurationError(
             f"Unknown explanation method {name!r}. Valid methods: {', '.join(available_methods())}."
