@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import pickle
 import warnings
+from pathlib import Path
 from unittest.mock import patch
 
 import numpy as np
@@ -58,7 +59,7 @@ def test_tensorboard_images_per_epoch_per_probe(tmp_path, square_loaders, infere
     trainer = _trainer(tmp_path, [cb], inference_mode=inference_mode)
     trainer.fit(_module(), *square_loaders)
     acc = _events(trainer.logger.log_dir)
-    tags = set(acc.Tags()["images"])
+    tags = {t for t in acc.Tags()["images"] if t.startswith("explain/")}
     expected = {f"explain/{m}/probe_{i:02d}" for m in ("saliency", "grad_cam") for i in range(3)}
     assert tags == expected
     sizes = set()
@@ -241,4 +242,44 @@ def test_probe_with_no_ground_truth_tracks_top_detection(tmp_path):
         DataLoader(SquaresDataset(8, 0), batch_size=8, collate_fn=collate),
         DataLoader(val, 4, collate_fn=collate),
     )
-    assert all(len(t) == 5 for t in cb.state_dict()["tracked"])
+    assert all(len(t) == 1 and len(t[0]) == 5 for t in cb.state_dict()["tracked"])
+
+
+def test_filmstrips_gifs_and_several_objects(tmp_path):
+    from PIL import Image
+
+    val = SquaresDataset(4, 3)
+    for item in val.items:  # a second, smaller object in every validation image
+        item["boxes"] = torch.cat([item["boxes"], torch.tensor([[2.0, 2.0, 12.0, 12.0]])])
+        item["labels"] = torch.cat([item["labels"], torch.tensor([0])])
+    cb = ExplainCallback(num_probe=2, max_objects=2, on_error="raise", normalize="fixed")
+    trainer = _trainer(tmp_path, [cb], epochs=2)
+    train = DataLoader(SquaresDataset(8, 0), batch_size=8, collate_fn=collate)
+    trainer.fit(_module(), train, DataLoader(val, 4, collate_fn=collate))
+    acc = _events(trainer.logger.log_dir)
+    subjects = {"probe_00", "probe_00_obj1", "probe_01", "probe_01_obj1"}
+    assert {t for t in acc.Tags()["images"] if t.startswith("explain/saliency/")} == {
+        f"explain/saliency/{s}" for s in subjects
+    }
+    assert {t for t in acc.Tags()["images"] if t.startswith("explain_filmstrip/")} == {
+        f"explain_filmstrip/{s}" for s in subjects
+    }
+    folder = Path(trainer.log_dir) / "xaiwatch"
+    for subject in subjects:
+        gif = Image.open(folder / f"{subject}.gif")
+        assert gif.n_frames == 3  # steps 0, 1, 2
+        strip = np.asarray(Image.open(folder / f"{subject}_filmstrip.png").convert("RGB"))
+        assert strip.shape[1] > strip.shape[0]  # 3 epoch columns, 2 method rows
+    tracked = cb.state_dict()["tracked"]
+    assert [len(t) for t in tracked] == [2, 2]
+    big, small = tracked[0]
+    assert (big[2] - big[0]) * (big[3] - big[1]) > (small[2] - small[0]) * (small[3] - small[1])
+    assert set(cb.state_dict()["scales"]) == {"saliency", "grad_cam"}
+
+
+def test_foundation_state_format_still_loads():
+    cb = ExplainCallback()
+    cb.load_state_dict({"probe_indices": [1, 2], "tracked": [[0, 0, 5, 5, 1], []], "last_step": 3})
+    assert cb.state_dict()["tracked"] == [[[0, 0, 5, 5, 1]], []]
+    with pytest.raises(ConfigurationError, match="method_options"):
+        ExplainCallback(methods=["saliency"], method_options={"grad_cam": {}})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -16,10 +17,11 @@ from xaiwatch.adapters import DetectorAdapter, resolve_adapter
 from xaiwatch.callbacks.probes import choose_probe_indices, load_probes, validation_dataset
 from xaiwatch.core.context import explaining
 from xaiwatch.core.errors import ConfigurationError
-from xaiwatch.core.types import Detections, ProbeSet
+from xaiwatch.core.types import ProbeSet
 from xaiwatch.explain import Engine, engine_class, get_engine
 from xaiwatch.logging import XaiWriter
-from xaiwatch.render import NORMALIZATIONS, explanation_panel
+from xaiwatch.render import explanation_panel
+from xaiwatch.render.history import PictureHistory
 from xaiwatch.targets import MatchedBoxTarget
 
 __all__ = ["ExplainCallback", "tensorboard_writer"]
@@ -67,8 +69,8 @@ def _validate_positive(**values: int) -> None:
 
 
 def _validate_choices(normalize: str, on_error: str) -> None:
-    if normalize not in NORMALIZATIONS:
-        raise ConfigurationError(f"`normalize` can be {', '.join(NORMALIZATIONS)}, got {normalize!r}.")
+    if normalize not in ("per_map", "fixed"):
+        raise ConfigurationError(f"`normalize` can be per_map or fixed, got {normalize!r}.")
     if on_error not in _ON_ERROR:
         raise ConfigurationError(f"`on_error` can be warn or raise, got {on_error!r}.")
 
@@ -76,12 +78,15 @@ def _validate_choices(normalize: str, on_error: str) -> None:
 class ExplainCallback(Callback):
     """Explain a fixed set of held-out probe images at every scheduled epoch and log them to TensorBoard.
 
-    For each probe image one object is tracked (its largest ground-truth box, followed by IoU as the
-    model's detections change, see :class:`~xaiwatch.targets.MatchedBoxTarget`). At the end of every
-    ``every_n_epochs``-th validation, every method explains that object's class score and TensorBoard gets
-    one picture per method and probe, ``explain/<method>/probe_<NN>``, whose step is the number of completed
-    training epochs (step 0 = before training when ``explain_at_start``). Explanations never change training
-    (see :func:`~xaiwatch.core.context.explaining`).
+    In each probe image up to ``max_objects`` objects are tracked (the largest ground-truth boxes, each
+    followed by IoU as the model's detections change, see :class:`~xaiwatch.targets.MatchedBoxTarget`). At
+    the end of every ``every_n_epochs``-th validation every method explains each tracked object's class
+    score (all objects of an image in one pass where the method allows) and TensorBoard gets one picture per
+    method and object, ``explain/<method>/probe_<NN>`` (``..._obj<K>`` for further objects), whose step is the
+    number of completed training epochs (step 0 = before training when ``explain_at_start``). At the end of
+    fit a filmstrip (rows = methods, columns = epochs) and an animated GIF per object are written to
+    ``<log_dir>/xaiwatch/`` and the filmstrip to TensorBoard. Explanations never change training (see
+    :func:`~xaiwatch.core.context.explaining`).
 
     Args:
         methods: explanation methods by name (see :func:`xaiwatch.explain.available_methods`).
@@ -90,9 +95,13 @@ class ExplainCallback(Callback):
         every_n_epochs: explain after every n-th training epoch's validation.
         layer: layer of CAM methods (adapter alias such as ``"neck.p3"`` or a dotted path).
         adapter: the model adapter; otherwise ``pl_module.xai_adapter()`` or inferred from the network.
-        normalize: ``"per_map"``, ``"fixed"`` (scale of the first explained epoch per method) or ``"signed"``.
+        normalize: ``"per_map"`` (each map scaled by its own maximum) or ``"fixed"`` (one scale per method, taken
+            from the first explained epoch, so brightening over epochs is real). Signed methods are drawn with a
+            diverging colormap either way.
         explain_at_start: also explain the model before training (step 0).
-        batch_size: probes per explanation batch.
+        max_objects: objects tracked per probe image.
+        method_options: keyword arguments per method, e.g. ``{"integrated_gradients": {"n_steps": 16}}``.
+        filmstrip: write the filmstrips and GIFs at the end of fit.
         on_error: ``"warn"`` (training continues) or ``"raise"``.
         seed: seed of the probe choice and of stochastic methods.
         iou_threshold: IoU at which a candidate is the tracked object.
@@ -100,7 +109,8 @@ class ExplainCallback(Callback):
     Raises:
         ConfigurationError: for invalid arguments here, and at ``setup()`` for an unknown layer, a missing
             TensorBoard logger, missing validation data or too few validation images.
-        UnsupportedModelError: at ``setup()`` when no adapter can be found for the model.
+        UnsupportedModelError: at ``setup()`` when no adapter can be found for the model, or a method cannot be
+            right on it (e.g. guided backpropagation on a SiLU network).
     """
 
     def __init__(
@@ -113,7 +123,9 @@ class ExplainCallback(Callback):
         adapter: DetectorAdapter | None = None,
         normalize: str = "per_map",
         explain_at_start: bool = True,
-        batch_size: int = 8,
+        max_objects: int = 1,
+        method_options: dict[str, dict[str, Any]] | None = None,
+        filmstrip: bool = True,
         on_error: str = "warn",
         seed: int = 0,
         iou_threshold: float = 0.5,
@@ -124,10 +136,13 @@ class ExplainCallback(Callback):
             probe_indices = _validate_probe_indices(probe_indices)
             num_probe = len(probe_indices)
         _validate_choices(normalize=normalize, on_error=on_error)
-        _validate_positive(num_probe=num_probe, every_n_epochs=every_n_epochs, batch_size=batch_size)
+        _validate_positive(num_probe=num_probe, every_n_epochs=every_n_epochs, max_objects=max_objects)
         if not 0.0 < iou_threshold <= 1.0:
             raise ConfigurationError(f"`iou_threshold` must be in (0, 1], got {iou_threshold}.")
-        self.methods = list(methods)
+        unknown = sorted(set(method_options or {}) - set(methods))
+        if unknown:
+            raise ConfigurationError(f"`method_options` names methods not in `methods`: {unknown}.")
+        self.methods = methods
         self.num_probe = int(num_probe)
         self.probe_indices = probe_indices
         self.every_n_epochs = int(every_n_epochs)
@@ -135,13 +150,15 @@ class ExplainCallback(Callback):
         self.adapter = adapter
         self.normalize = normalize
         self.explain_at_start = bool(explain_at_start)
-        self.batch_size = int(batch_size)
+        self.max_objects = int(max_objects)
+        self.method_options = {k: dict(v) for k, v in (method_options or {}).items()}
+        self.filmstrip = bool(filmstrip)
         self.on_error = on_error
         self.seed = int(seed)
         self.iou_threshold = float(iou_threshold)
         # state (state_dict)
         self._probe_indices: list[int] | None = None
-        self._tracked: list[list[float]] = []  # per probe: x1, y1, x2, y2, label
+        self._tracked: list[list[list[float]]] = []  # per probe, per object: x1, y1, x2, y2, label
         self._scales: dict[str, float] = {}
         self._last_step: int = -1
         # resolved at setup
@@ -149,6 +166,7 @@ class ExplainCallback(Callback):
         self._engines: dict[str, Engine] = {}
         self._probes: ProbeSet | None = None
         self._writer: XaiWriter | None = None
+        self._history = PictureHistory()
 
     @property
     @override
@@ -163,7 +181,10 @@ class ExplainCallback(Callback):
         name = type(self).__name__
         self._writer = XaiWriter(tensorboard_writer(trainer, name)) if trainer.is_global_zero else None
         self._adapter = resolve_adapter(pl_module, self.adapter)
-        self._engines = {m: get_engine(m, self._adapter, layer=self.layer, seed=self.seed) for m in self.methods}
+        self._engines = {
+            m: get_engine(m, self._adapter, layer=self.layer, seed=self.seed, **self.method_options.get(m, {}))
+            for m in self.methods
+        }
         dataset = validation_dataset(trainer, name)
         if self._probe_indices is None:  # not restored from a checkpoint
             self._probe_indices = self.probe_indices or choose_probe_indices(dataset, self.num_probe, self.seed, name)
@@ -173,13 +194,10 @@ class ExplainCallback(Callback):
         if trainer.limit_val_batches == 0:
             rank_zero_warn(f"{name}: `limit_val_batches=0`, validation never runs, so nothing will be explained.")
 
-    @staticmethod
-    def _initial_track(boxes: torch.Tensor, labels: torch.Tensor) -> list[float]:
-        if not len(boxes):
-            return []
+    def _initial_track(self, boxes: torch.Tensor, labels: torch.Tensor) -> list[list[float]]:
         area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-        i = int(area.argmax())
-        return [*boxes[i].tolist(), float(labels[i])]
+        order = area.argsort(descending=True)[: self.max_objects].tolist()
+        return [[*boxes[i].tolist(), float(labels[i])] for i in order]
 
     # ---------------------------------------------------------------------------------------------- hooks
     def _should_skip(self, trainer: pl.Trainer) -> bool:
@@ -200,28 +218,27 @@ class ExplainCallback(Callback):
         if step % self.every_n_epochs == 0:
             self._run_safely(trainer, pl_module, step=step)
 
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.filmstrip and trainer.is_global_zero and self._writer is not None and self._history.subjects():
+            self._safely(self._write_filmstrips, trainer, "writing filmstrips")
+
     def _run_safely(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         if step == self._last_step:  # several validations in one epoch: explain once
             return
         self._last_step = step
-        if not trainer.is_global_zero:  # explanations issue no collective op; rank zero renders and writes
-            return
+        if trainer.is_global_zero:  # explanations issue no collective op; rank zero renders and writes
+            self._safely(lambda _: self._run_explain(pl_module, step), trainer, f"step {step}")
+
+    def _safely(self, fn: Any, trainer: pl.Trainer, what: str) -> None:
         try:
-            self._run_explain(pl_module, step)
+            fn(trainer)
         except Exception as err:
             if self.on_error == "raise":
                 raise
-            rank_zero_warn(
-                f"{type(self).__name__} failed at step {step} ({type(err).__name__}: {err}); training continues."
-            )
+            rank_zero_warn(f"{type(self).__name__} failed at {what} ({type(err).__name__}: {err}); training continues.")
 
     # ------------------------------------------------------------------------------------------------ run
-    def _targets(self) -> list[MatchedBoxTarget | None]:
-        return [
-            MatchedBoxTarget(t[:4], int(t[4]), iou_threshold=self.iou_threshold, conf=self._adapter.conf) if t else None
-            for t in self._tracked
-        ]
-
     def _run_explain(self, pl_module: pl.LightningModule, step: int) -> None:
         if self._probes is None or self._adapter is None:
             raise ConfigurationError(f"{type(self).__name__} was not set up; it runs inside `Trainer.fit`.")
@@ -230,58 +247,60 @@ class ExplainCallback(Callback):
         probes = self._probes.to(pl_module.device)
         with explaining(adapter.model, seed=self.seed):
             detections = adapter.detect(probes.images)
-        self._track_missing(detections)
-        targets = self._targets()
-        keep = [i for i, t in enumerate(targets) if t is not None]
-        maps: dict[str, torch.Tensor] = {}
-        matches = {}
-        for method, engine in self._engines.items():
-            out = torch.zeros(len(probes), 1, *probes.images.shape[-2:])
-            for lo in range(0, len(keep), self.batch_size):
-                chunk = keep[lo : lo + self.batch_size]
-                batch_targets = [targets[i] for i in chunk]
-                out[chunk] = engine.attribute(probes.images[chunk], batch_targets).float().cpu()
-                matches.update({i: targets[i].last_match[0] for i in chunk})
-            maps[method] = out
-            if self.normalize in ("fixed", "signed") and method not in self._scales:
-                self._scales[method] = float(out.abs().amax()) or 1.0
-        if self._writer is not None:
-            self._write(probes, detections, maps, matches, step, time.perf_counter() - start)
-
-    def _track_missing(self, detections: list[Detections]) -> None:
-        """Probes without ground truth track their top detection from the first explained epoch on."""
-        for i, dets in enumerate(detections):
+        for i, dets in enumerate(detections):  # probes without ground truth track their top detection
             if not self._tracked[i] and len(dets):
-                self._tracked[i] = [*dets.boxes[0].tolist(), float(dets.labels[0])]
-
-    def _write(self, probes: ProbeSet, detections: list, maps: dict, matches: dict, step: int, seconds: float) -> None:
-        names = self._adapter.names
+                self._tracked[i] = [[*dets.boxes[0].tolist(), float(dets.labels[0])]]
+        pictures = []
         for i in range(len(probes)):
-            match = matches.get(i)
-            tracked = self._tracked[i]
-            label = names[int(tracked[4])] if tracked and names else ""
-            if match is not None:
-                state = "detected" if match.detected else "missed, nearest candidate"
-                subtitle = f"{label}: {state} (score {match.score:.2f}, IoU {match.iou:.2f})"
-                self._writer.tracked(i, match.detected, match.score, step)
-            else:
-                subtitle = "no object to track"
+            targets = [
+                MatchedBoxTarget(t[:4], int(t[4]), iou_threshold=self.iou_threshold, conf=adapter.conf)
+                for t in self._tracked[i]
+            ]
+            maps = {m: e.attribute_boxes(probes.images[i : i + 1], targets).cpu() for m, e in self._engines.items()}
             for method, m in maps.items():
-                picture = explanation_panel(
-                    probes.images[i],
-                    m[i],
-                    gt_boxes=probes.boxes[i],
-                    gt_labels=probes.labels[i],
-                    detections=detections[i],
-                    tracked_box=match.box if match else None,
-                    names=names,
-                    title=f"{method} | probe {i} (val #{probes.indices[i]}) | epoch {step}",
-                    subtitle=subtitle,
-                    normalize=self.normalize,
-                    scale=self._scales.get(method),
-                )
-                self._writer.explanation(method, i, picture, step)
+                if self.normalize == "fixed" and method not in self._scales and len(m):
+                    self._scales[method] = float(m.abs().amax()) or 1.0
+            pictures.append((i, targets, maps))
+        if self._writer is not None:
+            self._write(probes, detections, pictures, step, time.perf_counter() - start)
+
+    def _write(self, probes: ProbeSet, detections: list, pictures: list, step: int, seconds: float) -> None:
+        names = self._adapter.names
+        for i, targets, maps in pictures:
+            for k, target in enumerate(targets):
+                match = target.last_match[0] if target.last_match else None
+                label = names[target.label] if names else str(target.label)
+                subject = f"probe_{i:02d}" + (f"_obj{k}" if k else "")
+                if match is not None:
+                    state = "detected" if match.detected else "missed, nearest candidate"
+                    subtitle = f"{label}: {state} (score {match.score:.2f}, IoU {match.iou:.2f})"
+                    self._writer.tracked(subject, match.detected, match.score, step)
+                for method, m in maps.items():
+                    signed = self._engines[method].signed
+                    picture = explanation_panel(
+                        probes.images[i],
+                        m[k],
+                        gt_boxes=probes.boxes[i],
+                        gt_labels=probes.labels[i],
+                        detections=detections[i],
+                        tracked_box=match.box if match else None,
+                        names=names,
+                        title=f"{method} | probe {i} (val #{probes.indices[i]}) | epoch {step}",
+                        subtitle=subtitle if match else "",
+                        normalize="signed" if signed else self.normalize,
+                        scale=self._scales.get(method),
+                    )
+                    self._writer.explanation(method, subject, picture, step)
+                    if self.filmstrip:
+                        self._history.add(subject, method, step, picture)
         self._writer.explain_seconds(seconds, step)
+        self._writer.flush()
+
+    def _write_filmstrips(self, trainer: pl.Trainer) -> None:
+        folder = Path(trainer.log_dir or trainer.default_root_dir) / "xaiwatch"
+        for subject in self._history.subjects():
+            self._history.write(subject, folder)
+            self._writer.filmstrip(subject, self._history.filmstrip(subject), max(self._history.steps(subject)))
         self._writer.flush()
 
     # ---------------------------------------------------------------------------------------------- state
@@ -289,7 +308,7 @@ class ExplainCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "probe_indices": list(self._probe_indices or []),
-            "tracked": [list(t) for t in self._tracked],
+            "tracked": [[list(o) for o in t] for t in self._tracked],
             "scales": dict(self._scales),
             "last_step": self._last_step,
         }
@@ -297,6 +316,10 @@ class ExplainCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._probe_indices = list(state_dict.get("probe_indices", [])) or None
-        self._tracked = [list(t) for t in state_dict.get("tracked", [])]
+        tracked = state_dict.get("tracked", [])
+        # foundation checkpoints stored one object per probe as a flat list
+        self._tracked = [
+            [list(t)] if t and not isinstance(t[0], (list, tuple)) else [list(o) for o in t] for t in tracked
+        ]
         self._scales = dict(state_dict.get("scales", {}))
         self._last_step = int(state_dict.get("last_step", -1))

@@ -16,19 +16,24 @@ class Tags:
     PROBES = "xaiwatch/probes"
 
     @staticmethod
-    def explain(method: str, probe: int) -> str:
-        """``explain/<method>/probe_<NN>``: the overlay of one probe image for one method."""
-        return f"explain/{method}/probe_{probe:02d}"
+    def explain(method: str, subject: str) -> str:
+        """``explain/<method>/<subject>``: the overlay of one tracked object (``probe_03``, ``probe_03_obj1``)."""
+        return f"explain/{method}/{subject}"
 
     @staticmethod
-    def detected(probe: int) -> str:
-        """``explain_tracked/probe_<NN>``: 1 when the tracked object is detected, else 0."""
-        return f"explain_tracked/detected_probe_{probe:02d}"
+    def detected(subject: str) -> str:
+        """``explain_tracked/detected_<subject>``: 1 when the tracked object is detected, else 0."""
+        return f"explain_tracked/detected_{subject}"
 
     @staticmethod
-    def tracked_score(probe: int) -> str:
-        """``explain_tracked/score_probe_<NN>``: the tracked object's class score."""
-        return f"explain_tracked/score_probe_{probe:02d}"
+    def tracked_score(subject: str) -> str:
+        """``explain_tracked/score_<subject>``: the tracked object's class score."""
+        return f"explain_tracked/score_{subject}"
+
+    @staticmethod
+    def filmstrip(subject: str) -> str:
+        """``explain_filmstrip/<subject>``: rows = methods, columns = epochs, written at the end of fit."""
+        return f"explain_filmstrip/{subject}"
 
 
 class XaiWriter:
@@ -44,18 +49,22 @@ class XaiWriter:
                 raise TypeError(f"`writer` must be a TensorBoard SummaryWriter, got {type(writer).__name__}.")
         self.writer = writer
 
-    def explanation(self, method: str, probe: int, picture: np.ndarray, step: int) -> None:
+    def explanation(self, method: str, subject: str, picture: np.ndarray, step: int) -> None:
         """Write one overlay picture, :math:`(H, W, 3)` uint8."""
-        self.writer.add_image(Tags.explain(method, probe), picture, global_step=step, dataformats="HWC")
+        self.writer.add_image(Tags.explain(method, subject), picture, global_step=step, dataformats="HWC")
+
+    def filmstrip(self, subject: str, picture: np.ndarray, step: int) -> None:
+        """Write the filmstrip of one tracked object."""
+        self.writer.add_image(Tags.filmstrip(subject), picture, global_step=step, dataformats="HWC")
 
     def explain_seconds(self, seconds: float, step: int) -> None:
         """Write the wall time the callback spent this epoch."""
         self.writer.add_scalar(Tags.EXPLAIN_SECONDS, seconds, global_step=step)
 
-    def tracked(self, probe: int, detected: bool, score: float, step: int) -> None:
+    def tracked(self, subject: str, detected: bool, score: float, step: int) -> None:
         """Write whether a tracked object is detected, and its score."""
-        self.writer.add_scalar(Tags.detected(probe), float(detected), global_step=step)
-        self.writer.add_scalar(Tags.tracked_score(probe), score, global_step=step)
+        self.writer.add_scalar(Tags.detected(subject), float(detected), global_step=step)
+        self.writer.add_scalar(Tags.tracked_score(subject), score, global_step=step)
 
     def probes(self, text: str) -> None:
         """Describe the probe set once, as markdown text."""
