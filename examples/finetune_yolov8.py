@@ -32,10 +32,11 @@ def main() -> None:
     parser.add_argument("--imgsz", type=int, default=160)
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--num-train", type=int, default=600, help="images generated when --data is not given")
     parser.add_argument("--out", default="runs/finetune_yolov8")
     args = parser.parse_args()
 
-    data = args.data or generate(Path(args.out) / "data", imgsz=args.imgsz, overwrite=True)
+    data = args.data or generate(Path(args.out) / "data", num_train=args.num_train, imgsz=args.imgsz, overwrite=True)
     dm = YoloDataModule(str(data), imgsz=args.imgsz, batch_size=args.batch_size)
     dm.setup("fit")
     model = YOLOv8Module(

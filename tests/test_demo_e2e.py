@@ -17,8 +17,25 @@ def _acc(log_dir):
 
 def test_demo_command_writes_dataset_and_explanations(tmp_path, capsys):
     out = tmp_path / "demo"
-    main(["demo", "--out", str(out), "--epochs", "1", "--num-train", "16", "--num-val", "8", "--imgsz", "64",
-          "--batch-size", "8", "--accelerator", "cpu"])
+    main(
+        [
+            "demo",
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--num-train",
+            "16",
+            "--num-val",
+            "8",
+            "--imgsz",
+            "64",
+            "--batch-size",
+            "8",
+            "--accelerator",
+            "cpu",
+        ]
+    )
     printed = capsys.readouterr().out
     assert f"tensorboard --logdir {out.resolve()}" in printed
     assert len(list((out / "data" / "images" / "val").glob("*.png"))) == 8
@@ -42,3 +59,35 @@ def test_demo_learns(tmp_path):
     assert maps[-1] > 0.3 and maps[-1] > maps[0] + 0.2
     tracked = [e.value for e in acc.Scalars("explain_tracked/score_probe_00")]
     assert tracked[-1] > tracked[0]  # the tracked object's score grows as the model learns
+
+
+def test_example_script_runs(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "examples" / "finetune_yolov8.py"
+    out = tmp_path / "ex"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--epochs",
+            "1",
+            "--imgsz",
+            "64",
+            "--num-train",
+            "16",
+            "--batch-size",
+            "8",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"tensorboard --logdir {out.resolve()}" in result.stdout
+    acc = _acc(next((out / "tensorboard").glob("version_*")))
+    assert "explain/grad_cam/probe_07" in acc.Tags()["images"]

@@ -43,6 +43,9 @@ class Engine(ABC):
     name: ClassVar[str] = ""
     needs_layer: ClassVar[bool] = False
     signed: ClassVar[bool] = False
+    #: how a callback draws the result: "map" (heat map over the image), "grid" (feature-map channels),
+    #: "panel" (per-box decision view)
+    kind: ClassVar[str] = "map"
 
     def __init__(
         self, adapter: DetectorAdapter, layer: str | None = None, seed: int = 0, max_memory_mb: float = 2048
