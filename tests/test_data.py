@@ -133,7 +133,7 @@ def test_boxes_are_tight(plain: Path) -> None:
         image = _png(plain / "images" / "train" / f"{spec['id']}.png")
         background = render({**spec, "objects": []}, IMGSZ)
         diff = (image != background).any(axis=2)
-        for obj, mask in zip(spec["objects"], masks):
+        for obj, _mask in zip(spec["objects"], masks):
             x1, y1, x2, y2 = obj["box"]
             assert diff[y1, x1:x2].any() and diff[y2 - 1, x1:x2].any()
             assert diff[y1:y2, x1].any() and diff[y1:y2, x2 - 1].any()

@@ -456,6 +456,85 @@ def _check_range(name: str, value: Any, lo_min: int) -> tuple[int, int]:
     return lo, hi
 
 
+def _check_counts(imgsz: Any, num_train: Any, num_val: Any, seed: Any) -> int:
+    """Validate ``imgsz`` and the non-negative integer arguments of :func:`generate`; return ``imgsz``."""
+    if isinstance(imgsz, bool) or not isinstance(imgsz, (int, np.integer)) or imgsz < 32:
+        raise ConfigurationError(f"`imgsz` must be an integer >= 32, got {imgsz!r}")
+    for name, value in (("num_train", num_train), ("num_val", num_val), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ConfigurationError(f"`{name}` must be a non-negative integer, got {value!r}")
+    return int(imgsz)
+
+
+def _check_classes(classes: Any, faces: bool) -> list[str]:
+    """Validate the class names of :func:`generate` (adding ``"face"`` when ``faces``); return them as a list."""
+    if isinstance(classes, str) or not isinstance(classes, Sequence):
+        raise ConfigurationError(f"`classes` must be a sequence of shape names, got {classes!r}")
+    classes = [str(c) for c in classes]
+    if faces and "face" not in classes:
+        classes.append("face")
+    if not classes:
+        raise ConfigurationError("`classes` is empty; give at least one shape name, e.g. ('circle', 'square')")
+    unknown = [c for c in classes if c not in SHAPES]
+    if unknown:
+        raise ConfigurationError(f"unknown class name(s) {unknown} in `classes`; each must be one of {SHAPES}")
+    if len(set(classes)) != len(classes):
+        raise ConfigurationError(f"`classes` has duplicates: {classes}")
+    return classes
+
+
+def _check_shortcut(shortcut: Any, classes: list[str]) -> None:
+    """Validate ``shortcut`` and the number of classes it supports."""
+    if shortcut not in _SHORTCUTS:
+        raise ConfigurationError(f"`shortcut` must be one of {_SHORTCUTS}, got {shortcut!r}")
+    if shortcut is not None and len(classes) < 2:
+        raise ConfigurationError(f"shortcut={shortcut!r} needs at least 2 classes, got {classes}")
+    max_k = len(CONTEXT_BACKGROUNDS) if shortcut == "context" else len(PALETTE)
+    if shortcut is not None and len(classes) > max_k:
+        raise ConfigurationError(f"shortcut={shortcut!r} supports at most {max_k} classes, got {len(classes)}")
+
+
+def _check_sizes(
+    imgsz: int, objects_per_image: Any, object_size: Any, shortcut: str | None
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Validate the object count and size ranges (applying the size default); return ``(opi, osz)``."""
+    opi = _check_range("objects_per_image", objects_per_image, 0)
+    if object_size is None:
+        base = (18, 24) if shortcut == "context" else (18, 40)
+        osz = (max(4, round(base[0] * imgsz / 160)), max(4, round(base[1] * imgsz / 160)))
+    else:
+        osz = _check_range("object_size", object_size, 4)
+    if osz[1] > imgsz // 2:
+        raise ConfigurationError(f"`object_size` maximum must be <= imgsz // 2 = {imgsz // 2}, got {object_size!r}")
+    return opi, osz
+
+
+def _check_blur(blur: Any, shortcut: str | None) -> Any:
+    """Validate ``blur`` (applying its default); return it."""
+    if blur is None:
+        blur = 2.5 if shortcut == "context" else 0.0
+    if not isinstance(blur, (int, float)) or not math.isfinite(blur) or blur < 0:
+        raise ConfigurationError(f"`blur` must be a finite number >= 0, got {blur!r}")
+    return blur
+
+
+def _prepare_root(root: Path, overwrite: bool) -> Path:
+    """Create ``root``, removing the files a previous :func:`generate` wrote there when ``overwrite``."""
+    owned = [root / "dataset.yaml", root / "images", root / "labels", root / "meta", *root.glob("counterfactual_*")]
+    if any(p.exists() for p in owned):
+        if not overwrite:
+            raise ConfigurationError(
+                f"{root} already holds a dataset; pass overwrite=True to replace it or choose another root"
+            )
+        for p in owned:
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
 def generate(
     root: str | Path,
     *,
@@ -499,57 +578,12 @@ def generate(
         ConfigurationError: for an invalid argument, or when ``root`` already holds a dataset and
             ``overwrite`` is false.
     """
-    if isinstance(imgsz, bool) or not isinstance(imgsz, (int, np.integer)) or imgsz < 32:
-        raise ConfigurationError(f"`imgsz` must be an integer >= 32, got {imgsz!r}")
-    imgsz = int(imgsz)
-    for name, value in (("num_train", num_train), ("num_val", num_val), ("seed", seed)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise ConfigurationError(f"`{name}` must be a non-negative integer, got {value!r}")
-    if isinstance(classes, str) or not isinstance(classes, Sequence):
-        raise ConfigurationError(f"`classes` must be a sequence of shape names, got {classes!r}")
-    classes = [str(c) for c in classes]
-    if faces and "face" not in classes:
-        classes.append("face")
-    if not classes:
-        raise ConfigurationError("`classes` is empty; give at least one shape name, e.g. ('circle', 'square')")
-    unknown = [c for c in classes if c not in SHAPES]
-    if unknown:
-        raise ConfigurationError(f"unknown class name(s) {unknown} in `classes`; each must be one of {SHAPES}")
-    if len(set(classes)) != len(classes):
-        raise ConfigurationError(f"`classes` has duplicates: {classes}")
-    if shortcut not in _SHORTCUTS:
-        raise ConfigurationError(f"`shortcut` must be one of {_SHORTCUTS}, got {shortcut!r}")
-    if shortcut is not None and len(classes) < 2:
-        raise ConfigurationError(f"shortcut={shortcut!r} needs at least 2 classes, got {classes}")
-    max_k = len(CONTEXT_BACKGROUNDS) if shortcut == "context" else len(PALETTE)
-    if shortcut is not None and len(classes) > max_k:
-        raise ConfigurationError(f"shortcut={shortcut!r} supports at most {max_k} classes, got {len(classes)}")
-    opi = _check_range("objects_per_image", objects_per_image, 0)
-    if object_size is None:
-        base = (18, 24) if shortcut == "context" else (18, 40)
-        osz = (max(4, round(base[0] * imgsz / 160)), max(4, round(base[1] * imgsz / 160)))
-    else:
-        osz = _check_range("object_size", object_size, 4)
-    if osz[1] > imgsz // 2:
-        raise ConfigurationError(f"`object_size` maximum must be <= imgsz // 2 = {imgsz // 2}, got {object_size!r}")
-    if blur is None:
-        blur = 2.5 if shortcut == "context" else 0.0
-    if not isinstance(blur, (int, float)) or not math.isfinite(blur) or blur < 0:
-        raise ConfigurationError(f"`blur` must be a finite number >= 0, got {blur!r}")
-
-    root = Path(root)
-    owned = [root / "dataset.yaml", root / "images", root / "labels", root / "meta", *root.glob("counterfactual_*")]
-    if any(p.exists() for p in owned):
-        if not overwrite:
-            raise ConfigurationError(
-                f"{root} already holds a dataset; pass overwrite=True to replace it or choose another root"
-            )
-        for p in owned:
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-    root.mkdir(parents=True, exist_ok=True)
+    imgsz = _check_counts(imgsz, num_train, num_val, seed)
+    classes = _check_classes(classes, faces)
+    _check_shortcut(shortcut, classes)
+    opi, osz = _check_sizes(imgsz, objects_per_image, object_size, shortcut)
+    blur = _check_blur(blur, shortcut)
+    root = _prepare_root(Path(root), overwrite)
 
     info = {
         "generator": "xaiwatch.data.shapes",

@@ -270,8 +270,8 @@ def collate_detection(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _read_dataset_yaml(dataset_yaml: Path) -> tuple[list[str], dict[str, list[Path]]]:
-    """Validate a dataset yaml; return the names and the resolved image sources of ``train`` and ``val``."""
+def _load_dataset_yaml(dataset_yaml: Path) -> dict[str, Any]:
+    """Load a dataset yaml and check that it is a mapping with non-empty ``train``, ``val`` and ``names``."""
     import yaml
 
     if not dataset_yaml.is_file():
@@ -287,44 +287,63 @@ def _read_dataset_yaml(dataset_yaml: Path) -> tuple[list[str], dict[str, list[Pa
             raise DatasetFormatError(
                 f"{dataset_yaml}: missing or empty key '{key}'; add it (see the ultralytics format)"
             )
+    return data
+
+
+def _parse_names_dict(dataset_yaml: Path, raw: dict[Any, Any]) -> list[str]:
+    """The class names of a ``names: {index: name}`` mapping (indices ``0..n-1`` without gaps)."""
+    try:
+        keys = sorted(int(k) for k in raw)
+    except (TypeError, ValueError) as e:
+        raise DatasetFormatError(f"{dataset_yaml}: key 'names' must map integer indices to names, got {raw!r}") from e
+    if keys != list(range(len(raw))):
+        raise DatasetFormatError(
+            f"{dataset_yaml}: key 'names' must have indices 0..{len(raw) - 1} without gaps, got {sorted(raw)}"
+        )
+    return [str(raw[k] if k in raw else raw[str(k)]) for k in keys]
+
+
+def _parse_names(dataset_yaml: Path, data: dict[str, Any]) -> list[str]:
+    """The class names of a loaded dataset yaml, checked against its optional ``nc``."""
     raw = data["names"]
     if isinstance(raw, dict):
-        try:
-            keys = sorted(int(k) for k in raw)
-        except (TypeError, ValueError) as e:
-            raise DatasetFormatError(
-                f"{dataset_yaml}: key 'names' must map integer indices to names, got {raw!r}"
-            ) from e
-        if keys != list(range(len(raw))):
-            raise DatasetFormatError(
-                f"{dataset_yaml}: key 'names' must have indices 0..{len(raw) - 1} without gaps, got {sorted(raw)}"
-            )
-        names = [str(raw[k] if k in raw else raw[str(k)]) for k in keys]
+        names = _parse_names_dict(dataset_yaml, raw)
     elif isinstance(raw, list):
         names = [str(n) for n in raw]
     else:
         raise DatasetFormatError(f"{dataset_yaml}: key 'names' must be a list or a dict {{index: name}}, got {raw!r}")
     if "nc" in data and data["nc"] != len(names):
         raise DatasetFormatError(f"{dataset_yaml}: key 'nc' is {data['nc']!r} but 'names' has {len(names)} entries")
+    return names
+
+
+def _resolve_split(dataset_yaml: Path, key: str, value: Any, root: Path) -> list[Path]:
+    """The existing image sources of split ``key`` (a path or a list of paths, relative ones against ``root``)."""
+    entries = value if isinstance(value, list) else [value]
+    if not all(isinstance(e, str) for e in entries):
+        raise DatasetFormatError(f"{dataset_yaml}: key '{key}' must be a path or a list of paths, got {value!r}")
+    resolved = []
+    for e in entries:
+        p = Path(e)
+        p = p if p.is_absolute() else root / p
+        if not p.exists():
+            raise DatasetFormatError(f"{dataset_yaml}: key '{key}' points to {p}, which does not exist")
+        if p.is_dir() and not _list_images(p):
+            raise DatasetFormatError(f"{dataset_yaml}: key '{key}' points to {p}, which holds no image")
+        resolved.append(p)
+    return resolved
+
+
+def _read_dataset_yaml(dataset_yaml: Path) -> tuple[list[str], dict[str, list[Path]]]:
+    """Validate a dataset yaml; return the names and the resolved image sources of ``train`` and ``val``."""
+    data = _load_dataset_yaml(dataset_yaml)
+    names = _parse_names(dataset_yaml, data)
     root = Path(data["path"]) if data.get("path") else Path(".")
     if not root.is_absolute():
         root = dataset_yaml.parent / root
     sources: dict[str, list[Path]] = {}
     for key in ("train", "val"):
-        value = data[key]
-        entries = value if isinstance(value, list) else [value]
-        if not all(isinstance(e, str) for e in entries):
-            raise DatasetFormatError(f"{dataset_yaml}: key '{key}' must be a path or a list of paths, got {value!r}")
-        resolved = []
-        for e in entries:
-            p = Path(e)
-            p = p if p.is_absolute() else root / p
-            if not p.exists():
-                raise DatasetFormatError(f"{dataset_yaml}: key '{key}' points to {p}, which does not exist")
-            if p.is_dir() and not _list_images(p):
-                raise DatasetFormatError(f"{dataset_yaml}: key '{key}' points to {p}, which holds no image")
-            resolved.append(p)
-        sources[key] = resolved
+        sources[key] = _resolve_split(dataset_yaml, key, data[key], root)
     return names, sources
 
 

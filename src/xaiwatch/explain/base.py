@@ -66,6 +66,7 @@ class Engine(ABC):
 
         Called by ``__init__`` so that a callback fails at ``setup()``. The default accepts every model.
         """
+        return None
 
     def forward_func(self, targets: Target | Sequence[Target]) -> Callable[[torch.Tensor], torch.Tensor]:
         """The scalar function Captum attributes: images to the targets' scores, :math:`(B,)`."""
