@@ -18,6 +18,7 @@ FAST_OPTIONS = {
     "layer_conductance": {"n_steps": 4},
     "layer_integrated_gradients": {"n_steps": 4},
     "d_rise": {"num_masks": 8},
+    "occlusion": {"window": 16, "stride": 16},
 }
 
 
