@@ -283,3 +283,30 @@ def test_foundation_state_format_still_loads():
     assert cb.state_dict()["tracked"] == [[[0, 0, 5, 5, 1]], []]
     with pytest.raises(ConfigurationError, match="method_options"):
         ExplainCallback(methods=["saliency"], method_options={"grad_cam": {}})
+
+
+def test_every_kind_of_method_in_the_callback(tmp_path, square_loaders):
+    cb = ExplainCallback(
+        methods=["integrated_gradients", "feature_maps", "box_decision", "d_rise", "eigen_cam"]
+        if "eigen_cam" in __import__("xaiwatch.explain", fromlist=["x"]).available_methods()
+        else ["integrated_gradients", "feature_maps", "box_decision", "d_rise"],
+        num_probe=2,
+        on_error="raise",
+        method_options={"integrated_gradients": {"n_steps": 4}, "d_rise": {"num_masks": 16, "conf": 0.0}},
+    )
+    trainer = _trainer(tmp_path, [cb], epochs=1)
+    trainer.fit(_module(), *square_loaders)
+    acc = _events(trainer.logger.log_dir)
+    tags = {t for t in acc.Tags()["images"] if t.startswith("explain/")}
+    assert tags == {f"explain/{m}/probe_{i:02d}" for m in cb.methods for i in range(2)}
+    shapes = {}
+    for m in cb.methods:
+        e = acc.Images(f"explain/{m}/probe_00")[-1]
+        shapes[m] = (e.height, e.width)
+    assert shapes["feature_maps"] != shapes["integrated_gradients"]  # a channel grid, not an overlay
+    assert shapes["box_decision"] != shapes["integrated_gradients"]  # the decision panel
+
+
+def test_unsuitable_method_fails_at_setup(tmp_path, square_loaders):
+    with pytest.raises(UnsupportedModelError, match="SiLU"):
+        _trainer(tmp_path, [ExplainCallback(methods=["guided_backprop"])]).fit(_module(), *square_loaders)

@@ -22,6 +22,7 @@ from xaiwatch.explain import Engine, engine_class, get_engine
 from xaiwatch.logging import XaiWriter
 from xaiwatch.render import explanation_panel
 from xaiwatch.render.history import PictureHistory
+from xaiwatch.render.panels import box_decision_panel, feature_grid
 from xaiwatch.targets import MatchedBoxTarget
 
 __all__ = ["ExplainCallback", "tensorboard_writer"]
@@ -252,49 +253,81 @@ class ExplainCallback(Callback):
                 self._tracked[i] = [[*dets.boxes[0].tolist(), float(dets.labels[0])]]
         pictures = []
         for i in range(len(probes)):
+            image = probes.images[i : i + 1]
             targets = [
                 MatchedBoxTarget(t[:4], int(t[4]), iou_threshold=self.iou_threshold, conf=adapter.conf)
                 for t in self._tracked[i]
             ]
-            maps = {m: e.attribute_boxes(probes.images[i : i + 1], targets).cpu() for m, e in self._engines.items()}
+            maps = {m: e.attribute_boxes(image, targets).cpu() for m, e in self._engines.items() if e.kind != "grid"}
+            grids = {m: e.channels(image) for m, e in self._engines.items() if e.kind == "grid"}
             for method, m in maps.items():
                 if self.normalize == "fixed" and method not in self._scales and len(m):
                     self._scales[method] = float(m.abs().amax()) or 1.0
-            pictures.append((i, targets, maps))
+            pictures.append((i, targets, maps, grids, self._class_scores(image, targets)))
         if self._writer is not None:
             self._write(probes, detections, pictures, step, time.perf_counter() - start)
 
+    def _class_scores(self, image: torch.Tensor, targets: list[MatchedBoxTarget]) -> list[torch.Tensor]:
+        """Class scores of each target's matched candidate (for decision panels)."""
+        if not any(e.kind == "panel" for e in self._engines.values()):
+            return []
+        with explaining(self._adapter.model, seed=self.seed), torch.no_grad():
+            raw = self._adapter.raw(image)
+        return [raw.scores[0, t.last_match[0].candidate].cpu() if t.last_match else None for t in targets]
+
     def _write(self, probes: ProbeSet, detections: list, pictures: list, step: int, seconds: float) -> None:
-        names = self._adapter.names
-        for i, targets, maps in pictures:
+        for i, targets, maps, grids, class_scores in pictures:
+            title = f"probe {i} (val #{probes.indices[i]}) | epoch {step}"
+            for method, (values, indices) in grids.items():
+                picture = feature_grid(
+                    values[0].cpu(), indices[0].cpu(), title=f"{method} {self._engines[method].layer_name} | {title}"
+                )
+                self._writer.explanation(method, f"probe_{i:02d}", picture, step)
             for k, target in enumerate(targets):
-                match = target.last_match[0] if target.last_match else None
-                label = names[target.label] if names else str(target.label)
                 subject = f"probe_{i:02d}" + (f"_obj{k}" if k else "")
+                match = target.last_match[0] if target.last_match else None
                 if match is not None:
-                    state = "detected" if match.detected else "missed, nearest candidate"
-                    subtitle = f"{label}: {state} (score {match.score:.2f}, IoU {match.iou:.2f})"
                     self._writer.tracked(subject, match.detected, match.score, step)
                 for method, m in maps.items():
-                    signed = self._engines[method].signed
-                    picture = explanation_panel(
-                        probes.images[i],
-                        m[k],
-                        gt_boxes=probes.boxes[i],
-                        gt_labels=probes.labels[i],
-                        detections=detections[i],
-                        tracked_box=match.box if match else None,
-                        names=names,
-                        title=f"{method} | probe {i} (val #{probes.indices[i]}) | epoch {step}",
-                        subtitle=subtitle if match else "",
-                        normalize="signed" if signed else self.normalize,
-                        scale=self._scales.get(method),
-                    )
+                    scores = class_scores[k] if class_scores else None
+                    picture = self._picture(method, probes, i, m[k], target, match, detections[i], scores, title)
                     self._writer.explanation(method, subject, picture, step)
                     if self.filmstrip:
                         self._history.add(subject, method, step, picture)
         self._writer.explain_seconds(seconds, step)
         self._writer.flush()
+
+    def _picture(self, method, probes, i, saliency, target, match, dets, scores, title) -> Any:  # noqa: ANN001
+        names = self._adapter.names
+        engine = self._engines[method]
+        normalize = "signed" if engine.signed else self.normalize
+        if engine.kind == "panel" and match is not None and scores is not None:
+            return box_decision_panel(
+                probes.images[i],
+                saliency,
+                match.box,
+                scores,
+                names=names,
+                title=f"{method} | {title}",
+                normalize=normalize,
+                scale=self._scales.get(method),
+            )
+        label = names[target.label] if names else str(target.label)
+        state = "" if match is None else "detected" if match.detected else "missed, nearest candidate"
+        subtitle = "" if match is None else f"{label}: {state} (score {match.score:.2f}, IoU {match.iou:.2f})"
+        return explanation_panel(
+            probes.images[i],
+            saliency,
+            gt_boxes=probes.boxes[i],
+            gt_labels=probes.labels[i],
+            detections=dets,
+            tracked_box=match.box if match else None,
+            names=names,
+            title=f"{method} | {title}",
+            subtitle=subtitle,
+            normalize=normalize,
+            scale=self._scales.get(method),
+        )
 
     def _write_filmstrips(self, trainer: pl.Trainer) -> None:
         folder = Path(trainer.log_dir or trainer.default_root_dir) / "xaiwatch"
