@@ -31,15 +31,18 @@ def resolve_adapter(module: nn.Module, adapter: DetectorAdapter | None = None) -
                 f"{type(module).__name__}.xai_adapter() must return a DetectorAdapter, got {type(found).__name__}."
             )
         return found
+    from xaiwatch.adapters.classifier import ClassifierAdapter, is_ultralytics_classification_model
     from xaiwatch.adapters.yolov8 import YOLOv8Adapter, is_ultralytics_detection_model
 
     for sub in module.modules():
         if is_ultralytics_detection_model(sub):
             return YOLOv8Adapter(sub, names=_names_of(module))
+        if is_ultralytics_classification_model(sub):
+            return ClassifierAdapter(sub, names=_names_of(module))
     raise UnsupportedModelError(
         f"Cannot explain {type(module).__name__}: no adapter. Either (1) give the callback one, "
         "`ExplainCallback(adapter=YOLOv8Adapter(net))`; (2) add a method `xai_adapter(self) -> DetectorAdapter` "
-        "to your LightningModule; or (3) hold a supported network (ultralytics DetectionModel) as a submodule so "
+        "to your LightningModule; or (3) hold a supported network (ultralytics DetectionModel or ClassificationModel) as a submodule so "
         "that it can be inferred."
     )
 

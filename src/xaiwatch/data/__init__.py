@@ -6,10 +6,14 @@ cue changed, :class:`YoloDataModule` loads any ultralytics-layout dataset for Li
 
 from __future__ import annotations
 
+from xaiwatch.data.classification import ClassificationDataModule, ClassificationDataset, generate_classification
 from xaiwatch.data.shapes import generate, object_masks, read_specs, render, write_counterfactual
 from xaiwatch.data.yolo import YoloDataModule, YoloDataset, collate_detection, letterbox
 
 __all__ = [
+    "ClassificationDataModule",
+    "ClassificationDataset",
+    "generate_classification",
     "YoloDataModule",
     "YoloDataset",
     "collate_detection",

@@ -3,5 +3,6 @@
 from __future__ import annotations
 
 from xaiwatch.models.yolov8 import YOLOv8Module, load_matching_weights, to_ultralytics_batch
+from xaiwatch.models.yolov8_cls import YOLOv8ClsModule
 
-__all__ = ["YOLOv8Module", "load_matching_weights", "to_ultralytics_batch"]
+__all__ = ["YOLOv8ClsModule", "YOLOv8Module", "load_matching_weights", "to_ultralytics_batch"]
