@@ -10,11 +10,13 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch
 
@@ -142,6 +144,21 @@ def main() -> None:
     results["foundation"] = bench_foundation(repeat)
     for name, r in results["foundation"].items():
         print(f"  {name:40s} {r['seconds'] * 1000:9.1f} ms   {r['x_floor']:5.2f} x floor")
+    print("\n== Loop methods vs Captum direct, D-RISE vs its floor: YOLOv8n, 1 image, 320 px ==")
+    from bench_engines import bench_engines
+
+    results["engines"] = bench_engines(args.quick, memory=not args.quick)
+    for name, r in results["engines"].items():
+        mb = r.get("peak_mb", float("nan"))
+        print(f"  {name:62s} {r['seconds']:8.3f} s  {r['x_floor']:7.2f} x floor  {mb:8.0f} MB peak")
+    try:
+        from bench_allboxes import bench_allboxes
+    except ImportError:
+        bench_allboxes = None
+    if bench_allboxes is not None:
+        print("\n== All boxes of an image: YOLOv8n, batch 1, 320 px, K boxes ==")
+        results["allboxes"] = bench_allboxes(repeat=repeat)
+        print(json.dumps(results["allboxes"], indent=1))
     print("\n== ExplainCallback share of epoch time, demo configuration ==")
     results["callback_share"] = bench_callback_share(args.quick)
     for name, v in results["callback_share"].items():
