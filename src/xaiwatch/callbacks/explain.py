@@ -14,66 +14,24 @@ from pytorch_lightning.utilities import rank_zero_warn
 from typing_extensions import override
 
 from xaiwatch.adapters import DetectorAdapter, resolve_adapter
-from xaiwatch.callbacks.probes import choose_probe_indices, load_probes, validation_dataset
+from xaiwatch.callbacks.probes import choose_probe_indices, load_probes, tensorboard_writer, validation_dataset
+from xaiwatch.callbacks.validation import (
+    validate_choices,
+    validate_methods,
+    validate_positive,
+    validate_probe_indices,
+)
 from xaiwatch.core.context import explaining
 from xaiwatch.core.errors import ConfigurationError
 from xaiwatch.core.types import ProbeSet
-from xaiwatch.explain import Engine, engine_class, get_engine
+from xaiwatch.explain import Engine, get_engine
 from xaiwatch.logging import XaiWriter
 from xaiwatch.render import explanation_panel
 from xaiwatch.render.history import PictureHistory
 from xaiwatch.render.panels import box_decision_panel, feature_grid
 from xaiwatch.targets import MatchedBoxTarget
 
-__all__ = ["ExplainCallback", "tensorboard_writer"]
-
-_ON_ERROR = ("warn", "raise")
-
-
-def tensorboard_writer(trainer: pl.Trainer, owner: str) -> Any:
-    """The ``SummaryWriter`` of the trainer's TensorBoard logger.
-
-    Raises:
-        ConfigurationError: when the trainer has no ``TensorBoardLogger``.
-    """
-    from pytorch_lightning.loggers import TensorBoardLogger
-
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            return logger.experiment
-    raise ConfigurationError(
-        f"Cannot use `{owner}` with a `Trainer` that has no `TensorBoardLogger`: add "
-        "`logger=TensorBoardLogger(save_dir)` (the default logger when tensorboard is installed)."
-    )
-
-
-def _validate_methods(methods: Sequence[str]) -> None:
-    if not methods:
-        raise ConfigurationError("`methods` must name at least one explanation method.")
-    for m in methods:
-        engine_class(m)  # raises with the list of valid methods
-    if len(set(methods)) != len(methods):
-        raise ConfigurationError(f"`methods` has duplicates: {list(methods)}.")
-
-
-def _validate_probe_indices(probe_indices: Sequence[int]) -> list[int]:
-    indices = [int(i) for i in probe_indices]
-    if not indices or len(set(indices)) != len(indices) or min(indices) < 0:
-        raise ConfigurationError(f"`probe_indices` must be distinct indices >= 0, got {indices}.")
-    return indices
-
-
-def _validate_positive(**values: int) -> None:
-    for name, value in values.items():
-        if int(value) < 1:
-            raise ConfigurationError(f"`{name}` must be >= 1, got {value}.")
-
-
-def _validate_choices(normalize: str, on_error: str) -> None:
-    if normalize not in ("per_map", "fixed"):
-        raise ConfigurationError(f"`normalize` can be per_map or fixed, got {normalize!r}.")
-    if on_error not in _ON_ERROR:
-        raise ConfigurationError(f"`on_error` can be warn or raise, got {on_error!r}.")
+__all__ = ["ExplainCallback"]
 
 
 class ExplainCallback(Callback):
@@ -132,12 +90,12 @@ class ExplainCallback(Callback):
         iou_threshold: float = 0.5,
     ) -> None:
         methods = [methods] if isinstance(methods, str) else list(methods)
-        _validate_methods(methods)
+        validate_methods(methods)
         if probe_indices is not None:
-            probe_indices = _validate_probe_indices(probe_indices)
+            probe_indices = validate_probe_indices(probe_indices)
             num_probe = len(probe_indices)
-        _validate_choices(normalize=normalize, on_error=on_error)
-        _validate_positive(num_probe=num_probe, every_n_epochs=every_n_epochs, max_objects=max_objects)
+        validate_choices(normalize=normalize, on_error=on_error)
+        validate_positive(num_probe=num_probe, every_n_epochs=every_n_epochs, max_objects=max_objects)
         if not 0.0 < iou_threshold <= 1.0:
             raise ConfigurationError(f"`iou_threshold` must be in (0, 1], got {iou_threshold}.")
         unknown = sorted(set(method_options or {}) - set(methods))

@@ -12,7 +12,7 @@ import torch
 from xaiwatch.core.errors import ConfigurationError
 from xaiwatch.core.types import ProbeSet
 
-__all__ = ["validation_dataset", "choose_probe_indices", "load_probes", "probe_item"]
+__all__ = ["tensorboard_writer", "validation_dataset", "choose_probe_indices", "load_probes", "probe_item"]
 
 
 def validation_dataset(trainer: pl.Trainer, owner: str) -> Any:
@@ -97,4 +97,21 @@ def load_probes(dataset: Any, indices: Sequence[int], owner: str) -> ProbeSet:
         [b for _, b, _ in items],
         [lab for _, _, lab in items],
         [int(i) for i in indices],
+    )
+
+
+def tensorboard_writer(trainer: pl.Trainer, owner: str) -> Any:
+    """The ``SummaryWriter`` of the trainer's TensorBoard logger.
+
+    Raises:
+        ConfigurationError: when the trainer has no ``TensorBoardLogger``.
+    """
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return logger.experiment
+    raise ConfigurationError(
+        f"Cannot use `{owner}` with a `Trainer` that has no `TensorBoardLogger`: add "
+        "`logger=TensorBoardLogger(save_dir)` (the default logger when tensorboard is installed)."
     )
