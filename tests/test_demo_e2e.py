@@ -61,28 +61,19 @@ def test_demo_learns(tmp_path):
     assert tracked[-1] > tracked[0]  # the tracked object's score grows as the model learns
 
 
-def test_example_script_runs(tmp_path):
+@pytest.mark.parametrize(
+    "script, extra",
+    [("finetune_yolov8.py", ["--imgsz", "64", "--batch-size", "8"]), ("finetune_classifier.py", ["--imgsz", "64"])],
+)
+def test_example_script_runs(tmp_path, script, extra):
     import subprocess
     import sys
     from pathlib import Path
 
-    script = Path(__file__).parents[1] / "examples" / "finetune_yolov8.py"
+    path = Path(__file__).parents[1] / "examples" / script
     out = tmp_path / "ex"
     result = subprocess.run(
-        [
-            sys.executable,
-            str(script),
-            "--epochs",
-            "1",
-            "--imgsz",
-            "64",
-            "--num-train",
-            "16",
-            "--batch-size",
-            "8",
-            "--out",
-            str(out),
-        ],
+        [sys.executable, str(path), "--epochs", "1", "--num-train", "16", "--out", str(out), *extra],
         capture_output=True,
         text=True,
         timeout=600,
