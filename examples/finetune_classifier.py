@@ -19,7 +19,6 @@ from pytorch_lightning.loggers import TensorBoardLogger
 
 from xaiwatch.callbacks import ExplainCallback
 from xaiwatch.data import ClassificationDataModule, generate_classification
-from xaiwatch.explain import available_methods
 from xaiwatch.models import YOLOv8ClsModule
 
 
@@ -35,16 +34,12 @@ def main() -> None:
     dm = ClassificationDataModule(root, imgsz=args.imgsz, batch_size=32)
     dm.setup("fit")
     model = YOLOv8ClsModule("yolov8n-cls.yaml", num_classes=dm.num_classes, names=dm.names, lr=2e-3)
-    methods = [m for m in ("saliency", "grad_cam", "integrated_gradients", "eigen_cam") if m in available_methods()]
+    methods = ["saliency", "grad_cam", "integrated_gradients", "eigen_cam"]
     trainer = pl.Trainer(
         max_epochs=args.epochs,
         logger=TensorBoardLogger(args.out, name="tensorboard"),
         callbacks=[
-            ExplainCallback(
-                methods=methods,
-                num_probe=8,
-                method_options={"integrated_gradients": {"n_steps": 16}} if "integrated_gradients" in methods else None,
-            )
+            ExplainCallback(methods=methods, num_probe=8, method_options={"integrated_gradients": {"n_steps": 16}})
         ],
     )
     trainer.fit(model, datamodule=dm)

@@ -287,9 +287,7 @@ def test_foundation_state_format_still_loads():
 
 def test_every_kind_of_method_in_the_callback(tmp_path, square_loaders):
     cb = ExplainCallback(
-        methods=["integrated_gradients", "feature_maps", "box_decision", "d_rise", "eigen_cam"]
-        if "eigen_cam" in __import__("xaiwatch.explain", fromlist=["x"]).available_methods()
-        else ["integrated_gradients", "feature_maps", "box_decision", "d_rise"],
+        methods=["integrated_gradients", "feature_maps", "box_decision", "d_rise", "eigen_cam"],
         num_probe=2,
         on_error="raise",
         method_options={"integrated_gradients": {"n_steps": 4}, "d_rise": {"num_masks": 16, "conf": 0.0}},

@@ -1,0 +1,154 @@
+"""The CAM family for detectors: Grad-CAM++, HiResCAM, LayerCAM and Eigen-CAM on a named layer.
+
+Each map is computed from the layer's activation ``A`` (captured by a forward hook, removed in ``finally``) and,
+for gradient CAMs, ``G = d score / d A`` from :func:`torch.autograd.grad` — never ``.backward()``. The formulas are
+pytorch-grad-cam's (jacobgil/pytorch-grad-cam 1.5), so results can be compared with it; unlike it, the K objects
+of one image are explained from one forward and one batched backward to the layer
+(:meth:`~xaiwatch.explain.base.Engine.attribute_boxes`), and every map is ReLU'd as it does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from xaiwatch.adapters.base import apply_targets
+from xaiwatch.core.context import explaining
+from xaiwatch.core.errors import UnsupportedModelError, check_shape
+from xaiwatch.core.types import RawOutput
+from xaiwatch.explain.base import Engine, register
+from xaiwatch.targets import Target
+
+__all__ = ["GradCamPlusPlusEngine", "HiResCamEngine", "LayerCamEngine", "EigenCamEngine", "eigen_projection"]
+
+_EPS = 1e-6  # as pytorch-grad-cam
+
+
+def eigen_projection(activations: torch.Tensor) -> torch.Tensor:
+    """Projection of each image's activations on their first principal component (pytorch-grad-cam's
+    ``get_2d_projection``).
+
+    Args:
+        activations: :math:`(B, C, h, w)`.
+
+    Returns:
+        :math:`(B, 1, h, w)`; the sign of each map is chosen so that its sum is non-negative (the sign of a
+        singular vector is arbitrary).
+    """
+    b, c, h, w = activations.shape
+    out = []
+    for a in activations.detach().float():
+        m = a.reshape(c, h * w).T
+        m = m - m.mean(dim=0, keepdim=True)
+        _, _, vh = torch.linalg.svd(m, full_matrices=False)
+        p = m @ vh[0]
+        out.append(p if p.sum() >= 0 else -p)
+    return torch.stack(out).reshape(b, 1, h, w)
+
+
+class _CamEngine(Engine):
+    """A CAM from a layer's activation ``A`` :math:`(N, C, h, w)` and gradient ``G`` (same shape, or None)."""
+
+    needs_layer = True
+    needs_gradient = True
+
+    def _cam(self, activations: torch.Tensor, grads: torch.Tensor | None) -> torch.Tensor:
+        """The :math:`(N, 1, h, w)` map before upsampling."""
+        raise NotImplementedError  # pragma: no cover - every subclass defines its formula
+
+    def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, RawOutput]:
+        captured: list[object] = []
+        handle = self.layer.register_forward_hook(lambda _m, _i, output: captured.append(output))
+        try:
+            raw = self.adapter.raw(images)
+        finally:
+            handle.remove()
+        activation = captured[-1] if captured else None
+        if not isinstance(activation, torch.Tensor) or activation.dim() != 4:
+            raise UnsupportedModelError(
+                f"Layer {self.layer_name!r} does not output a (B, C, h, w) feature map; choose another layer, "
+                f"e.g. one of {list(self.adapter.layer_names())}."
+            )
+        return activation, raw
+
+    def _finish(self, activations: torch.Tensor, grads: torch.Tensor | None, size: Sequence[int]) -> torch.Tensor:
+        cam = torch.relu(self._cam(activations.detach(), grads))
+        return F.interpolate(cam, size=tuple(size), mode="bilinear", align_corners=False)
+
+    def _attribute(self, images: torch.Tensor, targets: Target | Sequence[Target]) -> torch.Tensor:
+        activations, raw = self._forward(images)
+        grads = None
+        if self.needs_gradient:  # each image's score depends on its own activation only (eval mode)
+            grads = torch.autograd.grad(apply_targets(raw, targets).sum(), activations)[0]
+        return self._finish(activations, grads, images.shape[-2:])
+
+    def attribute_boxes(self, image: torch.Tensor, targets: Sequence[Target]) -> torch.Tensor:
+        """The K objects of one image from one forward and one batched backward to the layer."""
+        check_shape(image, [1, 3, "H", "W"], "image")
+        targets = list(targets)
+        if not targets:
+            return image.new_zeros(0, 1, *image.shape[-2:])
+        k = len(targets)
+        with explaining(self.adapter.model, seed=self.seed) as prepare:
+            activations, raw = self._forward(prepare(image).requires_grad_())
+            grads = None
+            if self.needs_gradient:
+                scores = torch.cat([t(raw) for t in targets])
+                eye = torch.eye(k, device=scores.device, dtype=scores.dtype)
+                grads = torch.autograd.grad(scores, activations, eye, is_grads_batched=True)[0][:, 0]
+            maps = self._finish(activations.expand(k, -1, -1, -1), grads, image.shape[-2:])
+        return maps.detach()
+
+
+@register
+class GradCamPlusPlusEngine(_CamEngine):
+    """Grad-CAM++ (Chattopadhay et al., WACV 2018), closed-form weights as pytorch-grad-cam computes them:
+    :math:`\\alpha = G^2 / (2 G^2 + \\sum_{ij} A \\cdot G^3)`, weights :math:`\\sum_{ij} \\alpha\\,\\mathrm{relu}(G)`."""
+
+    name = "grad_cam_pp"
+
+    def _cam(self, activations: torch.Tensor, grads: torch.Tensor | None) -> torch.Tensor:
+        g2 = grads.pow(2)
+        g3 = g2 * grads
+        sum_a = activations.sum(dim=(2, 3), keepdim=True)
+        alpha = g2 / (2 * g2 + sum_a * g3 + _EPS)
+        alpha = torch.where(grads != 0, alpha, torch.zeros_like(alpha))
+        weights = (torch.relu(grads) * alpha).sum(dim=(2, 3), keepdim=True)
+        return (weights * activations).sum(dim=1, keepdim=True)
+
+
+@register
+class HiResCamEngine(_CamEngine):
+    """HiResCAM (Draelos & Carin 2020): the element-wise product :math:`G \\odot A` summed over channels."""
+
+    name = "hires_cam"
+
+    def _cam(self, activations: torch.Tensor, grads: torch.Tensor | None) -> torch.Tensor:
+        return (grads * activations).sum(dim=1, keepdim=True)
+
+
+@register
+class LayerCamEngine(_CamEngine):
+    """LayerCAM (Jiang et al., TIP 2021): :math:`\\mathrm{relu}(G) \\odot A` summed over channels."""
+
+    name = "layer_cam"
+
+    def _cam(self, activations: torch.Tensor, grads: torch.Tensor | None) -> torch.Tensor:
+        return (torch.relu(grads) * activations).sum(dim=1, keepdim=True)
+
+
+@register
+class EigenCamEngine(_CamEngine):
+    """Eigen-CAM (Muhammad & Yeasin 2020): the layer's first principal component, gradient-free.
+
+    The map does not depend on the target (it shows what the layer responds to most in the image), so all
+    objects of an image get the same map.
+    """
+
+    name = "eigen_cam"
+    needs_gradient = False
+
+    def _cam(self, activations: torch.Tensor, grads: torch.Tensor | None) -> torch.Tensor:
+        return eigen_projection(activations)

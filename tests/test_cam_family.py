@@ -1,0 +1,86 @@
+"""The CAM family against pytorch-grad-cam's formulas and an SVD, and all boxes at once == one at a time."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from xaiwatch.adapters import YOLOv8Adapter
+from xaiwatch.explain import get_engine
+from xaiwatch.targets import BoxTarget, ClassTarget
+
+
+@pytest.fixture
+def adapter(tiny_net):
+    torch.manual_seed(0)
+    tiny_net.model[-1].cv3[0][-1].bias.data.normal_(0, 1)  # an untrained head barely reacts: give it some signal
+    return YOLOv8Adapter(tiny_net)
+
+
+def _activation_and_grad(adapter, images, target):
+    layer = adapter.layer("neck.p3")
+    adapter.model.eval()
+    store = []
+    h = layer.register_forward_hook(lambda m, i, o: store.append(o))
+    try:
+        x = images.clone().requires_grad_()
+        score = adapter.score(x, target)
+    finally:
+        h.remove()
+    (g,) = torch.autograd.grad(score.sum(), store[0])
+    return store[0].detach(), g
+
+
+@pytest.mark.parametrize(
+    "method, peer", [("grad_cam_pp", "GradCAMPlusPlus"), ("hires_cam", "HiResCAM"), ("layer_cam", "LayerCAM")]
+)
+def test_gradient_cams_match_pytorch_grad_cam_formula(adapter, images, method, peer):
+    import pytorch_grad_cam
+
+    target = ClassTarget(1)
+    maps = get_engine(method, adapter, layer="neck.p3").attribute(images, target)
+    a, g = _activation_and_grad(adapter, images, target)
+    cam_obj = getattr(pytorch_grad_cam, peer)(model=adapter.model, target_layers=[adapter.layer("neck.p3")])
+    ref = cam_obj.get_cam_image(images, adapter.layer("neck.p3"), None, a.numpy(), g.numpy(), False)
+    ref = torch.relu(torch.from_numpy(np.asarray(ref, dtype=np.float32))[:, None])
+    ref = F.interpolate(ref, size=(64, 64), mode="bilinear", align_corners=False)
+    assert ref.abs().sum() > 0
+    assert torch.allclose(maps, ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))
+
+
+def test_eigen_cam_matches_svd(adapter, images):
+    maps = get_engine("eigen_cam", adapter, layer="neck.p3").attribute(images, ClassTarget(0))
+    a, _ = _activation_and_grad(adapter, images, ClassTarget(0))
+    expected = []
+    for act in a.numpy():
+        m = act.reshape(act.shape[0], -1).T
+        m = m - m.mean(axis=0)
+        _, _, vt = np.linalg.svd(m, full_matrices=True)
+        p = m @ vt[0]
+        p = p if p.sum() >= 0 else -p
+        expected.append(np.maximum(p, 0).reshape(act.shape[1:]))
+    ref = F.interpolate(torch.from_numpy(np.stack(expected))[:, None].float(), size=(64, 64), mode="bilinear")
+    assert torch.allclose(maps, ref, atol=1e-4 * float(ref.max()))
+    assert maps.sum() > 0
+
+
+@pytest.mark.parametrize("method", ["grad_cam", "saliency", "grad_cam_pp", "hires_cam", "layer_cam", "eigen_cam"])
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_all_boxes_at_once_equal_one_at_a_time(adapter, images, method, k):
+    engine = get_engine(method, adapter)
+    targets = [BoxTarget(10 + 30 * i, i % 3) for i in range(k)]  # 84 candidates at 64 px
+    image = images[:1]
+    batched = engine.attribute_boxes(image, targets)
+    assert batched.shape == (k, 1, 64, 64)
+    if k:
+        single = torch.cat([engine.attribute(image, t) for t in targets])
+        assert torch.allclose(batched, single, rtol=1e-4, atol=1e-6 * float(single.abs().max() or 1))
+
+
+def test_cam_on_a_layer_without_feature_map(adapter, images):
+    from xaiwatch.core.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="feature map"):
+        get_engine("hires_cam", adapter, layer="model.22").attribute(images, ClassTarget(0))
