@@ -1,0 +1,62 @@
+"""All K boxes of one image: our one-forward + one-batched-backward vs pytorch-grad-cam once per box vs the floor.
+
+YOLOv8n (3 classes, from the yaml), batch 1, 320 px, CPU. The floor is one forward + one backward to the input.
+Run: python benchmarks/bench_allboxes.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from run import timeit, yolov8n  # noqa: E402
+
+
+def bench_allboxes(repeat: int = 3, ks: tuple[int, ...] = (1, 4, 16)) -> dict:
+    """Seconds and x-floor of all-box saliency and Grad-CAM (ours) and Grad-CAM per box (pytorch-grad-cam)."""
+    from pytorch_grad_cam import GradCAM
+
+    from xaiwatch.adapters import YOLOv8Adapter
+    from xaiwatch.explain import get_engine
+    from xaiwatch.targets import BoxTarget
+
+    net = yolov8n()
+    adapter = YOLOv8Adapter(net)
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 320, 320)
+
+    def floor():
+        xi = x.clone().requires_grad_()
+        torch.autograd.grad(adapter.score(xi, BoxTarget(0, 0)).sum(), xi)
+
+    class RawScores(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, images):
+            return adapter.raw(images).scores
+
+    peer = GradCAM(model=RawScores(), target_layers=[net.model[15]])
+    saliency, grad_cam = get_engine("saliency", adapter), get_engine("grad_cam", adapter, layer="neck.p3")
+    floor_s = timeit(floor, repeat)
+    results: dict = {"floor_seconds": floor_s}
+    for k in ks:
+        targets = [BoxTarget(97 * i + 5, i % 3) for i in range(k)]
+        rows = {
+            "saliency, all boxes (ours)": lambda: saliency.attribute_boxes(x, targets),
+            "grad_cam, all boxes (ours)": lambda: grad_cam.attribute_boxes(x, targets),
+            "grad_cam, once per box (pytorch-grad-cam 1.5.7)": lambda: [
+                peer(input_tensor=x, targets=[lambda out, c=t.candidate, lab=t.label: out[c, lab]]) for t in targets
+            ],
+        }
+        results[f"K={k}"] = {name: timeit(fn, repeat) / floor_s for name, fn in rows.items()}
+    return results
+
+
+if __name__ == "__main__":
+    print(json.dumps(bench_allboxes(), indent=1))
