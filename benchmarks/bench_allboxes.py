@@ -48,9 +48,9 @@ def bench_allboxes(repeat: int = 3, ks: tuple[int, ...] = (1, 4, 16)) -> dict:
     for k in ks:
         targets = [BoxTarget(97 * i + 5, i % 3) for i in range(k)]
         rows = {
-            "saliency, all boxes (ours)": lambda: saliency.attribute_boxes(x, targets),
-            "grad_cam, all boxes (ours)": lambda: grad_cam.attribute_boxes(x, targets),
-            "grad_cam, once per box (pytorch-grad-cam 1.5.7)": lambda: [
+            "saliency, all boxes (ours)": lambda targets=targets: saliency.attribute_boxes(x, targets),
+            "grad_cam, all boxes (ours)": lambda targets=targets: grad_cam.attribute_boxes(x, targets),
+            "grad_cam, once per box (pytorch-grad-cam 1.5.7)": lambda targets=targets: [
                 peer(input_tensor=x, targets=[lambda out, c=t.candidate, lab=t.label: out[c, lab]]) for t in targets
             ],
         }
