@@ -37,13 +37,13 @@ def filmstrip(
         if len(pictures) != len(steps):
             raise ConfigurationError(f"Row {name!r} has {len(pictures)} pictures for {len(steps)} steps.")
     n_rows, n_cols = len(rows), len(steps)
-    fig = Figure(figsize=(0.9 + tile * n_cols, 0.4 + tile * n_rows), dpi=100)
+    fig = Figure(figsize=(0.9 + tile * n_cols, 0.6 + tile * n_rows), dpi=100)
     axes = np.asarray(fig.subplots(n_rows, n_cols, squeeze=False))
     fig.subplots_adjust(
         left=0.9 / (0.9 + tile * n_cols),
         right=0.995,
         bottom=0.01,
-        top=1 - 0.4 / (0.4 + tile * n_rows),
+        top=1 - 0.45 / (0.6 + tile * n_rows),
         wspace=0.03,
         hspace=0.03,
     )
@@ -57,7 +57,7 @@ def filmstrip(
                 ax.set_title(f"epoch {steps[c]}", fontsize=7)
             if c == 0:
                 ax.set_ylabel(name, fontsize=7)
-    fig.suptitle(title, fontsize=8)
+    fig.suptitle(title, fontsize=8, y=0.995, va="top")
     return figure_to_array(fig)
 
 
