@@ -77,3 +77,14 @@ def square_loaders():
 def images():
     torch.manual_seed(1)
     return torch.rand(2, 3, TINY_SIZE, TINY_SIZE)
+
+
+@pytest.fixture(autouse=True)
+def _restore_global_torch_flags():
+    """Trainer(deterministic=True) turns on torch.use_deterministic_algorithms globally and never turns it off."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    threads = torch.get_num_threads()
+    yield
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    torch.set_num_threads(threads)

@@ -179,7 +179,7 @@ def test_bad_setup_fails_before_training(tmp_path, square_loaders):
 def test_errors_during_training_are_isolated(tmp_path, square_loaders):
     cb = ExplainCallback(num_probe=2)  # on_error="warn" by default
     boom = RuntimeError("engine exploded")
-    with patch("xaiwatch.explain.gradients.SaliencyEngine._attribute", side_effect=boom):
+    with patch("xaiwatch.explain.gradients.SaliencyEngine.attribute_boxes", side_effect=boom):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             trainer = _trainer(tmp_path, [cb])
@@ -187,7 +187,7 @@ def test_errors_during_training_are_isolated(tmp_path, square_loaders):
     assert trainer.current_epoch == 2  # training went on
     assert any("engine exploded" in str(w.message) for w in caught)
     strict = ExplainCallback(num_probe=2, on_error="raise")
-    with patch("xaiwatch.explain.gradients.SaliencyEngine._attribute", side_effect=boom):
+    with patch("xaiwatch.explain.gradients.SaliencyEngine.attribute_boxes", side_effect=boom):
         with pytest.raises(RuntimeError, match="engine exploded"):
             _trainer(tmp_path, [strict]).fit(_module(), *square_loaders)
 
