@@ -9,6 +9,7 @@ of one image are explained from one forward and one batched backward to the laye
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Sequence
 
 import torch
@@ -54,9 +55,9 @@ class _CamEngine(Engine):
     needs_layer = True
     needs_gradient = True
 
+    @abstractmethod
     def _cam(self, activations: torch.Tensor, grads: torch.Tensor | None) -> torch.Tensor:
         """The :math:`(N, 1, h, w)` map before upsampling."""
-        raise NotImplementedError  # pragma: no cover - every subclass defines its formula
 
     def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, RawOutput]:
         captured: list[object] = []

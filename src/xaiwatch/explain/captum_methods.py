@@ -13,6 +13,7 @@ interpolation or an occluded image would explain a different box at each step.
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from collections.abc import Callable, Sequence
 
 import torch
@@ -156,10 +157,11 @@ class BudgetedEngine(Engine):
             self._budget = BatchBudget(self.max_memory_mb)
         return self._budget.samples(self.name, forward, images[:1])
 
+    @abstractmethod
     def _attribute_group(
         self, images: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor], per_batch: int
     ) -> torch.Tensor:
-        raise NotImplementedError
+        """Maps of images sharing one target function, evaluating at most ``per_batch`` samples at once."""
 
 
 class _PathEngine(BudgetedEngine):
