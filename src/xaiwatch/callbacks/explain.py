@@ -223,7 +223,9 @@ class ExplainCallback(Callback):
                     self._scales[method] = float(m.abs().amax()) or 1.0
             pictures.append((i, targets, maps, grids, self._class_scores(image, targets)))
         if self._writer is not None:
-            self._write(probes, detections, pictures, step, time.perf_counter() - start)
+            self._write(probes, detections, pictures, step)
+            self._writer.explain_seconds(time.perf_counter() - start, step)  # compute and rendering
+            self._writer.flush()
 
     def _class_scores(self, image: torch.Tensor, targets: list[MatchedBoxTarget]) -> list[torch.Tensor]:
         """Class scores of each target's matched candidate (for decision panels)."""
@@ -233,7 +235,7 @@ class ExplainCallback(Callback):
             raw = self._adapter.raw(image)
         return [raw.scores[0, t.last_match[0].candidate].cpu() if t.last_match else None for t in targets]
 
-    def _write(self, probes: ProbeSet, detections: list, pictures: list, step: int, seconds: float) -> None:
+    def _write(self, probes: ProbeSet, detections: list, pictures: list, step: int) -> None:
         for i, targets, maps, grids, class_scores in pictures:
             title = f"probe {i} (val #{probes.indices[i]}) | epoch {step}"
             for method, (values, indices) in grids.items():
@@ -252,10 +254,8 @@ class ExplainCallback(Callback):
                     self._writer.explanation(method, subject, picture, step)
                     if self.filmstrip:
                         self._history.add(subject, method, step, picture)
-        self._writer.explain_seconds(seconds, step)
-        self._writer.flush()
 
-    def _picture(self, method, probes, i, saliency, target, match, dets, scores, title) -> Any:  # noqa: ANN001
+    def _picture(self, method, probes, i, saliency, target, match, dets, scores, title) -> Any:
         names = self._adapter.names
         engine = self._engines[method]
         normalize = "signed" if engine.signed else self.normalize
