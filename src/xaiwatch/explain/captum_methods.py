@@ -392,8 +392,31 @@ class OcclusionEngine(BudgetedEngine):
         return attr.sum(dim=1, keepdim=True)
 
 
+class _LayerPathEngine(_PathEngine):
+    """A Captum path method on a named layer; the layer map summed over channels and upsampled."""
+
+    needs_layer = True
+    signed = True
+    captum_class: str = ""
+    #: interpolation points Captum needs per image in one evaluation (LayerConductance needs two)
+    min_points_per_image: int = 1
+
+    def _attribute_group(self, images: torch.Tensor, forward: Callable, per_batch: int) -> torch.Tensor:
+        import captum.attr
+
+        attr = getattr(captum.attr, self.captum_class)(forward, self.layer).attribute(
+            images,
+            baselines=make_baseline(images, self.baseline),
+            target=None,
+            n_steps=self.n_steps,
+            method=self.method,
+            internal_batch_size=max(per_batch, self.min_points_per_image * images.shape[0]),
+        )
+        return _layer_map(attr, images.shape[-2:])
+
+
 @register
-class LayerConductanceEngine(_PathEngine):
+class LayerConductanceEngine(_LayerPathEngine):
     """Layer conductance (Dhamdhere et al. 2018) on a named layer through Captum's ``LayerConductance``.
 
     Signed: the layer attribution summed over channels, upsampled bilinearly to the image size.
@@ -404,25 +427,12 @@ class LayerConductanceEngine(_PathEngine):
     """
 
     name = "layer_conductance"
-    needs_layer = True
-    signed = True
-
-    def _attribute_group(self, images: torch.Tensor, forward: Callable, per_batch: int) -> torch.Tensor:
-        from captum.attr import LayerConductance
-
-        attr = LayerConductance(forward, self.layer).attribute(
-            images,
-            baselines=make_baseline(images, self.baseline),
-            target=None,
-            n_steps=self.n_steps,
-            method=self.method,
-            internal_batch_size=max(per_batch, 2 * images.shape[0]),
-        )
-        return _layer_map(attr, images.shape[-2:])
+    captum_class = "LayerConductance"
+    min_points_per_image = 2
 
 
 @register
-class LayerIntegratedGradientsEngine(_PathEngine):
+class LayerIntegratedGradientsEngine(_LayerPathEngine):
     """Integrated Gradients of a named layer's output through Captum's ``LayerIntegratedGradients``.
 
     Signed: the layer attribution summed over channels, upsampled bilinearly to the image size.
@@ -433,18 +443,4 @@ class LayerIntegratedGradientsEngine(_PathEngine):
     """
 
     name = "layer_integrated_gradients"
-    needs_layer = True
-    signed = True
-
-    def _attribute_group(self, images: torch.Tensor, forward: Callable, per_batch: int) -> torch.Tensor:
-        from captum.attr import LayerIntegratedGradients
-
-        attr = LayerIntegratedGradients(forward, self.layer).attribute(
-            images,
-            baselines=make_baseline(images, self.baseline),
-            target=None,
-            n_steps=self.n_steps,
-            method=self.method,
-            internal_batch_size=max(per_batch, images.shape[0]),
-        )
-        return _layer_map(attr, images.shape[-2:])
+    captum_class = "LayerIntegratedGradients"
