@@ -212,15 +212,49 @@ def test_smoothgrad_matches_captum_and_is_seeded(toy, x):
     mb = 4.5 * per_sample_bytes(_f(toy, target), x[:1]) / 2**20
     engine = get_engine("smoothgrad", toy, nt_samples=6, max_memory_mb=mb)
     maps = engine.attribute(x, target)
-    per_batch = engine.samples_per_batch(_f(toy, target), x)
-    assert per_batch == 4  # two noisy copies of each of the two images per pass, of six
+    assert engine.samples_per_batch(_f(toy, target), x) == 4  # the budget: four noisy copies per pass
     assert torch.equal(maps, engine.attribute(x, target))
     assert not torch.equal(maps, get_engine("smoothgrad", toy, nt_samples=6, seed=1).attribute(x, target))
+    # images are explained one after the other (the noise of one image does not depend on the batch), each
+    # with its noisy copies batched as the engine chose; the batching does not change the map
+    assert _close(maps, get_engine("smoothgrad", toy, nt_samples=6, max_memory_mb=1e-6).attribute(x, target))
     _seed(0)
-    ref = NoiseTunnel(Saliency(_f(toy, target))).attribute(
-        x.clone(), nt_type="smoothgrad", nt_samples=6, nt_samples_batch_size=per_batch // 2, stdevs=0.15, abs=True
-    )
-    assert _close(maps, ref.amax(1, keepdim=True))
+    ref = [
+        NoiseTunnel(Saliency(_f(toy, target))).attribute(
+            x[i : i + 1].clone(), nt_type="smoothgrad", nt_samples=6, nt_samples_batch_size=3, stdevs=0.15, abs=True
+        )
+        for i in range(2)
+    ]
+    assert _close(maps, torch.cat(ref).amax(1, keepdim=True))
+
+
+def test_fastest_batch_is_within_the_limit_and_measured(toy, x):
+    from xaiwatch.explain.budget import fastest_batch
+
+    calls = []
+
+    def f(images):
+        calls.append(images.shape[0])
+        return toy.score(images, ClassTarget(0))
+
+    n = fastest_batch(f, x[:1], 6)
+    sizes = sorted(set(calls))
+    assert 1 <= n <= 6 and n in sizes and set(sizes) <= {1, 2, 4, 6}
+    assert all(calls.count(s) == 2 for s in sizes)  # each candidate once to warm up, once timed
+    assert fastest_batch(f, x[:1], 1) == 1
+    with pytest.raises(ConfigurationError, match="`limit` must be >= 1"):
+        fastest_batch(f, x[:1], 0)
+
+
+def test_engine_batch_is_the_fastest_within_budget_and_cached(toy, x):
+    target = ClassTarget(0)
+    engine = get_engine("integrated_gradients", toy, n_steps=8)
+    engine.attribute(x, target)
+    keys = [k for k in engine.budget._cache if k[0] == "fastest"]
+    assert len(keys) == 1 and keys[0][-1] == 16  # 8 steps x 2 images: no bigger batch is ever needed
+    assert 1 <= engine.budget._cache[keys[0]] <= 16
+    engine.attribute(x, target)
+    assert len([k for k in engine.budget._cache if k[0] == "fastest"]) == 1
 
 
 def test_gradient_shap_matches_captum_and_is_seeded(toy, x):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -140,22 +141,47 @@ def freeze_targets(
 class BudgetedEngine(Engine):
     """Base of engines that evaluate the model many times: frozen targets, batch size from the budget.
 
-    Subclasses implement :meth:`_attribute_group`, given a slice of the batch, its fixed scalar function
-    and the number of images one batched evaluation may hold.
+    Subclasses implement :meth:`evaluations` (model evaluations one image needs) and :meth:`_attribute_group`,
+    given a slice of the batch, its fixed scalar function and the number of evaluations one batched pass may
+    hold: the fastest batch size on this machine within ``max_memory_mb`` (see
+    :meth:`~xaiwatch.explain.budget.BatchBudget.fastest`), measured once per image size.
     """
 
+    #: explain each image on its own: stochastic methods whose noise, drawn per batch, would otherwise depend on
+    #: how images and samples are batched together
+    per_image: ClassVar[bool] = False
+    #: choose the batch size by measured speed within the budget; off where batching changes the random draws
+    tune_batch: ClassVar[bool] = True
+
     def _attribute(self, images: torch.Tensor, targets: Target | Sequence[Target]) -> torch.Tensor:
+        if self.per_image:
+            targets = [targets] * images.shape[0] if callable(targets) else targets
         maps = []
         for part, target in freeze_targets(self, images, targets):
             forward = self.forward_func(target)
-            maps.append(self._attribute_group(images[part], forward, self.samples_per_batch(forward, images)))
+            group = images[part]
+            needed = self.evaluations(group) * group.shape[0]
+            if self.tune_batch:
+                per_batch = self.budget.fastest(self.name, forward, group[:1], needed)
+            else:
+                per_batch = min(self.samples_per_batch(forward, group), needed)
+            maps.append(self._attribute_group(group, forward, per_batch))
         return torch.cat(maps)
 
-    def samples_per_batch(self, forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> int:
-        """Images per batched evaluation within ``max_memory_mb`` (measured once per image size)."""
+    @property
+    def budget(self) -> BatchBudget:
+        """The engine's :class:`~xaiwatch.explain.budget.BatchBudget` (measurements cached across calls)."""
         if getattr(self, "_budget", None) is None:
             self._budget = BatchBudget(self.max_memory_mb)
-        return self._budget.samples(self.name, forward, images[:1])
+        return self._budget
+
+    def samples_per_batch(self, forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> int:
+        """The most images one batched evaluation may hold within ``max_memory_mb`` (measured once per size)."""
+        return self.budget.samples(self.name, forward, images[:1])
+
+    @abstractmethod
+    def evaluations(self, images: torch.Tensor) -> int:
+        """Model evaluations one image of this size needs (IG steps, noise samples, occlusion windows)."""
 
     @abstractmethod
     def _attribute_group(
@@ -185,6 +211,10 @@ class _PathEngine(BudgetedEngine):
             raise ConfigurationError(f"`method` can be {', '.join(methods)}, got {method!r}.")
         self.method = method
         super().__init__(adapter, layer=layer, seed=seed, max_memory_mb=max_memory_mb)
+
+    def evaluations(self, images: torch.Tensor) -> int:
+        """One evaluation per step of the path."""
+        return self.n_steps
 
 
 @register
@@ -247,6 +277,7 @@ class SmoothGradEngine(BudgetedEngine):
     """
 
     name = "smoothgrad"
+    per_image = True
 
     def __init__(
         self,
@@ -261,6 +292,10 @@ class SmoothGradEngine(BudgetedEngine):
         self.nt_samples = _positive_int("nt_samples", nt_samples)
         self.noise_level = _positive_float("noise_level", noise_level)
         super().__init__(adapter, layer=layer, seed=seed, max_memory_mb=max_memory_mb)
+
+    def evaluations(self, images: torch.Tensor) -> int:
+        """One evaluation per noisy copy."""
+        return self.nt_samples
 
     def _attribute_group(self, images: torch.Tensor, forward: Callable, per_batch: int) -> torch.Tensor:
         from captum.attr import NoiseTunnel, Saliency
@@ -293,6 +328,8 @@ class GradientShapEngine(BudgetedEngine):
 
     name = "gradient_shap"
     signed = True
+    per_image = True  # each image has its own baseline distribution (its own blur)
+    tune_batch = False  # each chunk of samples draws its own baselines, path points and noise
 
     def __init__(
         self,
@@ -310,10 +347,9 @@ class GradientShapEngine(BudgetedEngine):
         self.stdevs = float(stdevs)
         super().__init__(adapter, layer=layer, seed=seed, max_memory_mb=max_memory_mb)
 
-    def _attribute(self, images: torch.Tensor, targets: Target | Sequence[Target]) -> torch.Tensor:
-        # Each image has its own baseline distribution (its own blur), so images are explained one by one.
-        per_image = [targets] * images.shape[0] if callable(targets) else targets
-        return super()._attribute(images, per_image)
+    def evaluations(self, images: torch.Tensor) -> int:
+        """One evaluation per random sample."""
+        return self.n_samples
 
     def _attribute_group(self, images: torch.Tensor, forward: Callable, per_batch: int) -> torch.Tensor:
         from captum.attr import GradientShap
@@ -376,6 +412,12 @@ class OcclusionEngine(BudgetedEngine):
         if window > min(height, width):
             raise ConfigurationError(f"`window` ({window}) is larger than the image ({height}x{width}).")
         return window, self.stride or max(1, window // 2)
+
+    def evaluations(self, images: torch.Tensor) -> int:
+        """One evaluation per window position."""
+        height, width = images.shape[-2:]
+        window, stride = self.window_and_stride(height, width)
+        return ((height - window) // stride + 1) * ((width - window) // stride + 1)
 
     def _attribute_group(self, images: torch.Tensor, forward: Callable, per_batch: int) -> torch.Tensor:
         from captum.attr import Occlusion
