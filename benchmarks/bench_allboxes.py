@@ -6,6 +6,7 @@ Run: python benchmarks/bench_allboxes.py
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -34,22 +35,41 @@ def bench_allboxes(repeat: int = 3, ks: tuple[int, ...] = (1, 4, 16)) -> dict:
         torch.autograd.grad(adapter.score(xi, BoxTarget(0, 0)).sum(), xi)
 
     class RawScores(torch.nn.Module):
-        def __init__(self) -> None:
+        """The raw class scores (N, C) of the model, the output pytorch-grad-cam's targets index."""
+
+        def __init__(self, net: torch.nn.Module) -> None:
             super().__init__()
             self.net = net
+            self.adapter = YOLOv8Adapter(net)
 
         def forward(self, images):
-            return adapter.raw(images).scores
+            return self.adapter.raw(images).scores
 
-    peer = GradCAM(model=RawScores(), target_layers=[net.model[15]])
+    peer_model = RawScores(copy.deepcopy(net))  # pytorch-grad-cam keeps hooks on its model: give it a copy
+    peer = GradCAM(model=peer_model, target_layers=[peer_model.net.model[15]])
     saliency, grad_cam = get_engine("saliency", adapter), get_engine("grad_cam", adapter, layer="neck.p3")
+    # the same engine without the level-head shortcut: one batched backward through the whole head and neck
+    full = YOLOv8Adapter(net)
+    full.level_head = lambda layer: None
+    grad_cam_full = get_engine("grad_cam", full, layer="neck.p3")
+
+    def input_gradients(targets):  # plain torch: one forward, one batched backward of K input gradients
+        xi = x.clone().requires_grad_()
+        raw = adapter.raw(xi)
+        scores = torch.cat([t(raw) for t in targets])
+        torch.autograd.grad(scores, xi, torch.eye(len(targets)), is_grads_batched=True)
+
     floor_s = timeit(floor, repeat)
     results: dict = {"floor_seconds": floor_s}
     for k in ks:
-        targets = [BoxTarget(97 * i + 5, i % 3) for i in range(k)]
+        targets = [BoxTarget(97 * i + 5, i % 3) for i in range(k)]  # P3 candidates, explained at neck.p3
         rows = {
             "saliency, all boxes (ours)": lambda targets=targets: saliency.attribute_boxes(x, targets),
+            "K input gradients, one batched backward (plain torch)": lambda targets=targets: input_gradients(targets),
             "grad_cam, all boxes (ours)": lambda targets=targets: grad_cam.attribute_boxes(x, targets),
+            "grad_cam, all boxes, whole-head backward (ours without the level shortcut)": lambda targets=targets: (
+                grad_cam_full.attribute_boxes(x, targets)
+            ),
             "grad_cam, once per box (pytorch-grad-cam 1.5.7)": lambda targets=targets: [
                 peer(input_tensor=x, targets=[lambda out, c=t.candidate, lab=t.label: out[c, lab]]) for t in targets
             ],

@@ -59,7 +59,7 @@ def test_eigen_cam_matches_svd(adapter, images):
         m = m - m.mean(axis=0)
         _, _, vt = np.linalg.svd(m, full_matrices=True)
         p = m @ vt[0]
-        p = p if p.sum() >= 0 else -p
+        p = p if p[np.abs(p).argmax()] >= 0 else -p
         expected.append(np.maximum(p, 0).reshape(act.shape[1:]))
     ref = F.interpolate(torch.from_numpy(np.stack(expected))[:, None].float(), size=(64, 64), mode="bilinear")
     assert torch.allclose(maps, ref, atol=1e-4 * float(ref.max()))
@@ -84,3 +84,61 @@ def test_cam_on_a_layer_without_feature_map(adapter, images):
 
     with pytest.raises(UnsupportedModelError, match="feature map"):
         get_engine("hires_cam", adapter, layer="model.22").attribute(images, ClassTarget(0))
+
+
+def _full_path(engine, monkeypatch):
+    monkeypatch.setattr(engine.adapter, "level_head", lambda layer: None)
+
+
+@pytest.mark.parametrize("method", ["grad_cam", "grad_cam_pp", "hires_cam", "layer_cam"])
+@pytest.mark.parametrize("layer, candidates", [("neck.p3", [3, 20, 41, 63]), ("neck.p4", [64, 70, 79])])
+def test_level_head_shortcut_equals_the_full_backward(adapter, images, monkeypatch, method, layer, candidates):
+    engine = get_engine(method, adapter, layer=layer)
+    targets = [BoxTarget(c, i % 3) for i, c in enumerate(candidates)]
+    head = adapter.level_head(layer)
+    calls = []
+    monkeypatch.setattr(adapter, "level_head", lambda name: lambda f: calls.append(f.shape) or head(f))
+    fast = engine.attribute_boxes(images[:1], targets)
+    assert len(calls) == 1  # the shortcut ran: one pass through the level's class branch
+    monkeypatch.undo()
+    _full_path(engine, monkeypatch)
+    full = engine.attribute_boxes(images[:1], targets)
+    assert float(full.abs().amax()) > 0
+    assert torch.allclose(fast, full, rtol=1e-4, atol=1e-6 * float(full.abs().amax()))
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [
+        [BoxTarget(3, 0), BoxTarget(70, 1)],  # candidates of two levels
+        [BoxTarget(70, 1)],  # a P4 candidate explained at P3: its score reaches P3 through the neck
+        [ClassTarget(1)],  # a max over candidates, not one candidate's score
+        [BoxTarget(5)],  # the best class: a max over classes
+    ],
+)
+def test_level_head_shortcut_falls_back_when_it_does_not_apply(adapter, images, monkeypatch, targets):
+    engine = get_engine("grad_cam", adapter, layer="neck.p3")
+    got = engine.attribute_boxes(images[:1], targets)
+    single = torch.cat([engine.attribute(images[:1], t) for t in targets])
+    assert torch.allclose(got, single, rtol=1e-4, atol=1e-6 * float(single.abs().max() or 1))
+
+
+def test_level_head_reproduces_the_raw_scores_and_matched_targets_record_their_match(adapter, images):
+    from xaiwatch.targets import MatchedBoxTarget
+
+    adapter.model.eval()
+    with torch.no_grad():
+        raw = adapter.raw(images)
+        feats = []
+        for name, (lo, hi) in {"neck.p3": (0, 64), "neck.p4": (64, 80), "neck.p5": (80, 84)}.items():
+            h = adapter.layer(name).register_forward_hook(lambda m, i, o: feats.append(o))
+            adapter.raw(images)
+            h.remove()
+            assert torch.allclose(adapter.level_head(name)(feats[-1]), raw.scores[:, lo:hi], rtol=1e-5, atol=1e-7)
+    assert adapter.level_head("backbone.p3") is None and adapter.level_head("model.2") is None
+    target = MatchedBoxTarget([8.0, 8.0, 40.0, 40.0], 2)
+    engine = get_engine("grad_cam", adapter, layer="neck.p3")
+    engine.attribute_boxes(images[:1], [target])
+    match = target.last_match
+    assert len(match) == 1 and 0 <= match[0].candidate < 84
+    assert torch.allclose(engine.attribute_boxes(images[:1], [target]), engine.attribute(images[:1], target))

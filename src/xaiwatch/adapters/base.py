@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -74,6 +74,18 @@ class DetectorAdapter(ABC):
     def default_cam_layer(self) -> str:
         """The layer CAM methods use when none is given."""
         return next(iter(self.layer_names()))
+
+    def level_head(self, layer: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The head of the one feature level that reads ``layer`` directly, if there is one.
+
+        When ``layer`` is the feature map that one level of the head reads (a neck output), the function maps
+        that feature map :math:`(B, C, h, w)` to the class probabilities of the level's candidates
+        :math:`(B, h w, K)`, in the order of :meth:`raw` (whose ``levels`` tell where the level starts). Candidates of
+        that level depend on the layer only through it, so gradient CAMs of those candidates back-propagate
+        through this small function instead of the whole head. ``None`` (the default) when the family offers
+        no such shortcut or ``layer`` is not a level input.
+        """
+        return None
 
     def reset_caches(self) -> None:
         """Invalidate caches the model keeps between calls (anchors). The explaining context calls it."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -98,7 +98,10 @@ class YOLOv8Adapter(DetectorAdapter):
         nc = self.head.nc
         xywh = y[:, :4].transpose(1, 2)
         boxes = torch.cat((xywh[..., :2] - xywh[..., 2:] / 2, xywh[..., :2] + xywh[..., 2:] / 2), dim=-1)
-        scores = y[:, 4 : 4 + nc].transpose(1, 2)
+        if preds is not None and "scores" in preds:  # the same sigmoid, without a path through the box branch
+            scores = preds["scores"].sigmoid().transpose(1, 2)
+        else:
+            scores = y[:, 4 : 4 + nc].transpose(1, 2)
         levels = None
         if preds is not None and "feats" in preds:
             sizes = [f.shape[2] * f.shape[3] for f in preds["feats"]]
@@ -106,6 +109,19 @@ class YOLOv8Adapter(DetectorAdapter):
                 torch.arange(len(sizes), device=y.device), torch.tensor(sizes, device=y.device)
             )
         return RawOutput(boxes, scores, levels)
+
+    def level_head(self, layer: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """For ``neck.p3``/``p4``/``p5`` (the maps ``Detect`` reads): the level's class branch ``cv3[i]``, sigmoid."""
+        path = self.layer_names().get(layer, layer)
+        inputs = [f"model.{i}" for i in self.head.f]
+        if path not in inputs or getattr(self.head, "end2end", False):
+            return None
+        branch, nc = self.head.cv3[inputs.index(path)], self.head.nc
+
+        def scores(features: torch.Tensor) -> torch.Tensor:
+            return branch(features).view(features.shape[0], nc, -1).sigmoid().transpose(1, 2)
+
+        return scores
 
     def layer_names(self) -> dict[str, str]:
         """Aliases ``neck.p3`` … and ``backbone.p3`` … to ``model.<i>`` paths (see class docstring)."""

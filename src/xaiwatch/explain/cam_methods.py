@@ -10,7 +10,7 @@ of one image are explained from one forward and one batched backward to the laye
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +35,9 @@ def eigen_projection(activations: torch.Tensor) -> torch.Tensor:
         activations: :math:`(B, C, h, w)`.
 
     Returns:
-        :math:`(B, 1, h, w)`; the sign of each map is chosen so that its sum is non-negative (the sign of a
-        singular vector is arbitrary).
+        :math:`(B, 1, h, w)`; the sign of a singular vector is arbitrary, so each map's sign is chosen to make
+        its largest-magnitude value positive (scikit-learn's ``svd_flip`` rule: the strongest response is
+        bright). The sum cannot decide it: a projection of centred data sums to zero.
     """
     b, c, h, w = activations.shape
     out = []
@@ -45,7 +46,7 @@ def eigen_projection(activations: torch.Tensor) -> torch.Tensor:
         m = m - m.mean(dim=0, keepdim=True)
         _, _, vh = torch.linalg.svd(m, full_matrices=False)
         p = m @ vh[0]
-        out.append(p if p.sum() >= 0 else -p)
+        out.append(p if p[p.abs().argmax()] >= 0 else -p)
     return torch.stack(out).reshape(b, 1, h, w)
 
 
@@ -86,21 +87,64 @@ class _CamEngine(Engine):
         return self._finish(activations, grads, images.shape[-2:])
 
     def attribute_boxes(self, image: torch.Tensor, targets: Sequence[Target]) -> torch.Tensor:
-        """The K objects of one image from one forward and one batched backward to the layer."""
+        """The K objects of one image from one forward and one batched backward to the layer.
+
+        When the layer is the input of one level of the head (a neck output, see
+        :meth:`~xaiwatch.adapters.base.DetectorAdapter.level_head`) and every target is a candidate of that
+        level, the forward runs without recording the network's graph and the backward goes through that level's
+        class branch only (:meth:`_level_gradients`): the same gradients, without K backward passes through the
+        other levels and the box branch (whose gradients are zero for these scores).
+        """
         check_shape(image, [1, 3, "H", "W"], "image")
         targets = list(targets)
         if not targets:
             return image.new_zeros(0, 1, *image.shape[-2:])
         k = len(targets)
+        head = self.adapter.level_head(self.layer_name) if self.needs_gradient else None
         with explaining(self.adapter.model, seed=self.seed) as prepare:
-            activations, raw = self._forward(prepare(image).requires_grad_())
+            x = prepare(image)
             grads = None
-            if self.needs_gradient:
-                scores = torch.cat([t(raw) for t in targets])
-                eye = torch.eye(k, device=scores.device, dtype=scores.dtype)
-                grads = torch.autograd.grad(scores, activations, eye, is_grads_batched=True)[0][:, 0]
+            if head is not None:
+                with torch.no_grad():
+                    activations, raw = self._forward(x)
+                grads = self._level_gradients(head, activations, raw, targets)
+            if grads is None:
+                activations, raw = self._forward(x.requires_grad_())
+                if self.needs_gradient:
+                    scores = torch.cat([t(raw) for t in targets])
+                    eye = torch.eye(k, device=scores.device, dtype=scores.dtype)
+                    grads = torch.autograd.grad(scores, activations, eye, is_grads_batched=True)[0][:, 0]
             maps = self._finish(activations.expand(k, -1, -1, -1), grads, image.shape[-2:])
         return maps.detach()
+
+    def _level_gradients(
+        self, head: Callable[[torch.Tensor], torch.Tensor], activations: torch.Tensor, raw: RawOutput, targets: list
+    ) -> torch.Tensor | None:
+        """``d score_k / d A`` for K single-candidate targets of the level ``head`` computes, or ``None``.
+
+        ``None`` (the caller then back-propagates through the whole model) when a target is not one candidate's
+        class score, a candidate is of another level, or the head does not reproduce the raw scores.
+        """
+        pairs = [t.resolve(raw) if isinstance(t, Target) else None for t in targets]
+        if raw.levels is None or any(p is None for p in pairs):
+            return None
+        levels = raw.levels.to(activations.device)
+        candidates = torch.tensor([c for c, _ in pairs], device=levels.device)
+        if not bool((levels[candidates] == levels[candidates[0]]).all()):
+            return None
+        in_level = torch.nonzero(levels == levels[candidates[0]]).flatten()
+        offset, n = int(in_level[0]), int(in_level.numel())
+        features = activations.detach().requires_grad_()
+        probs = head(features)
+        if probs.shape[1] != n or not torch.allclose(
+            probs.detach(), raw.scores[:, offset : offset + n], rtol=1e-4, atol=1e-6
+        ):  # the candidates are of another level than the layer's, or the head is not what the model computes
+            return None
+        idx = torch.tensor([c - offset for c, _ in pairs], device=probs.device)
+        labels = torch.tensor([lab for _, lab in pairs], device=probs.device)
+        scores = probs[0, idx, labels]
+        eye = torch.eye(len(pairs), device=scores.device, dtype=scores.dtype)
+        return torch.autograd.grad(scores, features, eye, is_grads_batched=True)[0][:, 0]
 
 
 @register

@@ -36,6 +36,14 @@ class Target(ABC):
         """A short human-readable description, used in figure titles."""
         return repr(self)
 
+    def resolve(self, raw: RawOutput) -> tuple[int, int] | None:
+        """The ``(candidate, label)`` whose score this target is on the one image of ``raw``, when it is one.
+
+        Engines use it to differentiate only the part of the head that computes that score. ``None`` (the
+        default) when the score is not a single candidate's class score.
+        """
+        return None
+
 
 class ClassTarget(Target):
     """The highest score of class ``label`` over all candidates (a classifier's logit, for a detector).
@@ -80,6 +88,11 @@ class BoxTarget(Target):
             )
         s = raw.scores[:, self.candidate]
         return s.amax(dim=-1) if self.label is None else s[:, self.label]
+
+    def resolve(self, raw: RawOutput) -> tuple[int, int] | None:
+        """``(candidate, label)``; ``None`` without a label (the best class is a max, not one score)."""
+        self(raw[:1])  # the same checks as a call
+        return None if self.label is None else (self.candidate, self.label)
 
     def __repr__(self) -> str:
         return f"BoxTarget({self.candidate}, label={self.label})"
@@ -143,6 +156,11 @@ class MatchedBoxTarget(Target):
                 s, u = float(scores[i]), float(ious[i])
                 matches.append(Match(i, u, s, u >= self.iou_threshold and s >= self.conf, tuple(boxes[i].tolist())))
         return matches
+
+    def resolve(self, raw: RawOutput) -> tuple[int, int] | None:
+        """The matched candidate on the one image of ``raw`` and the label; records :attr:`last_match` as a call does."""
+        self.last_match = self.match(raw[:1])
+        return self.last_match[0].candidate, self.label
 
     def __call__(self, raw: RawOutput) -> torch.Tensor:
         self.last_match = self.match(raw)
