@@ -55,18 +55,27 @@ def check_baseline(baseline: str | float) -> str | float:
 def blur(images: torch.Tensor) -> torch.Tensor:
     """Gaussian blur with sigma = 1/16 of the shorter side: the "blur" baseline, content without detail.
 
+    The same result as ``torchvision.transforms.functional.gaussian_blur`` (its kernel and reflect padding,
+    tested equal), computed as two 1-D convolutions: at 320 px the kernel is 121 px wide and torchvision's 2-D
+    convolution took 0.19 s per image here, longer than the whole GradientShap it serves.
+
     Args:
         images: :math:`(B, 3, H, W)`.
 
     Returns:
         :math:`(B, 3, H, W)` blurred images.
     """
-    from torchvision.transforms.functional import gaussian_blur
-
     side = min(images.shape[-2:])
     sigma = max(side / 16.0, 0.5)
     kernel = min(2 * math.ceil(3 * sigma) + 1, 2 * ((side - 1) // 2) + 1)
-    return gaussian_blur(images, [kernel, kernel], [sigma, sigma]) if kernel > 1 else images.clone()
+    if kernel <= 1:
+        return images.clone()
+    x = torch.linspace(-(kernel - 1) / 2, (kernel - 1) / 2, kernel, device=images.device, dtype=images.dtype)
+    weights = torch.exp(-0.5 * (x / sigma) ** 2)
+    weights = (weights / weights.sum()).expand(images.shape[1], 1, kernel)
+    out = F.pad(images, [kernel // 2] * 4, mode="reflect")
+    out = F.conv2d(out, weights[:, :, None, :], groups=images.shape[1])
+    return F.conv2d(out, weights[:, :, :, None], groups=images.shape[1])
 
 
 def make_baseline(images: torch.Tensor, baseline: str | float) -> torch.Tensor:
