@@ -16,7 +16,7 @@ from xaiwatch.core.context import explaining
 from xaiwatch.core.errors import ConfigurationError
 from xaiwatch.core.types import RawOutput
 from xaiwatch.explain import get_engine
-from xaiwatch.explain.budget import BatchBudget, per_sample_bytes, samples_per_batch
+from xaiwatch.explain.budget import OVERHEAD, BatchBudget, per_sample_bytes, samples_per_batch
 from xaiwatch.explain.captum_methods import blur, gradient_shap_baselines, make_baseline
 from xaiwatch.targets import BoxTarget, ClassTarget, MatchedBoxTarget
 
@@ -121,11 +121,49 @@ def test_budget_scales_inversely_and_batched_pass_stays_within_it():
     # conv a saves its input (12 KiB), relu saves its output (64 KiB), conv b its input (same storage as relu's)
     assert per == 3 * 32 * 32 * 4 + 16 * 32 * 32 * 4 + 4
     n1, n2, n4 = (samples_per_batch(toy, sample, mb, cap=10_000) for mb in (1.0, 2.0, 4.0))
-    assert n1 == int(2**20 // per) and abs(n2 - 2 * n1) <= 1 and abs(n4 - 4 * n1) <= 3
+    assert n1 == int(2**20 // (OVERHEAD * per)) and abs(n2 - 2 * n1) <= 1 and abs(n4 - 4 * n1) <= 3
     assert samples_per_batch(toy, sample, 1e-6) == 1 and samples_per_batch(toy, sample, 1e6) == 256
-    for mb, n in ((1.0, n1), (4.0, n4)):  # the derived batch really fits; twice as many would not
-        assert _saved_bytes_of_batch(toy, torch.rand(n, 3, 32, 32)) <= mb * 2**20
-        assert _saved_bytes_of_batch(toy, torch.rand(2 * n, 3, 32, 32)) > mb * 2**20
+    for mb, n in ((1.0, n1), (4.0, n4)):  # the derived batch, with the overhead, fits; 1.2 times as many would not
+        assert OVERHEAD * _saved_bytes_of_batch(toy, torch.rand(n, 3, 32, 32)) <= mb * 2**20
+        assert OVERHEAD * _saved_bytes_of_batch(toy, torch.rand(int(1.2 * n) + 1, 3, 32, 32)) > mb * 2**20
+
+
+_PEAK = """
+import resource, sys, torch
+sys.path.insert(0, {tests!r})
+import captum.attr  # its import alone grows the resident set: not part of what is measured
+from test_engines_captum import ToyAdapter
+from xaiwatch.explain import get_engine
+from xaiwatch.targets import ClassTarget
+torch.set_num_threads(1)
+toy, x, target = ToyAdapter(), torch.rand(1, 3, 256, 256), ClassTarget(0)
+x1 = x.clone().requires_grad_()
+torch.autograd.grad(toy.score(x1, target).sum(), x1)  # a warm process: one pass of one image done
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if {ours}:
+    get_engine("integrated_gradients", toy, n_steps=64, max_memory_mb={budget}).attribute(x, target)
+else:
+    captum.attr.IntegratedGradients(lambda i: toy.score(i, target)).attribute(
+        x, baselines=0.0, n_steps=64, internal_batch_size=64)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+"""
+
+
+def _peak_growth_mb(ours: bool, budget: float = 0) -> float:
+    """Growth of the peak resident set (MiB) while Integrated Gradients runs once, in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    code = _PEAK.format(tests=os.path.dirname(__file__), ours=ours, budget=budget)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def test_budgeted_integrated_gradients_stays_within_its_memory_budget():
+    # 64 steps at 256 px on a 3-convolution network: all steps at once (Captum, internal_batch_size=64) grow the
+    # process by about 0.7 GB; with a 256 MiB budget the engine's batches keep the peak under it.
+    assert _peak_growth_mb(ours=False) > 256 >= _peak_growth_mb(ours=True, budget=256)
 
 
 def test_budget_cached_per_key_and_size():
@@ -149,7 +187,7 @@ def test_budget_on_tiny_yolo_is_measured(adapter, images):
     f = _f(adapter, ClassTarget(0))
     with explaining(adapter.model):
         per = per_sample_bytes(f, images[:1])
-        small = samples_per_batch(f, images[:1], 4 * per / 2**20)
+        small = samples_per_batch(f, images[:1], OVERHEAD * 4 * per / 2**20)
     assert 100_000 < per < 10_000_000 and small == 4
 
 
@@ -209,7 +247,7 @@ def test_smoothgrad_matches_captum_and_is_seeded(toy, x):
     from captum.attr import NoiseTunnel, Saliency
 
     target = BoxTarget(30, 1)
-    mb = 4.5 * per_sample_bytes(_f(toy, target), x[:1]) / 2**20
+    mb = OVERHEAD * 4.5 * per_sample_bytes(_f(toy, target), x[:1]) / 2**20
     engine = get_engine("smoothgrad", toy, nt_samples=6, max_memory_mb=mb)
     maps = engine.attribute(x, target)
     assert engine.samples_per_batch(_f(toy, target), x) == 4  # the budget: four noisy copies per pass
@@ -300,7 +338,9 @@ def test_occlusion_matches_captum(toy, x):
     from captum.attr import Occlusion
 
     target = BoxTarget(30, 1)
-    engine = get_engine("occlusion", toy, max_memory_mb=40.5 * per_sample_bytes(_f(toy, target), x[:1]) / 2**20)
+    engine = get_engine(
+        "occlusion", toy, max_memory_mb=OVERHEAD * 40.5 * per_sample_bytes(_f(toy, target), x[:1]) / 2**20
+    )
     assert engine.window_and_stride(32, 32) == (4, 2) and engine.window_and_stride(64, 48) == (6, 3)
     maps = engine.attribute(x, target)
     assert engine.samples_per_batch(_f(toy, target), x) == 40  # 20 windows of each image per pass
