@@ -1,7 +1,7 @@
 """Loop methods vs Captum called directly with its best internal batch size, D-RISE vs its forward floor, peak memory.
 
 YOLOv8n (3 classes, from the yaml), one 320 px image, CPU. Each row is timed in this process; its peak memory
-(resident-set growth over the loaded model, sampled every 2 ms) is measured in a fresh subprocess so rows do not share a high-water
+(growth of the peak resident set over the loaded model) is measured in a fresh subprocess so rows do not share a high-water
 mark. Run: python benchmarks/bench_engines.py [--quick]
 """
 
@@ -74,29 +74,18 @@ def _rows(quick: bool) -> dict[str, Callable[[], object]]:
 
 
 _MEASURE = """
-import sys, threading, time, psutil
+import resource, sys
 sys.path.insert(0, 'benchmarks')
 import bench_engines as b
 rows = b._rows({quick})
-proc = psutil.Process()
-base = proc.memory_info().rss
-peak = [base]
-done = threading.Event()
-def sample():
-    while not done.is_set():
-        peak[0] = max(peak[0], proc.memory_info().rss)
-        time.sleep(0.002)
-t = threading.Thread(target=sample, daemon=True)
-t.start()
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 rows[{name!r}]()
-done.set()
-t.join()
-print((peak[0] - base) / 2**20)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
 """
 
 
 def _peak_mb(name: str, quick: bool) -> float:
-    """Resident-set growth while the row runs once, sampled every 2 ms in a fresh process (model already built)."""
+    """Growth of the peak resident set (``ru_maxrss``) while the row runs once in a fresh process (model built)."""
     code = _MEASURE.format(quick=quick, name=name)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
     try:

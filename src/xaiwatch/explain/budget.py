@@ -136,7 +136,7 @@ def fastest_batch(
     A bigger batch is not always faster: on a CPU the time per sample stops falling at a few images (here
     16 at 320 px for YOLOv8n: Captum's ``internal_batch_size=32`` was no faster than 16 and cost twice the
     memory) and can rise again once tensors no longer fit the allocator's cached blocks. Powers of two
-    ``1, 2, 4, ...`` up to ``limit`` (and ``limit`` itself) are timed in steady state
+    ``1, 2, 4, ...`` up to ``limit`` (and ``limit`` itself when 1.25 times the largest) are timed in steady state
     (:func:`_seconds_per_sample`), stopping once one is clearly slower (1.5 times) than the best; the largest
     size within ``1 + tolerance`` of the best time per sample wins (fewer passes for the same speed).
 
@@ -158,7 +158,7 @@ def fastest_batch(
         raise ConfigurationError(f"`tolerance` must be >= 0, got {tolerance}.")
     check_shape(sample, [1, 3, "H", "W"], "sample")
     sizes = [2**k for k in range(int(math.log2(limit)) + 1)]
-    sizes += [] if sizes[-1] == limit else [int(limit)]
+    sizes += [int(limit)] if limit >= 1.25 * sizes[-1] else []  # 17 is not worth timing beside 16
     timed: dict[int, float] = {}
     for n in sizes:
         timed[n] = _seconds_per_sample(forward_fn, sample, n)
