@@ -1,0 +1,188 @@
+"""Per-object and per-image embeddings of a detector, streamed batch by batch, with metadata per point."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from xaiwatch.core.context import explaining
+from xaiwatch.core.errors import ConfigurationError
+from xaiwatch.features.capture import box_thumbnails, capture_layers, global_pool, roi_pool, spatial_scale
+from xaiwatch.features.metrics import match_predictions
+
+__all__ = ["LEVELS", "METADATA_HEADER", "Embeddings", "embed"]
+
+LEVELS = ("box", "image")
+METADATA_HEADER = ["class", "source", "outcome", "score", "image", "epoch"]
+
+
+@dataclass
+class Embeddings:
+    """Points of one pass: a vector per layer, and what each point is.
+
+    Attributes:
+        features: layer name to :math:`(N, C_l)` float tensor (CPU).
+        labels: :math:`(N,)` class of each point (ground-truth class, predicted class, or for ``level="image"``
+            the class of the image's largest ground-truth object, ``-1`` for an image without objects).
+        is_gt: :math:`(N,)` True for ground-truth boxes (and for images).
+        metadata: one row per point, columns :data:`METADATA_HEADER` (strings, for the TensorBoard projector).
+        keys: a key stable across epochs for points that stay the same (ground-truth boxes, images), else ``None``.
+        scores: :math:`(N,)` prediction score (of the prediction that found a ground-truth box; 0 when missed).
+        thumbnails: :math:`(N, 3, t, t)` crops of each box (whole images for ``level="image"``).
+    """
+
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+    labels: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    is_gt: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
+    metadata: list[list[str]] = field(default_factory=list)
+    keys: list[str | None] = field(default_factory=list)
+    scores: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    thumbnails: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 3, 1, 1))
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def select(self, rows: Sequence[int] | torch.Tensor) -> Embeddings:
+        """The points at ``rows``, in that order."""
+        idx = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
+        picked = idx.tolist()
+        return Embeddings(
+            {k: v[idx] for k, v in self.features.items()},
+            self.labels[idx],
+            self.is_gt[idx],
+            [self.metadata[i] for i in picked],
+            [self.keys[i] for i in picked],
+            self.scores[idx],
+            self.thumbnails[idx],
+        )
+
+    @staticmethod
+    def cat(parts: Sequence[Embeddings]) -> Embeddings:
+        """Concatenate the points of several batches."""
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return Embeddings()
+        return Embeddings(
+            {k: torch.cat([p.features[k] for p in parts]) for k in parts[0].features},
+            torch.cat([p.labels for p in parts]),
+            torch.cat([p.is_gt for p in parts]),
+            [row for p in parts for row in p.metadata],
+            [key for p in parts for key in p.keys],
+            torch.cat([p.scores for p in parts]),
+            torch.cat([p.thumbnails for p in parts]),
+        )
+
+
+def _name(names: Sequence[str] | None, label: int) -> str:
+    if label < 0:
+        return "none"
+    return names[label] if names is not None and label < len(names) else str(label)
+
+
+def _box_points(batch, detections, maps, names, epoch, iou_threshold, thumb) -> Embeddings:
+    images, gt_boxes, gt_labels, ids = batch
+    size = images.shape[-2:]
+    parts = []
+    for i, dets in enumerate(detections):
+        tp, found, best = match_predictions(
+            dets.boxes, dets.scores, dets.labels, gt_boxes[i], gt_labels[i], iou_threshold
+        )
+        boxes = torch.cat([gt_boxes[i].to(images.device).reshape(-1, 4), dets.boxes.to(images.device)])
+        g = len(gt_boxes[i])
+        labels = torch.cat([gt_labels[i].cpu().long(), dets.labels.cpu().long()])
+        scores = torch.cat([best, dets.scores.cpu().float()])
+        outcome = ["GT detected" if f else "GT missed" for f in found.tolist()] + [
+            "TP" if t else "FP" for t in tp.tolist()
+        ]
+        rows = [
+            [_name(names, int(c)), "gt" if j < g else "pred", o, f"{float(s):.3f}", str(ids[i]), str(epoch)]
+            for j, (c, o, s) in enumerate(zip(labels.tolist(), outcome, scores.tolist()))
+        ]
+        feats = {k: roi_pool(m[i : i + 1], [boxes], spatial_scale(m, size)).cpu() for k, m in maps.items()}
+        parts.append(
+            Embeddings(
+                feats,
+                labels,
+                torch.arange(len(labels)) < g,
+                rows,
+                [f"gt:{ids[i]}:{j}" if j < g else None for j in range(len(labels))],
+                scores,
+                box_thumbnails(images[i : i + 1], [boxes], thumb).cpu(),
+            )
+        )
+    return Embeddings.cat(parts)
+
+
+def _image_points(batch, detections, maps, names, epoch, thumb) -> Embeddings:
+    images, gt_boxes, gt_labels, ids = batch
+    labels = []
+    for b, lab in zip(gt_boxes, gt_labels):
+        area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) if len(b) else None
+        labels.append(int(lab[int(area.argmax())]) if area is not None else -1)
+    scores = [float(d.scores.max()) if len(d) else 0.0 for d in detections]
+    rows = [
+        [_name(names, c), "image", f"{len(d)} detections / {len(b)} objects", f"{s:.3f}", str(i), str(epoch)]
+        for c, d, b, s, i in zip(labels, detections, gt_boxes, scores, ids)
+    ]
+    thumbs = torch.nn.functional.interpolate(images, size=(thumb, thumb), mode="bilinear", antialias=True)
+    return Embeddings(
+        {k: global_pool(m).cpu() for k, m in maps.items()},
+        torch.tensor(labels, dtype=torch.long),
+        torch.ones(len(labels), dtype=torch.bool),
+        rows,
+        [f"image:{i}" for i in ids],
+        torch.tensor(scores),
+        thumbs.clamp(0, 1).cpu(),
+    )
+
+
+def embed(
+    adapter,
+    batches: Iterable[tuple[torch.Tensor, Sequence[torch.Tensor], Sequence[torch.Tensor], Sequence[int]]],
+    layers: Sequence[str],
+    level: str = "box",
+    epoch: int = 0,
+    iou_threshold: float = 0.5,
+    thumbnail: int = 32,
+    seed: int = 0,
+) -> Embeddings:
+    """Embed every ground-truth and predicted box (or every image) of a stream of batches.
+
+    One forward pass per batch gives both the detections (``adapter.detect``) and the captured layer maps;
+    each batch's maps are pooled and dropped before the next batch, so only the vectors are kept. Runs in
+    :func:`~xaiwatch.core.context.explaining`: no side effect on the model, hooks removed afterwards.
+
+    Args:
+        adapter: a :class:`~xaiwatch.adapters.DetectorAdapter`.
+        batches: ``(images (B, 3, H, W) in [0, 1], gt boxes per image (n_i, 4) xyxy pixels, gt labels per
+            image, image ids)``.
+        layers: layer names of the adapter (aliases such as ``"neck.p3"`` or dotted paths).
+        level: ``"box"`` (RoIAlign per box) or ``"image"`` (global average pooling).
+        epoch: written in each point's metadata.
+        iou_threshold: IoU at which a prediction is a true positive.
+        thumbnail: side of the sprite thumbnails.
+        seed: seed of the explaining context.
+
+    Returns:
+        the :class:`Embeddings` of all points, in batch order (per image: ground truth, then predictions).
+
+    Raises:
+        ConfigurationError: for an unknown level or layer.
+    """
+    if level not in LEVELS:
+        raise ConfigurationError(f"`level` can be box or image, got {level!r}.")
+    modules = {name: adapter.layer(name) for name in layers}
+    parts = []
+    with explaining(adapter.model, seed=seed) as prepare, torch.no_grad(), capture_layers(modules) as maps:
+        for images, gt_boxes, gt_labels, ids in batches:
+            images = prepare(images)
+            detections = adapter.detect(images)
+            batch = (images, list(gt_boxes), list(gt_labels), list(ids))
+            if level == "box":
+                parts.append(_box_points(batch, detections, maps, adapter.names, epoch, iou_threshold, thumbnail))
+            else:
+                parts.append(_image_points(batch, detections, maps, adapter.names, epoch, thumbnail))
+            maps.clear()
+    return Embeddings.cat(parts)
