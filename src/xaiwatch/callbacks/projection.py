@@ -102,7 +102,7 @@ class ProjectionCallback(Callback):
             raise ConfigurationError(f"`layers` must name distinct layers, got {layers}.")
         if level not in LEVELS:
             raise ConfigurationError(f"`level` can be {' or '.join(LEVELS)}, got {level!r}.")
-        validate_projection(method, max_points, perplexity, n_neighbors)
+        validate_projection(method, max_points, float(perplexity), int(n_neighbors))
         validate_positive(every_n_epochs=every_n_epochs, batch_size=batch_size, knn_k=knn_k, thumbnail=thumbnail)
         if not 0.0 < iou_threshold <= 1.0:
             raise ConfigurationError(f"`iou_threshold` must be in (0, 1], got {iou_threshold}.")
