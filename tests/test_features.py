@@ -84,8 +84,14 @@ def test_box_embeddings_equal_hand_roi_align(tiny_net):
     assert points.thumbnails.shape == (len(points), 3, 32, 32)
     first = 0
     for i, (b, d) in enumerate(zip(boxes, detections)):  # per image: ground truth first, then predictions
-        assert points.is_gt[first : first + len(b)].all() and not points.is_gt[first + len(b) : first + len(b) + len(d)].any()
-        assert points.keys[first] == f"gt:{i}:0" and points.metadata[first][:2] == [["r", "g", "b"][int(labels[i])], "gt"]
+        assert (
+            points.is_gt[first : first + len(b)].all()
+            and not points.is_gt[first + len(b) : first + len(b) + len(d)].any()
+        )
+        assert points.keys[first] == f"gt:{i}:0" and points.metadata[first][:2] == [
+            ["r", "g", "b"][int(labels[i])],
+            "gt",
+        ]
         first += len(b) + len(d)
     assert _hooks(tiny_net) == 0
     x1, y1, x2, y2 = boxes[0][0].long().tolist()  # a thumbnail is the box's crop (a filled square)
@@ -97,8 +103,12 @@ def test_image_embeddings_are_global_average_pools(tiny_net):
     adapter = YOLOv8Adapter(tiny_net)
     images, boxes, labels, ids = _batch(4)
     boxes[3], labels[3] = torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)  # an image without objects
-    points = embed(adapter, [(images[:2], boxes[:2], labels[:2], ids[:2]), (images[2:], boxes[2:], labels[2:], ids[2:])],
-                   ["neck.p5"], level="image")
+    points = embed(
+        adapter,
+        [(images[:2], boxes[:2], labels[:2], ids[:2]), (images[2:], boxes[2:], labels[2:], ids[2:])],
+        ["neck.p5"],
+        level="image",
+    )
     with torch.no_grad(), capture_layers({"p5": tiny_net.model[21]}) as maps:
         tiny_net.eval()(images)
     assert torch.allclose(points.features["neck.p5"], maps["p5"].mean((2, 3)), atol=1e-6)

@@ -71,7 +71,7 @@ def test_projector_pictures_and_scalars_per_epoch(tmp_path, square_loaders, infe
     trainer.fit(_module(), *square_loaders)
     log_dir = Path(trainer.logger.log_dir)
     embeddings = _projector(log_dir)
-    assert sorted((e.tensor_name for e in embeddings)) == sorted(
+    assert sorted(e.tensor_name for e in embeddings) == sorted(
         f"projection/{layer}:{step:05d}" for layer in ("neck.p3", "neck.p5") for step in (0, 1, 2)
     )
     for e in embeddings:

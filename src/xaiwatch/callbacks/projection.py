@@ -159,7 +159,9 @@ class ProjectionCallback(Callback):
 
     def _resolve_layers(self, adapter: DetectorAdapter) -> list[str]:
         aliases = list(adapter.layer_names())
-        wanted = self.layers or (["neck"] if any(a.startswith("neck.") for a in aliases) else [adapter.default_cam_layer])
+        wanted = self.layers or (
+            ["neck"] if any(a.startswith("neck.") for a in aliases) else [adapter.default_cam_layer]
+        )
         names: list[str] = []
         for layer in wanted:
             group = [a for a in aliases if a.startswith(f"{layer}.")]
@@ -223,7 +225,9 @@ class ProjectionCallback(Callback):
         except Exception as err:
             if self.on_error == "raise":
                 raise
-            rank_zero_warn(f"{type(self).__name__} failed at step {step} ({type(err).__name__}: {err}); training goes on.")
+            rank_zero_warn(
+                f"{type(self).__name__} failed at step {step} ({type(err).__name__}: {err}); training goes on."
+            )
 
     # ------------------------------------------------------------------------------------------------ run
     def run(self, device: torch.device | str, step: int) -> dict[str, dict[str, float]]:

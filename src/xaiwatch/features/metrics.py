@@ -69,7 +69,10 @@ def separability(
     features: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray, k: int = 5, metric: str = "cosine"
 ) -> dict[str, float]:
     """``{"silhouette": ..., "knn_accuracy": ...}`` of the labelled points."""
-    return {"silhouette": silhouette(features, labels, metric), "knn_accuracy": knn_accuracy(features, labels, k, metric)}
+    return {
+        "silhouette": silhouette(features, labels, metric),
+        "knn_accuracy": knn_accuracy(features, labels, k, metric),
+    }
 
 
 def match_predictions(
