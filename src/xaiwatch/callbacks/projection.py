@@ -128,7 +128,7 @@ class ProjectionCallback(Callback):
         self._layer_names: list[str] = []
         self._dataset: Any = None
         self._writer: XaiWriter | None = None
-        self.history: dict[str, dict[int, dict[str, float]]] = {}  # layer -> step -> scalars (also when not rank 0)
+        self.history: dict[str, dict[int, dict[str, float]]] = {}  # layer -> step -> scalars (rank zero computes)
 
     @property
     @override

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import numpy as np
@@ -105,7 +106,8 @@ def project(
 
         # the scale scikit-learn gives its own PCA initialisation: keeps the layout, lets early exaggeration work
         init = init / (init[:, 0].std() or 1.0) * 1e-4
-        tsne = TSNE(2, perplexity=perplexity, init=init, random_state=seed, max_iter=max_iter, n_jobs=1)
+        iterations = "max_iter" if "max_iter" in inspect.signature(TSNE).parameters else "n_iter"  # < 1.5: n_iter
+        tsne = TSNE(2, perplexity=perplexity, init=init, random_state=seed, n_jobs=1, **{iterations: max_iter})
         return tsne.fit_transform(x).astype(np.float64)
     import umap
 
