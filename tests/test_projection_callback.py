@@ -100,6 +100,27 @@ def test_projector_pictures_and_scalars_per_epoch(tmp_path, square_loaders, infe
     assert [e.step for e in acc.Scalars("xaiwatch/projection_seconds")] == [0, 1, 2]
 
 
+def test_max_points_keeps_ground_truth_and_the_best_predictions(tmp_path, square_loaders):
+    from xaiwatch.adapters import YOLOv8Adapter
+
+    module = _module()
+    reference = YOLOv8Adapter(_module().net, conf=0.001)  # the same initial weights, for step 0
+    cb = ProjectionCallback(layers="neck.p3", max_points=6, adapter=YOLOv8Adapter(module.net, conf=0.001))
+    cb.on_error = "raise"
+    trainer = _trainer(tmp_path, [cb], epochs=1)
+    trainer.fit(module, *square_loaders)
+    (embedding,) = [e for e in _projector(Path(trainer.logger.log_dir)) if e.tensor_name.endswith(":00000")]
+    with open(Path(trainer.logger.log_dir) / embedding.metadata_path) as f:
+        rows = list(csv.reader(f, delimiter="\t"))[1:]
+    chosen = cb.state_dict()["image_indices"]
+    assert len(chosen) == 3 and len(rows) == 6 and sum(r[1] == "gt" for r in rows) == 3
+    images = torch.stack([square_loaders[1].dataset[i]["image"] for i in chosen])
+    scores = torch.cat([d.scores for d in reference.detect(images)])
+    assert len(scores) > 3
+    best = sorted((float(r[3]) for r in rows if r[1] == "pred"), reverse=True)
+    assert best == pytest.approx(scores.sort(descending=True).values[:3].tolist(), abs=1e-3)
+
+
 def _weights_after_fit(tmp_path, square_loaders, callbacks):
     module = _module()
     _trainer(tmp_path, callbacks).fit(module, *square_loaders)

@@ -153,9 +153,7 @@ class ProjectionCallback(Callback):
         self._dataset = validation_dataset(trainer, name)
         if self._image_indices is None:  # not restored from a checkpoint
             self._image_indices = self._choose_images(self._dataset)
-        known = self._known_points()
-        if self.method != "pca":
-            validate_projection(self.method, known, self.perplexity, self.n_neighbors)
+        validate_projection(self.method, self._known_points(), self.perplexity, self.n_neighbors)
 
     def _resolve_layers(self, adapter: DetectorAdapter) -> list[str]:
         aliases = list(adapter.layer_names())
@@ -256,7 +254,7 @@ class ProjectionCallback(Callback):
         """Keep every ground-truth point and the highest-scoring predictions, ``max_points`` in all."""
         if len(points) <= self.max_points:
             return points
-        gt = torch.nonzero(points.is_gt).flatten()
+        gt = torch.nonzero(points.is_gt).flatten()[: self.max_points]  # fewer unless resumed with a smaller budget
         pred = torch.nonzero(~points.is_gt).flatten()
         pred = pred[torch.argsort(points.scores[pred], descending=True, stable=True)][: self.max_points - len(gt)]
         return points.select(torch.cat([gt, pred.sort().values]))
