@@ -154,6 +154,8 @@ class ProjectionCallback(Callback):
         if self._image_indices is None:  # not restored from a checkpoint
             self._image_indices = self._choose_images(self._dataset)
         validate_projection(self.method, self._known_points(), self.perplexity, self.n_neighbors)
+        if trainer.limit_val_batches == 0:
+            rank_zero_warn(f"{name}: `limit_val_batches=0`, validation never runs, so only step 0 is projected.")
 
     def _resolve_layers(self, adapter: DetectorAdapter) -> list[str]:
         aliases = list(adapter.layer_names())
@@ -184,14 +186,15 @@ class ProjectionCallback(Callback):
 
     def _known_points(self) -> int:
         """Points every epoch has for sure: the chosen images, or their ground-truth boxes."""
+        indices = self._image_indices or []
         if self.level == "image":
-            return len(self._image_indices)
-        return sum(len(probe_item(self._dataset[i])[1]) for i in self._image_indices)
+            return len(indices)
+        return sum(len(probe_item(self._dataset[i])[1]) for i in indices)
 
     def _batches(self, device: torch.device) -> Iterator[tuple]:
         """The chosen images in batches of one size (consecutive images of another size start a new batch)."""
         batch: list[tuple] = []
-        for i in self._image_indices:
+        for i in self._image_indices or []:
             image, boxes, labels = probe_item(self._dataset[i])
             if batch and (len(batch) == self.batch_size or batch[0][0].shape != image.shape):
                 yield _collate(batch, device)
@@ -273,7 +276,8 @@ class ProjectionCallback(Callback):
         if self._writer is not None:
             outcomes = [row[2] for row in points.metadata]
             title = f"{layer} | {self.method} | {self.level} | epoch {step} | silhouette {values['silhouette']:.2f}"
-            picture = projection_scatter(layout, points.labels.tolist(), outcomes, self._adapter.names, title)
+            names = self._adapter.names if self._adapter is not None else None
+            picture = projection_scatter(layout, points.labels.tolist(), outcomes, names, title)
             self._writer.projection(layer, picture, step)
             self._writer.projection_metrics(layer, values, step)
             if self.projector:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -48,7 +48,7 @@ def capture_layers(layers: Mapping[str, nn.Module]) -> Iterator[dict[str, torch.
     maps: dict[str, torch.Tensor] = {}
     handles = []
 
-    def hook(name: str):
+    def hook(name: str) -> Callable[[nn.Module, object, object], None]:
         def record(_module: nn.Module, _inputs: object, output: object) -> None:
             maps[name] = _feature_map(output, name).detach()
 

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from xaiwatch.core.context import explaining
 from xaiwatch.core.errors import ConfigurationError
+from xaiwatch.core.types import Detections
 from xaiwatch.features.capture import box_thumbnails, capture_layers, global_pool, roi_pool, spatial_scale
 from xaiwatch.features.metrics import match_predictions
+
+if TYPE_CHECKING:
+    from xaiwatch.adapters import DetectorAdapter
 
 __all__ = ["LEVELS", "METADATA_HEADER", "Embeddings", "embed"]
 
 LEVELS = ("box", "image")
 METADATA_HEADER = ["class", "source", "outcome", "score", "image", "epoch"]
+_Batch = tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[int]]
 
 
 @dataclass
@@ -81,7 +87,15 @@ def _name(names: Sequence[str] | None, label: int) -> str:
     return names[label] if names is not None and label < len(names) else str(label)
 
 
-def _box_points(batch, detections, maps, names, epoch, iou_threshold, thumb) -> Embeddings:
+def _box_points(
+    batch: _Batch,
+    detections: list[Detections],
+    maps: dict[str, torch.Tensor],
+    names: Sequence[str] | None,
+    epoch: int,
+    iou_threshold: float,
+    thumb: int,
+) -> Embeddings:
     images, gt_boxes, gt_labels, ids = batch
     size = images.shape[-2:]
     parts = []
@@ -115,7 +129,14 @@ def _box_points(batch, detections, maps, names, epoch, iou_threshold, thumb) -> 
     return Embeddings.cat(parts)
 
 
-def _image_points(batch, detections, maps, names, epoch, thumb) -> Embeddings:
+def _image_points(
+    batch: _Batch,
+    detections: list[Detections],
+    maps: dict[str, torch.Tensor],
+    names: Sequence[str] | None,
+    epoch: int,
+    thumb: int,
+) -> Embeddings:
     images, gt_boxes, gt_labels, ids = batch
     labels = []
     for b, lab in zip(gt_boxes, gt_labels):
@@ -139,7 +160,7 @@ def _image_points(batch, detections, maps, names, epoch, thumb) -> Embeddings:
 
 
 def embed(
-    adapter,
+    adapter: DetectorAdapter,
     batches: Iterable[tuple[torch.Tensor, Sequence[torch.Tensor], Sequence[torch.Tensor], Sequence[int]]],
     layers: Sequence[str],
     level: str = "box",

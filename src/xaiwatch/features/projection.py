@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -16,7 +16,9 @@ __all__ = ["METHODS", "validate_projection", "project", "procrustes", "align", "
 METHODS = ("pca", "tsne", "umap")
 
 
-def validate_projection(method: str, num_points: int | None = None, perplexity: float = 30.0, n_neighbors: int = 15):
+def validate_projection(
+    method: str, num_points: int | None = None, perplexity: float = 30.0, n_neighbors: int = 15
+) -> None:
     """Check a projection request before any work is done.
 
     Args:
@@ -116,6 +118,12 @@ def project(
     return np.asarray(reducer.fit_transform(x), dtype=np.float64)
 
 
+def _shared(keys: Sequence[str | None], previous: Mapping[str, Sequence[float]]) -> tuple[list[int], np.ndarray]:
+    """Rows of the points with a previous position, and those positions :math:`(n, 2)`."""
+    pairs = [(i, previous[k]) for i, k in enumerate(keys) if k is not None and k in previous]
+    return [i for i, _ in pairs], np.asarray([xy for _, xy in pairs], dtype=np.float64).reshape(-1, 2)
+
+
 def procrustes(source: np.ndarray, target: np.ndarray, scale: bool = True) -> tuple[np.ndarray, float, np.ndarray]:
     """Orthogonal Procrustes: the rotation/reflection, scale and shift that best map ``source`` onto ``target``.
 
@@ -137,23 +145,22 @@ def procrustes(source: np.ndarray, target: np.ndarray, scale: bool = True) -> tu
     return rotation, s, mu_t - (mu_s @ rotation) * s
 
 
-def align(layout: np.ndarray, keys: Sequence[str | None], previous: dict[str, Sequence[float]]) -> np.ndarray:
+def align(layout: np.ndarray, keys: Sequence[str | None], previous: Mapping[str, Sequence[float]]) -> np.ndarray:
     """Rotate/reflect, scale and shift ``layout`` onto the previous epoch's positions of the same points.
 
     A similarity transform changes no distance ratio, so the picture says the same; it only stops the axes
     from flipping and spinning between epochs. Points are matched by key (``None`` = no match); with fewer
     than 3 matches the layout is returned unchanged.
     """
-    rows = [i for i, k in enumerate(keys) if k is not None and k in previous]
+    rows, target = _shared(keys, previous)
     if len(rows) < 3:
         return layout
-    target = np.asarray([previous[keys[i]] for i in rows], dtype=np.float64)
     rotation, s, t = procrustes(layout[rows], target)
     return layout @ rotation * s + t
 
 
 def aligned_init(
-    features: torch.Tensor | np.ndarray, keys: Sequence[str | None], previous: dict[str, Sequence[float]]
+    features: torch.Tensor | np.ndarray, keys: Sequence[str | None], previous: Mapping[str, Sequence[float]]
 ) -> np.ndarray | None:
     """Starting layout for t-SNE / UMAP: last epoch's position for known points, an aligned PCA for new ones.
 
@@ -165,24 +172,22 @@ def aligned_init(
     Returns:
         :math:`(N, 2)` initial layout, or ``None`` when fewer than 3 points are known (use the method's default).
     """
-    if sum(1 for k in keys if k is not None and k in previous) < 3:
+    rows, known = _shared(keys, previous)
+    if len(rows) < 3:
         return None
     layout = align(_pca(_as_numpy(features, "features")), keys, previous)
-    for i, k in enumerate(keys):
-        if k is not None and k in previous:
-            layout[i] = previous[k]
+    layout[rows] = known
     return layout
 
 
-def displacement(layout: np.ndarray, keys: Sequence[str | None], previous: dict[str, Sequence[float]]) -> float:
+def displacement(layout: np.ndarray, keys: Sequence[str | None], previous: Mapping[str, Sequence[float]]) -> float:
     """Mean distance moved by the points known in ``previous``, relative to the previous layout's spread.
 
     Returns:
         ``mean ||p_i - q_i|| / rms(q - mean(q))``, or ``nan`` when no point is shared.
     """
-    rows = [i for i, k in enumerate(keys) if k is not None and k in previous]
+    rows, q = _shared(keys, previous)
     if not rows:
         return float("nan")
-    q = np.asarray([previous[keys[i]] for i in rows], dtype=np.float64)
     spread = float(np.sqrt(((q - q.mean(0)) ** 2).sum(1).mean())) or 1.0
     return float(np.linalg.norm(layout[rows] - q, axis=1).mean() / spread)
