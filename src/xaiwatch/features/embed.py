@@ -87,21 +87,24 @@ def _name(names: Sequence[str] | None, label: int) -> str:
     return names[label] if names is not None and label < len(names) else str(label)
 
 
-def _box_points(
-    batch: _Batch,
-    detections: list[Detections],
-    maps: dict[str, torch.Tensor],
-    names: Sequence[str] | None,
-    epoch: int,
-    iou_threshold: float,
-    thumb: int,
-) -> Embeddings:
+@dataclass
+class _Pass:
+    """What every batch of one pass shares."""
+
+    names: Sequence[str] | None
+    epoch: int
+    iou_threshold: float
+    thumbnail: int
+
+
+def _box_points(batch: _Batch, detections: list[Detections], maps: dict[str, torch.Tensor], ctx: _Pass) -> Embeddings:
     images, gt_boxes, gt_labels, ids = batch
+    names, epoch = ctx.names, ctx.epoch
     size = images.shape[-2:]
     parts = []
     for i, dets in enumerate(detections):
         tp, found, best = match_predictions(
-            dets.boxes, dets.scores, dets.labels, gt_boxes[i], gt_labels[i], iou_threshold
+            dets.boxes, dets.scores, dets.labels, gt_boxes[i], gt_labels[i], ctx.iou_threshold
         )
         boxes = torch.cat([gt_boxes[i].to(images.device).reshape(-1, 4), dets.boxes.to(images.device)])
         g = len(gt_boxes[i])
@@ -123,21 +126,15 @@ def _box_points(
                 rows,
                 [f"gt:{ids[i]}:{j}" if j < g else None for j in range(len(labels))],
                 scores,
-                box_thumbnails(images[i : i + 1], [boxes], thumb).cpu(),
+                box_thumbnails(images[i : i + 1], [boxes], ctx.thumbnail).cpu(),
             )
         )
     return Embeddings.cat(parts)
 
 
-def _image_points(
-    batch: _Batch,
-    detections: list[Detections],
-    maps: dict[str, torch.Tensor],
-    names: Sequence[str] | None,
-    epoch: int,
-    thumb: int,
-) -> Embeddings:
+def _image_points(batch: _Batch, detections: list[Detections], maps: dict[str, torch.Tensor], ctx: _Pass) -> Embeddings:
     images, gt_boxes, gt_labels, ids = batch
+    names, epoch, thumb = ctx.names, ctx.epoch, ctx.thumbnail
     labels = []
     for b, lab in zip(gt_boxes, gt_labels):
         area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) if len(b) else None
@@ -195,15 +192,13 @@ def embed(
     if level not in LEVELS:
         raise ConfigurationError(f"`level` can be box or image, got {level!r}.")
     modules = {name: adapter.layer(name) for name in layers}
+    ctx = _Pass(adapter.names, epoch, iou_threshold, thumbnail)
     parts = []
     with explaining(adapter.model, seed=seed) as prepare, torch.no_grad(), capture_layers(modules) as maps:
         for images, gt_boxes, gt_labels, ids in batches:
             images = prepare(images)
             detections = adapter.detect(images)
             batch = (images, list(gt_boxes), list(gt_labels), list(ids))
-            if level == "box":
-                parts.append(_box_points(batch, detections, maps, adapter.names, epoch, iou_threshold, thumbnail))
-            else:
-                parts.append(_image_points(batch, detections, maps, adapter.names, epoch, thumbnail))
+            parts.append((_box_points if level == "box" else _image_points)(batch, detections, maps, ctx))
             maps.clear()
     return Embeddings.cat(parts)
