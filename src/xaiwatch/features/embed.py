@@ -98,15 +98,14 @@ class _Pass:
 
 
 def _box_points(batch: _Batch, detections: list[Detections], maps: dict[str, torch.Tensor], ctx: _Pass) -> Embeddings:
+    """Ground truth then predictions of each image; one ``roi_align`` per layer for the whole batch."""
     images, gt_boxes, gt_labels, ids = batch
-    names, epoch = ctx.names, ctx.epoch
-    size = images.shape[-2:]
-    parts = []
+    rois, parts = [], []
     for i, dets in enumerate(detections):
         tp, found, best = match_predictions(
             dets.boxes, dets.scores, dets.labels, gt_boxes[i], gt_labels[i], ctx.iou_threshold
         )
-        boxes = torch.cat([gt_boxes[i].to(images.device).reshape(-1, 4), dets.boxes.to(images.device)])
+        rois.append(torch.cat([gt_boxes[i].to(images.device).reshape(-1, 4), dets.boxes.to(images.device)]))
         g = len(gt_boxes[i])
         labels = torch.cat([gt_labels[i].cpu().long(), dets.labels.cpu().long()])
         scores = torch.cat([best, dets.scores.cpu().float()])
@@ -114,22 +113,16 @@ def _box_points(batch: _Batch, detections: list[Detections], maps: dict[str, tor
             "TP" if t else "FP" for t in tp.tolist()
         ]
         rows = [
-            [_name(names, int(c)), "gt" if j < g else "pred", o, f"{float(s):.3f}", str(ids[i]), str(epoch)]
+            [_name(ctx.names, int(c)), "gt" if j < g else "pred", o, f"{float(s):.3f}", str(ids[i]), str(ctx.epoch)]
             for j, (c, o, s) in enumerate(zip(labels.tolist(), outcome, scores.tolist()))
         ]
-        feats = {k: roi_pool(m[i : i + 1], [boxes], spatial_scale(m, size)).cpu() for k, m in maps.items()}
-        parts.append(
-            Embeddings(
-                feats,
-                labels,
-                torch.arange(len(labels)) < g,
-                rows,
-                [f"gt:{ids[i]}:{j}" if j < g else None for j in range(len(labels))],
-                scores,
-                box_thumbnails(images[i : i + 1], [boxes], ctx.thumbnail).cpu(),
-            )
-        )
-    return Embeddings.cat(parts)
+        keys = [f"gt:{ids[i]}:{j}" if j < g else None for j in range(len(labels))]
+        parts.append(Embeddings({}, labels, torch.arange(len(labels)) < g, rows, keys, scores))
+    points = Embeddings.cat(parts)
+    size = images.shape[-2:]
+    points.features = {k: roi_pool(m, rois, spatial_scale(m, size)).cpu() for k, m in maps.items()}
+    points.thumbnails = box_thumbnails(images, rois, ctx.thumbnail).cpu()
+    return points
 
 
 def _image_points(batch: _Batch, detections: list[Detections], maps: dict[str, torch.Tensor], ctx: _Pass) -> Embeddings:
