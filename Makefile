@@ -9,7 +9,7 @@ TORCH  := torch==2.9.1 torchvision==0.24.1
 else
 TORCH  := torch==2.14.1 torchvision==0.29.1
 endif
-EXTRAS ?= yolo,damo,bench,dev
+EXTRAS ?= yolo,damo,umap,bench,dev
 comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 export YOLO_OFFLINE = 1

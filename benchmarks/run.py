@@ -159,6 +159,13 @@ def main() -> None:
         print("\n== All boxes of an image: YOLOv8n, batch 1, 320 px, K boxes ==")
         results["allboxes"] = bench_allboxes(repeat=repeat)
         print(json.dumps(results["allboxes"], indent=1))
+    print("\n== Feature capture share of a validation pass; PCA / t-SNE / UMAP on 1k and 5k x 256 ==")
+    from bench_projection import bench_projection
+
+    results["projection"] = bench_projection(args.quick, memory=not args.quick)
+    for name, r in results["projection"].items():
+        share = f"{100 * r['overhead_share']:+6.1f} % of validation" if "overhead_share" in r else ""
+        print(f"  {name:55s} {r['seconds']:8.3f} s  {r.get('peak_mb', float('nan')):7.0f} MB  {share}")
     print("\n== ExplainCallback share of epoch time, demo configuration ==")
     results["callback_share"] = bench_callback_share(args.quick)
     for name, v in results["callback_share"].items():

@@ -1,4 +1,4 @@
-"""Fine-tune YOLOv8 on an ultralytics-layout dataset with ExplainCallback, then open TensorBoard.
+"""Fine-tune YOLOv8 on an ultralytics-layout dataset with ExplainCallback and ProjectionCallback, then open TensorBoard.
 
     python examples/finetune_yolov8.py                         # generated shapes data, YOLOv8n from scratch
     python examples/finetune_yolov8.py --data my/dataset.yaml --weights my_yolov8n_state_dict.pt --imgsz 320
@@ -18,7 +18,7 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from xaiwatch.callbacks import ExplainCallback
+from xaiwatch.callbacks import ExplainCallback, ProjectionCallback
 from xaiwatch.data import YoloDataModule, generate
 from xaiwatch.models import YOLOv8Module
 
@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-train", type=int, default=600, help="images generated when --data is not given")
     parser.add_argument("--out", default="runs/finetune_yolov8")
+    parser.add_argument("--projection", default="pca", choices=["pca", "tsne", "umap", "none"], help="feature space")
     args = parser.parse_args()
 
     data = args.data or generate(Path(args.out) / "data", num_train=args.num_train, imgsz=args.imgsz, overwrite=True)
@@ -45,7 +46,8 @@ def main() -> None:
     trainer = pl.Trainer(
         max_epochs=args.epochs,
         logger=TensorBoardLogger(args.out, name="tensorboard"),
-        callbacks=[ExplainCallback(methods=["saliency", "grad_cam"], num_probe=8)],
+        callbacks=[ExplainCallback(methods=["saliency", "grad_cam"], num_probe=8)]
+        + ([ProjectionCallback(layers=["neck"], method=args.projection)] if args.projection != "none" else []),
     )
     trainer.fit(model, datamodule=dm)
     print(f"tensorboard --logdir {Path(args.out).resolve()}")

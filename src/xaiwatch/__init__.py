@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "ExplainCallback": "xaiwatch.callbacks",
+    "ProjectionCallback": "xaiwatch.callbacks",
     "YOLOv8Adapter": "xaiwatch.adapters",
     "DetectorAdapter": "xaiwatch.adapters",
     "ClassTarget": "xaiwatch.targets",

@@ -4,5 +4,6 @@ from __future__ import annotations
 
 from xaiwatch.callbacks.explain import ExplainCallback
 from xaiwatch.callbacks.presets import load_callbacks
+from xaiwatch.callbacks.projection import ProjectionCallback
 
-__all__ = ["ExplainCallback", "load_callbacks"]
+__all__ = ["ExplainCallback", "ProjectionCallback", "load_callbacks"]

@@ -14,6 +14,7 @@ class Tags:
 
     EXPLAIN_SECONDS = "xaiwatch/explain_seconds"
     PROBES = "xaiwatch/probes"
+    PROJECTION_SECONDS = "xaiwatch/projection_seconds"
 
     @staticmethod
     def explain(method: str, subject: str) -> str:
@@ -34,6 +35,16 @@ class Tags:
     def filmstrip(subject: str) -> str:
         """``explain_filmstrip/<subject>``: rows = methods, columns = epochs, written at the end of fit."""
         return f"explain_filmstrip/{subject}"
+
+    @staticmethod
+    def projection(layer: str) -> str:
+        """``projection/<layer>``: the scatter picture (IMAGES) and the embedding (PROJECTOR) of one layer."""
+        return f"projection/{layer}"
+
+    @staticmethod
+    def projection_metric(layer: str, metric: str) -> str:
+        """``projection/<layer>/<metric>``: class separability (``silhouette``, ``knn_accuracy``) or ``displacement``."""
+        return f"projection/{layer}/{metric}"
 
 
 class XaiWriter:
@@ -65,6 +76,33 @@ class XaiWriter:
         """Write whether a tracked object is detected, and its score."""
         self.writer.add_scalar(Tags.detected(subject), float(detected), global_step=step)
         self.writer.add_scalar(Tags.tracked_score(subject), score, global_step=step)
+
+    def projection(self, layer: str, picture: np.ndarray, step: int) -> None:
+        """Write the scatter picture of one layer's projection, :math:`(H, W, 3)` uint8."""
+        self.writer.add_image(Tags.projection(layer), picture, global_step=step, dataformats="HWC")
+
+    def embedding(
+        self, layer: str, features: Any, metadata: list, header: list[str], thumbnails: Any, step: int
+    ) -> None:
+        """Write one layer's embeddings to the PROJECTOR: vectors, metadata columns and a sprite of thumbnails."""
+        self.writer.add_embedding(
+            features,
+            metadata=metadata,
+            label_img=thumbnails,
+            global_step=step,
+            tag=Tags.projection(layer),
+            metadata_header=header,
+        )
+
+    def projection_metrics(self, layer: str, values: dict[str, float], step: int) -> None:
+        """Write per-layer scalars (separability, displacement); ``nan`` values are skipped."""
+        for metric, value in values.items():
+            if value == value:
+                self.writer.add_scalar(Tags.projection_metric(layer, metric), value, global_step=step)
+
+    def projection_seconds(self, seconds: float, step: int) -> None:
+        """Write the wall time the projection callback spent this epoch."""
+        self.writer.add_scalar(Tags.PROJECTION_SECONDS, seconds, global_step=step)
 
     def probes(self, text: str) -> None:
         """Describe the probe set once, as markdown text."""
