@@ -76,7 +76,7 @@ def _rows(quick: bool) -> dict[str, Callable[[], object]]:
 _MEASURE = """
 import resource, sys
 sys.path.insert(0, 'benchmarks')
-import bench_engines as b
+import {module} as b
 rows = b._rows({quick})
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 rows[{name!r}]()
@@ -84,9 +84,9 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
 """
 
 
-def _peak_mb(name: str, quick: bool) -> float:
+def _peak_mb(name: str, quick: bool, module: str = "bench_engines") -> float:
     """Growth of the peak resident set (``ru_maxrss``) while the row runs once in a fresh process (model built)."""
-    code = _MEASURE.format(quick=quick, name=name)
+    code = _MEASURE.format(quick=quick, name=name, module=module)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
     try:
         return float(out.stdout.strip().splitlines()[-1])

@@ -77,7 +77,7 @@ def _umap_compile_seconds() -> float:
 
 def bench_projection(quick: bool = False, memory: bool = True) -> dict:
     """Seconds (median) and peak memory of each row; capture rows also as a share of the validation pass."""
-    from bench_engines import _MEASURE
+    from bench_engines import _peak_mb
 
     results: dict[str, dict[str, float]] = {"umap first call (numba compile), 200 points": {}}
     results["umap first call (numba compile), 200 points"]["seconds"] = _umap_compile_seconds()
@@ -92,19 +92,8 @@ def bench_projection(quick: bool = False, memory: bool = True) -> dict:
         results[name]["overhead_share"] = statistics.median(c / v - 1.0 for v, c in pairs)
     for name, r in results.items():
         if memory and name in rows:
-            code = _MEASURE.replace("import bench_engines as b", "import bench_projection as b")
-            r["peak_mb"] = _peak(code.format(quick=quick, name=name))
+            r["peak_mb"] = _peak_mb(name, quick, module="bench_projection")
     return results
-
-
-def _peak(code: str) -> float:
-    import subprocess
-
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
-    try:
-        return float(out.stdout.strip().splitlines()[-1])
-    except (IndexError, ValueError):
-        return float("nan")
 
 
 def main() -> None:
