@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from xaiwatch.callbacks.boundary import DecisionBoundaryCallback
+from xaiwatch.callbacks.error_analysis import ErrorAnalysisCallback
 from xaiwatch.callbacks.explain import ExplainCallback
 from xaiwatch.callbacks.presets import load_callbacks
 
-__all__ = ["ExplainCallback", "load_callbacks"]
+__all__ = ["DecisionBoundaryCallback", "ErrorAnalysisCallback", "ExplainCallback", "load_callbacks"]
