@@ -164,7 +164,7 @@ class ErrorAnalysisCallback(ScheduledCallback):
         for first in range(0, len(self._indices), self.batch_size):
             chunk = self._indices[first : first + self.batch_size]
             items = [probe_item(self._dataset[i]) for i in chunk]
-            for idx, (image, boxes, labels), dets in zip(chunk, items, self._detect([it[0] for it in items], device)):
+            for idx, (_, boxes, labels), dets in zip(chunk, items, self._detect([it[0] for it in items], device)):
                 result = counts.update(dets, boxes, labels)
                 for d, kind in enumerate(result.error):
                     if kind:

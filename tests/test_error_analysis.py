@@ -1,0 +1,176 @@
+"""ErrorAnalysisCallback end to end: logged counts equal an independent recount, confusion and explanations in
+TensorBoard, MissedTarget explains the right candidate, no side effects on training, bad input, the preset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+from torch.utils.data import DataLoader
+from torchvision.ops import box_iou
+
+from conftest import SquaresDataset, collate, tiny_cfg
+from xaiwatch.adapters import YOLOv8Adapter
+from xaiwatch.analysis import COUNT_TYPES, ErrorCounts
+from xaiwatch.callbacks import DecisionBoundaryCallback, ErrorAnalysisCallback, load_callbacks
+from xaiwatch.core.errors import ConfigurationError
+from xaiwatch.core.types import RawOutput
+from xaiwatch.explain import get_engine
+from xaiwatch.models import YOLOv8Module
+from xaiwatch.targets import BoxTarget, MissedTarget
+
+PRESET = Path(__file__).parents[1] / "callbacks" / "error-analysis.yaml"
+
+
+def _module(confident: bool = False) -> YOLOv8Module:
+    pl.seed_everything(0)
+    module = YOLOv8Module(tiny_cfg(), num_classes=3, lr=5e-3, warmup_steps=1)
+    if confident:  # class scores around 0.5 everywhere: many detections, so every error type occurs
+        for seq in module.net.model[-1].cv3:
+            seq[-1].bias.data.fill_(0.0)
+    return module
+
+
+def _trainer(tmp_path, callbacks, epochs=2, **kw) -> pl.Trainer:
+    return pl.Trainer(
+        max_epochs=epochs,
+        limit_train_batches=2,
+        logger=TensorBoardLogger(str(tmp_path), name="tb"),
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic=True,
+        accelerator="cpu",
+        **kw,
+    )
+
+
+def _events(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    return acc
+
+
+def test_logged_counts_equal_a_recount(tmp_path, square_loaders):
+    cb = ErrorAnalysisCallback(max_images=6, batch_size=4, conf=0.3, explain_top_k=1, on_error="raise")
+    module = _module(confident=True)
+    trainer = _trainer(tmp_path, [cb], epochs=1)
+    trainer.fit(module, *square_loaders)
+    acc = _events(trainer.logger.log_dir)
+    # recount on the trained model, directly: detections of the same subset at the same threshold
+    val = square_loaders[1].dataset
+    adapter = YOLOv8Adapter(module.net, names=module.names, conf=0.3)
+    counts = ErrorCounts(3)
+    module.eval()
+    for i in cb.state_dict()["indices"]:
+        item = val[i]
+        counts.update(adapter.detect(item["image"][None])[0], item["boxes"], item["labels"])
+    assert len(cb.state_dict()["indices"]) == 6
+    for kind in COUNT_TYPES:
+        assert acc.Scalars(f"errors/{kind}/all")[-1].value == counts.totals()[kind], kind
+        for c, name in enumerate(module.names):
+            assert acc.Scalars(f"errors/{kind}/{name}")[-1].value == int(counts.counts[kind][c])
+    totals = counts.totals()
+    assert totals["fp"] > 0 and totals["fp"] == sum(totals[k] for k in ("cls", "loc", "both", "dupe", "bkg"))
+    assert totals["tp"] + totals["fn"] == 6  # one object per image
+    images = acc.Tags()["images"]
+    assert "errors/confusion" in images and "errors/explain/saliency/fp_00" in images
+    assert [e.step for e in acc.Images("errors/confusion")] == [1]
+    assert acc.Scalars("errors/seconds")[-1].value > 0
+
+
+def test_missed_target_explains_the_right_candidate(tiny_net, images):
+    # hand-built raw output: candidate 2 overlaps the object at IoU 0.9 with the highest class-1 score
+    boxes = torch.tensor([[[0.0, 0, 10, 10], [30, 30, 40, 40], [0, 0, 10, 9], [0, 0, 4, 4]]])
+    scores = torch.tensor([[[0.0, 0.05], [0.0, 0.9], [0.0, 0.1], [0.0, 0.2]]])
+    target = MissedTarget([0, 0, 10, 10], label=1)
+    assert torch.allclose(target(RawOutput(boxes, scores)), torch.tensor([0.1]))
+    assert target.last_match[0].candidate == 2 and not target.last_match[0].detected
+    # on the tiny YOLOv8: the candidate the test picks from the raw output, and the map equals BoxTarget's
+    adapter = YOLOv8Adapter(tiny_net.eval())
+    gt = torch.tensor([8.0, 8.0, 40.0, 36.0])
+    with torch.no_grad():
+        raw = adapter.raw(images[:1])
+    ious = box_iou(gt[None], raw.boxes[0])[0]
+    expected = int(torch.where(ious >= 0.5, raw.scores[0, :, 2], torch.full_like(ious, -1)).argmax())
+    engine = get_engine("saliency", adapter)
+    missed = MissedTarget(gt, label=2)
+    got = engine.attribute_boxes(images[:1], [missed])
+    assert missed.last_match[0].candidate == expected and missed.last_match[0].iou >= 0.5
+    assert torch.allclose(got, engine.attribute_boxes(images[:1], [BoxTarget(expected, 2)]))
+
+
+def _weights_after_fit(tmp_path, square_loaders, callbacks):
+    module = _module()
+    _trainer(tmp_path, callbacks).fit(module, *square_loaders)
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def test_training_bit_identical_with_and_without_callbacks(tmp_path, square_loaders):
+    plain = _weights_after_fit(tmp_path / "a", square_loaders, [])
+    analysed = _weights_after_fit(
+        tmp_path / "b",
+        square_loaders,
+        [
+            ErrorAnalysisCallback(conf=0.001, explain_top_k=1, on_error="raise", analyze_at_start=True),
+            DecisionBoundaryCallback(num_probe=2, steps=2, bisection_steps=1, on_error="raise"),
+        ],
+    )
+    assert plain.keys() == analysed.keys() and any("running_mean" in k for k in plain)
+    for k in plain:
+        assert torch.equal(plain[k], analysed[k]), k
+
+
+def test_bad_input(tmp_path, square_loaders):
+    with pytest.raises(ConfigurationError, match=r"`iou_threshold` must be in \(0, 1\], got 0"):
+        ErrorAnalysisCallback(iou_threshold=0)
+    with pytest.raises(ConfigurationError, match=r"`iou_threshold` must be in \(0, 1\], got 1.2"):
+        ErrorAnalysisCallback(iou_threshold=1.2)
+    with pytest.raises(ConfigurationError, match="background_iou"):
+        ErrorAnalysisCallback(iou_threshold=0.3, background_iou=0.3)
+    with pytest.raises(ConfigurationError, match="Valid methods"):
+        ErrorAnalysisCallback(explain_method="lime2")
+    with pytest.raises(ConfigurationError, match="max_images"):
+        ErrorAnalysisCallback(max_images=0)
+    with pytest.raises(ConfigurationError, match="on_error"):
+        ErrorAnalysisCallback(on_error="ignore")
+    train, _ = square_loaders
+    empty = SquaresDataset(4, 3)
+    for item in empty.items:
+        item["boxes"], item["labels"] = torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)
+    with pytest.raises(ConfigurationError, match="needs ground truth"):
+        _trainer(tmp_path, [ErrorAnalysisCallback()]).fit(_module(), train, DataLoader(empty, 4, collate_fn=collate))
+    with pytest.raises(ConfigurationError, match="not a heat map"):
+        _trainer(tmp_path, [ErrorAnalysisCallback(explain_method="feature_maps")]).fit(_module(), *square_loaders)
+    with pytest.raises(ConfigurationError, match="no validation dataloader"):
+        _trainer(tmp_path, [ErrorAnalysisCallback()]).fit(_module(), train)
+
+
+def test_resume_keeps_the_subset(tmp_path, square_loaders):
+    cb = ErrorAnalysisCallback(max_images=3, seed=1, explain_top_k=0, on_error="raise")
+    _trainer(tmp_path, [cb], epochs=1).fit(_module(), *square_loaders)
+    state = cb.state_dict()
+    restored = ErrorAnalysisCallback(max_images=3, seed=2, explain_top_k=0, on_error="raise")
+    restored.load_state_dict(state)
+    _trainer(tmp_path, [restored], epochs=1).fit(_module(), *square_loaders)
+    assert restored.state_dict()["indices"] == state["indices"] and len(state["indices"]) == 3
+    assert ErrorAnalysisCallback(iou_threshold=0.5).state_key != ErrorAnalysisCallback(iou_threshold=0.7).state_key
+
+
+def test_preset_loads_and_runs(tmp_path, square_loaders):
+    callbacks = load_callbacks(PRESET)
+    assert [type(c) for c in callbacks] == [ErrorAnalysisCallback, DecisionBoundaryCallback]
+    for cb in callbacks:
+        cb.on_error = "raise"
+    trainer = _trainer(tmp_path, callbacks, epochs=1)
+    trainer.fit(_module(), *square_loaders)
+    acc = _events(trainer.logger.log_dir)
+    assert "errors/confusion" in acc.Tags()["images"] and "boundary/picture/probe_00" in acc.Tags()["images"]
+    assert "errors/miss/all" in acc.Tags()["scalars"] and "boundary/min_eps/probe_00" in acc.Tags()["scalars"]
