@@ -84,11 +84,20 @@ def test_perturbed_image_flips_the_detection_through_the_adapter():
 
 
 def _responsive_yolo(tiny_net) -> YOLOv8Adapter:
-    """The untrained tiny YOLOv8 scores every candidate ~0.5; random class-head weights make scores depend on the image."""
-    torch.manual_seed(3)
+    """A random tiny YOLOv8 whose scores depend on the image (usable as a detector to attack).
+
+    Freshly initialised, its activations vanish (~1e-7 at the head) and every class score is sigmoid(bias);
+    re-estimating the BatchNorm statistics on random images brings them to unit scale.
+    """
+    for m in tiny_net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        tiny_net.train()(torch.rand(8, 3, 64, 64, generator=g))
     for seq in tiny_net.model[-1].cv3:
         seq[-1].bias.data.fill_(0.0)
-        seq[-1].weight.data.normal_(0, 0.3)
     return YOLOv8Adapter(tiny_net.eval(), conf=0.5)
 
 
@@ -121,7 +130,7 @@ def test_min_eps_monotone_in_attack_strength_on_yolo(tiny_net, images):
     values = [math.inf if r.min_eps is None else r.min_eps for r in found]
     assert values == sorted(values, reverse=True), values
     assert math.isfinite(values[-1])  # the strongest attack does flip it
-    for eps in np.linspace(0.02, 0.3, 6):  # pointwise: a weaker attack never flips where a stronger one does not
+    for eps in np.linspace(0.005, 0.03, 4):  # pointwise: a weaker attack never flips where a stronger one does not
         flipped = [attack_object(adapter, image, box, label, float(eps), attack=a, steps=s).flipped for a, s in attacks]
         assert flipped == sorted(flipped), (eps, flipped)
     strongest = found[-1]
