@@ -84,21 +84,9 @@ def test_perturbed_image_flips_the_detection_through_the_adapter():
 
 
 def _responsive_yolo(tiny_net) -> YOLOv8Adapter:
-    """A random tiny YOLOv8 whose scores depend on the image (usable as a detector to attack).
+    from test_error_analysis import make_responsive
 
-    Freshly initialised, its activations vanish (~1e-7 at the head) and every class score is sigmoid(bias);
-    re-estimating the BatchNorm statistics on random images brings them to unit scale.
-    """
-    for m in tiny_net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        tiny_net.train()(torch.rand(8, 3, 64, 64, generator=g))
-    for seq in tiny_net.model[-1].cv3:
-        seq[-1].bias.data.fill_(0.0)
-    return YOLOv8Adapter(tiny_net.eval(), conf=0.5)
+    return YOLOv8Adapter(make_responsive(tiny_net).eval(), conf=0.5)
 
 
 def test_fgsm_equals_captum(tiny_net, images):

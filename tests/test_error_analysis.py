@@ -25,12 +25,31 @@ from xaiwatch.targets import BoxTarget, MissedTarget
 PRESET = Path(__file__).parents[1] / "callbacks" / "error-analysis.yaml"
 
 
+def make_responsive(net: torch.nn.Module) -> torch.nn.Module:
+    """Make a random tiny YOLOv8 behave like a (random) detector whose scores and boxes depend on the image.
+
+    Freshly initialised, its activations vanish (~1e-7 at the head): every class score is sigmoid(bias) and every
+    box is huge. Re-estimating the BatchNorm statistics on random images brings them to unit scale; class biases
+    at 0 put scores around 0.5, so there are detections to match and to attack.
+    """
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    with torch.no_grad():
+        net.train()(torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(5)))
+    for m in bns:
+        m.momentum = 0.03
+    for seq in net.model[-1].cv3:
+        seq[-1].bias.data.fill_(0.0)
+    return net
+
+
 def _module(confident: bool = False) -> YOLOv8Module:
     pl.seed_everything(0)
     module = YOLOv8Module(tiny_cfg(), num_classes=3, lr=5e-3, warmup_steps=1)
-    if confident:  # class scores around 0.5 everywhere: many detections, so every error type occurs
-        for seq in module.net.model[-1].cv3:
-            seq[-1].bias.data.fill_(0.0)
+    if confident:  # many detections, so every error type occurs
+        make_responsive(module.net)
     return module
 
 
@@ -95,34 +114,46 @@ def test_missed_target_explains_the_right_candidate(tiny_net, images):
     assert target.last_match[0].candidate == 2 and not target.last_match[0].detected
     # on the tiny YOLOv8: the candidate the test picks from the raw output, and the map equals BoxTarget's
     adapter = YOLOv8Adapter(tiny_net.eval())
-    gt = torch.tensor([8.0, 8.0, 40.0, 36.0])
+    engine = get_engine("saliency", adapter)
     with torch.no_grad():
         raw = adapter.raw(images[:1])
-    ious = box_iou(gt[None], raw.boxes[0])[0]
-    expected = int(torch.where(ious >= 0.5, raw.scores[0, :, 2], torch.full_like(ious, -1)).argmax())
-    engine = get_engine("saliency", adapter)
-    missed = MissedTarget(gt, label=2)
-    got = engine.attribute_boxes(images[:1], [missed])
-    assert missed.last_match[0].candidate == expected and missed.last_match[0].iou >= 0.5
-    assert torch.allclose(got, engine.attribute_boxes(images[:1], [BoxTarget(expected, 2)]))
+    scores = raw.scores[0, :, 2]
+    near_candidate = raw.boxes[0, 10] + torch.tensor([1.0, -1.0, 2.0, 0.0])  # overlapped by real candidates
+    small = torch.tensor([8.0, 8.0, 40.0, 36.0])  # the untrained model's boxes are huge: no IoU >= 0.5 here
+    for gt in (near_candidate, small):
+        ious = box_iou(gt[None], raw.boxes[0])[0]
+        on_object = ious >= 0.5
+        if bool(on_object.any()):
+            expected = int(torch.where(on_object, scores, torch.full_like(scores, -1)).argmax())
+        else:
+            expected = int((ious * scores).argmax())
+        missed = MissedTarget(gt, label=2)
+        got = engine.attribute_boxes(images[:1], [missed])
+        assert missed.last_match[0].candidate == expected
+        assert missed.last_match[0].iou == pytest.approx(float(ious[expected]))
+        assert torch.allclose(got, engine.attribute_boxes(images[:1], [BoxTarget(expected, 2)]))
+        assert float(got.abs().sum()) > 0
+    assert "MissedTarget" in repr(missed)
 
 
 def _weights_after_fit(tmp_path, square_loaders, callbacks):
-    module = _module()
+    module = _module(confident=True)
     _trainer(tmp_path, callbacks).fit(module, *square_loaders)
     return {k: v.clone() for k, v in module.state_dict().items()}
 
 
 def test_training_bit_identical_with_and_without_callbacks(tmp_path, square_loaders):
     plain = _weights_after_fit(tmp_path / "a", square_loaders, [])
-    analysed = _weights_after_fit(
-        tmp_path / "b",
-        square_loaders,
-        [
-            ErrorAnalysisCallback(conf=0.001, explain_top_k=1, on_error="raise", analyze_at_start=True),
-            DecisionBoundaryCallback(num_probe=2, steps=2, bisection_steps=1, on_error="raise"),
-        ],
+    # the random detector finds the objects of validation images 3 and 6 at IoU 0.1: attacks run there
+    boundary = DecisionBoundaryCallback(
+        probe_indices=[3, 6], steps=2, bisection_steps=1, iou_threshold=0.1, on_error="raise"
     )
+    errors = ErrorAnalysisCallback(conf=0.3, max_images=4, explain_top_k=1, on_error="raise", analyze_at_start=True)
+    analysed = _weights_after_fit(tmp_path / "b", square_loaders, [errors, boundary])
+    acc = _events(tmp_path / "b" / "tb" / "version_0")
+    at_start = [acc.Scalars(f"boundary/min_eps/probe_{i:02d}")[0] for i in range(2)]
+    assert all(e.step == 0 for e in at_start) and any(e.value > 0 for e in at_start)  # gradient attacks ran
+    assert errors.last_counts.totals()["fp"] > 0  # false positives were explained
     assert plain.keys() == analysed.keys() and any("running_mean" in k for k in plain)
     for k in plain:
         assert torch.equal(plain[k], analysed[k]), k
