@@ -113,7 +113,7 @@ def _coco(images):
                     "iscrowd": 0,
                 }
             )
-        for k, (b, s, lab) in enumerate(zip(d.boxes.tolist(), d.scores.tolist(), d.labels.tolist())):
+        for b, s, lab in zip(d.boxes.tolist(), d.scores.tolist(), d.labels.tolist()):
             dt.append({"image_id": i, "category_id": lab, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": s})
     coco = COCO()
     coco.dataset = gt
