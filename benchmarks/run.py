@@ -159,6 +159,11 @@ def main() -> None:
         print("\n== All boxes of an image: YOLOv8n, batch 1, 320 px, K boxes ==")
         results["allboxes"] = bench_allboxes(repeat=repeat)
         print(json.dumps(results["allboxes"], indent=1))
+    print("\n== Error analysis share of a validation pass; boundary probe vs its floor: YOLOv8n, 160 px ==")
+    from bench_analysis import bench_analysis
+
+    results["analysis"] = bench_analysis()
+    print(json.dumps(results["analysis"], indent=1, default=str))
     print("\n== ExplainCallback share of epoch time, demo configuration ==")
     results["callback_share"] = bench_callback_share(args.quick)
     for name, v in results["callback_share"].items():
