@@ -3,7 +3,9 @@ TensorBoard, MissedTarget explains the right candidate, no side effects on train
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import pytorch_lightning as pl
@@ -200,8 +202,34 @@ def test_preset_loads_and_runs(tmp_path, square_loaders):
     assert [type(c) for c in callbacks] == [ErrorAnalysisCallback, DecisionBoundaryCallback]
     for cb in callbacks:
         cb.on_error = "raise"
-    trainer = _trainer(tmp_path, callbacks, epochs=1)
+    trainer = _trainer(
+        tmp_path, callbacks, epochs=1, inference_mode=False
+    )  # the other tests validate in inference mode
     trainer.fit(_module(), *square_loaders)
     acc = _events(trainer.logger.log_dir)
     assert "errors/confusion" in acc.Tags()["images"] and "boundary/picture/probe_00" in acc.Tags()["images"]
     assert "errors/miss/all" in acc.Tags()["scalars"] and "boundary/min_eps/probe_00" in acc.Tags()["scalars"]
+
+
+def test_errors_during_training_are_isolated_and_other_ranks_write_nothing(tmp_path, square_loaders):
+    boom = RuntimeError("matching exploded")
+    for cls, target in (
+        (ErrorAnalysisCallback, "xaiwatch.callbacks.error_analysis.ErrorCounts.update"),
+        (DecisionBoundaryCallback, "xaiwatch.callbacks.boundary.min_epsilon"),
+    ):
+        with patch(target, side_effect=boom), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer = _trainer(tmp_path, [cls()])  # on_error="warn" by default
+            trainer.fit(_module(confident=True), *square_loaders)
+        assert trainer.current_epoch == 2  # training went on
+        assert any("matching exploded" in str(w.message) and cls.__name__ in str(w.message) for w in caught)
+        with patch(target, side_effect=boom), pytest.raises(RuntimeError, match="matching exploded"):
+            _trainer(tmp_path, [cls(on_error="raise")]).fit(_module(confident=True), *square_loaders)
+    cb = ErrorAnalysisCallback(on_error="raise")
+    trainer = _trainer(tmp_path, [cb], epochs=1)
+    module = _module()
+    trainer.fit(module, *square_loaders)
+    with patch.object(type(trainer), "is_global_zero", new=property(lambda self: False)):
+        with patch.object(cb, "_run") as run:
+            cb._run_safely(trainer, module, step=5)
+    run.assert_not_called()

@@ -13,6 +13,7 @@ LIB = [
     "xaiwatch.explain",
     "xaiwatch.render",
     "xaiwatch.logging",
+    "xaiwatch.analysis",
 ]
 
 

@@ -73,6 +73,7 @@ def boundary_panel(
     conf: float,
     names: Sequence[str] | None = None,
     title: str = "",
+    max_boxes: int = 10,
     dpi: int = 100,
 ) -> np.ndarray:
     """The decision-boundary picture of one object: original, amplified perturbation, perturbed image, curve.
@@ -88,6 +89,7 @@ def boundary_panel(
         conf: the detection threshold (horizontal line).
         names: class names.
         title: text above the panels.
+        max_boxes: detections drawn per panel, highest scores first.
         dpi: resolution.
 
     Returns:
@@ -115,7 +117,10 @@ def boundary_panel(
         ax.set_title(caption, fontsize=7)
         ax.plot([x1, x2, x2, x1, x1], [y1, y1, y2, y2, y1], color="white", linestyle="--", linewidth=1.2)
         if dets is not None and len(dets):
-            _draw_boxes(ax, dets.boxes.cpu(), dets.labels.cpu(), names, "-", scores=dets.scores.cpu())
+            top = dets.scores.argsort(descending=True)[:max_boxes].cpu()
+            _draw_boxes(ax, dets.boxes.cpu()[top], dets.labels.cpu()[top], names, "-", scores=dets.scores.cpu()[top])
+        for artist in ax.texts:  # labels of boxes reaching outside the image stay in their panel
+            artist.set_clip_on(True)
     ax = axes[3]
     eps, scores = zip(*sorted(curve)) if curve else ((), ())
     ax.plot(eps, scores, "o-", color="#007aff", markersize=3)
