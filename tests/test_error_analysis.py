@@ -3,13 +3,16 @@ TensorBoard, MissedTarget explains the right candidate, no side effects on train
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 from unittest.mock import patch
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from PIL import Image
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 from torchvision.ops import box_iou
@@ -104,6 +107,9 @@ def test_logged_counts_equal_a_recount(tmp_path, square_loaders):
     images = acc.Tags()["images"]
     assert "errors/confusion" in images and "errors/explain/saliency/fp_00" in images
     assert [e.step for e in acc.Images("errors/confusion")] == [1]
+    for tag in ("errors/confusion", "errors/explain/saliency/fp_00"):
+        picture = np.asarray(Image.open(io.BytesIO(acc.Images(tag)[-1].encoded_image_string)).convert("RGB"))
+        assert picture.std() > 10  # a real picture, not a blank canvas
     assert acc.Scalars("errors/seconds")[-1].value > 0
 
 
