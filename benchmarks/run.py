@@ -166,6 +166,12 @@ def main() -> None:
     for name, r in results["projection"].items():
         share = f"{100 * r['overhead_share']:+6.1f} % of validation" if "overhead_share" in r else ""
         print(f"  {name:55s} {r['seconds']:8.3f} s  {r.get('peak_mb', float('nan')):7.0f} MB  {share}")
+
+    print("\n== Error analysis share of a validation pass; boundary probe vs its floor: YOLOv8n, 160 px ==")
+    from bench_analysis import bench_analysis
+
+    results["analysis"] = bench_analysis()
+    print(json.dumps(results["analysis"], indent=1, default=str))
     print("\n== ExplainCallback share of epoch time, demo configuration ==")
     results["callback_share"] = bench_callback_share(args.quick)
     for name, v in results["callback_share"].items():

@@ -14,6 +14,7 @@ LIB = [
     "xaiwatch.render",
     "xaiwatch.logging",
     "xaiwatch.features",
+    "xaiwatch.analysis",
 ]
 
 

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+from xaiwatch.callbacks.boundary import DecisionBoundaryCallback
+from xaiwatch.callbacks.error_analysis import ErrorAnalysisCallback
 from xaiwatch.callbacks.explain import ExplainCallback
 from xaiwatch.callbacks.presets import load_callbacks
 from xaiwatch.callbacks.projection import ProjectionCallback
 
-__all__ = ["ExplainCallback", "ProjectionCallback", "load_callbacks"]
+__all__ = [
+    "DecisionBoundaryCallback",
+    "ErrorAnalysisCallback",
+    "ExplainCallback",
+    "ProjectionCallback",
+    "load_callbacks",
+]

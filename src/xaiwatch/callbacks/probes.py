@@ -12,7 +12,14 @@ import torch
 from xaiwatch.core.errors import ConfigurationError
 from xaiwatch.core.types import ProbeSet
 
-__all__ = ["tensorboard_writer", "validation_dataset", "choose_probe_indices", "load_probes", "probe_item"]
+__all__ = [
+    "tensorboard_writer",
+    "validation_dataset",
+    "choose_probe_indices",
+    "load_probes",
+    "probe_item",
+    "largest_objects",
+]
 
 
 def validation_dataset(trainer: pl.Trainer, owner: str) -> Any:
@@ -115,3 +122,10 @@ def tensorboard_writer(trainer: pl.Trainer, owner: str) -> Any:
         f"Cannot use `{owner}` with a `Trainer` that has no `TensorBoardLogger`: add "
         "`logger=TensorBoardLogger(save_dir)` (the default logger when tensorboard is installed)."
     )
+
+
+def largest_objects(boxes: torch.Tensor, labels: torch.Tensor, k: int) -> list[list[float]]:
+    """The ``k`` largest ground-truth objects of a probe as ``[x1, y1, x2, y2, label]`` (the tracked objects)."""
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    order = area.argsort(descending=True)[:k].tolist()
+    return [[*boxes[i].tolist(), float(labels[i])] for i in order]

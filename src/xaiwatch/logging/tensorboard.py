@@ -46,6 +46,36 @@ class Tags:
         """``projection/<layer>/<metric>``: class separability (``silhouette``, ``knn_accuracy``) or ``displacement``."""
         return f"projection/{layer}/{metric}"
 
+    # ---- error analysis and decision boundaries (ErrorAnalysisCallback, DecisionBoundaryCallback)
+    ERRORS_CONFUSION = "errors/confusion"
+    ERRORS_SECONDS = "errors/seconds"
+    BOUNDARY_SECONDS = "boundary/seconds"
+
+    @staticmethod
+    def errors(kind: str, cls: str) -> str:
+        """``errors/<kind>/<class>``: a count per epoch; ``kind`` is tp, fp, fn or a TIDE type, class ``all`` sums."""
+        return f"errors/{kind}/{cls}"
+
+    @staticmethod
+    def errors_explain(method: str, subject: str) -> str:
+        """``errors/explain/<method>/<subject>``: an error explained (``fp_00`` highest-scoring FP, ``miss_00``)."""
+        return f"errors/explain/{method}/{subject}"
+
+    @staticmethod
+    def min_eps(subject: str) -> str:
+        """``boundary/min_eps/<subject>``: the smallest epsilon that flips a tracked object (0: not detected)."""
+        return f"boundary/min_eps/{subject}"
+
+    @staticmethod
+    def boundary_flipped(subject: str) -> str:
+        """``boundary/flipped/<subject>``: 1 when an epsilon up to ``max_eps`` flips the object, else 0."""
+        return f"boundary/flipped/{subject}"
+
+    @staticmethod
+    def boundary_picture(subject: str) -> str:
+        """``boundary/picture/<subject>``: original, perturbation, perturbed image and score-vs-epsilon curve."""
+        return f"boundary/picture/{subject}"
+
 
 class XaiWriter:
     """Thin wrapper of a ``SummaryWriter`` (torch's or tensorboardX's) writing xaiwatch's records.
@@ -107,6 +137,14 @@ class XaiWriter:
     def probes(self, text: str) -> None:
         """Describe the probe set once, as markdown text."""
         self.writer.add_text(Tags.PROBES, text, global_step=0)
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        """Write one scalar under a tag built by :class:`Tags`."""
+        self.writer.add_scalar(tag, float(value), global_step=step)
+
+    def picture(self, tag: str, picture: np.ndarray, step: int) -> None:
+        """Write one :math:`(H, W, 3)` uint8 picture under a tag built by :class:`Tags`."""
+        self.writer.add_image(tag, picture, global_step=step, dataformats="HWC")
 
     def flush(self) -> None:
         """Flush the underlying writer."""

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from xaiwatch.targets.targets import BoxTarget, ClassTarget, Match, MatchedBoxTarget, Target
+from xaiwatch.targets.targets import BoxTarget, ClassTarget, Match, MatchedBoxTarget, MissedTarget, Target
 
-__all__ = ["Target", "ClassTarget", "BoxTarget", "MatchedBoxTarget", "Match"]
+__all__ = ["Target", "ClassTarget", "BoxTarget", "MatchedBoxTarget", "MissedTarget", "Match"]

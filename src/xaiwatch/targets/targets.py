@@ -17,7 +17,7 @@ from torchvision.ops import box_iou
 from xaiwatch.core.errors import ConfigurationError
 from xaiwatch.core.types import RawOutput
 
-__all__ = ["Target", "ClassTarget", "BoxTarget", "MatchedBoxTarget", "Match"]
+__all__ = ["Target", "ClassTarget", "BoxTarget", "MatchedBoxTarget", "MissedTarget", "Match"]
 
 
 def _check_label(label: int | None, raw: RawOutput) -> None:
@@ -169,3 +169,34 @@ class MatchedBoxTarget(Target):
 
     def __repr__(self) -> str:
         return f"MatchedBoxTarget(box={[round(v, 1) for v in self.box.tolist()]}, label={self.label})"
+
+
+class MissedTarget(MatchedBoxTarget):
+    """A false negative: the best raw candidate overlapping a missed ground-truth object, for its class.
+
+    Explains what the model saw at a missed object and why the score stayed low. The candidate is chosen as
+    in :class:`MatchedBoxTarget`: among candidates whose box overlaps ``gt_box`` with IoU >= ``iou_threshold``,
+    the one with the highest score for ``label`` (the candidate that came closest to detecting the object);
+    when none overlaps that much, the candidate maximising ``IoU x score``. :attr:`last_match` records it.
+
+    Args:
+        gt_box: the missed ground-truth box ``x1, y1, x2, y2`` in input pixels.
+        label: its class.
+        iou_threshold: minimum IoU of a candidate on the object (the matching threshold of the error analysis).
+        conf: detection threshold (``detected`` in :attr:`last_match` says whether the object is now found).
+
+    Example:
+        >>> raw = RawOutput(torch.tensor([[[0.0, 0, 10, 10], [0, 0, 9, 10], [20, 20, 30, 30]]]),
+        ...                 torch.tensor([[[0.1, 0.0], [0.2, 0.0], [0.9, 0.0]]]))
+        >>> target = MissedTarget([0, 0, 10, 10], label=0)
+        >>> target(raw), target.last_match[0].candidate
+        (tensor([0.2000]), 1)
+    """
+
+    def __init__(
+        self, gt_box: Sequence[float] | torch.Tensor, label: int, iou_threshold: float = 0.5, conf: float = 0.25
+    ) -> None:
+        super().__init__(gt_box, label, iou_threshold=iou_threshold, conf=conf)
+
+    def __repr__(self) -> str:
+        return f"MissedTarget(gt_box={[round(v, 1) for v in self.box.tolist()]}, label={self.label})"
