@@ -109,7 +109,7 @@ def test_run_leaves_module_state_rng_and_hooks_unchanged(tmp_path, square_loader
     rng = torch.get_rng_state()
     np_rng = np.random.get_state()[1].copy()
     with torch.inference_mode():
-        cb._run_explain(module, step=7)
+        cb._run(module, step=7)
     assert [m.training for m in module.modules()] == modes
     assert all(torch.equal(v, module.state_dict()[k]) for k, v in state.items())
     assert sum(len(m._forward_hooks) + len(m._backward_hooks) for m in module.modules()) == hooks
@@ -202,7 +202,7 @@ def test_non_zero_rank_writes_nothing(tmp_path, square_loaders):
     trainer.fit(module, *square_loaders)
     steps_before = len(_events(trainer.logger.log_dir).Images("explain/saliency/probe_00"))
     with patch.object(type(trainer), "is_global_zero", new=property(lambda self: False)):
-        with patch.object(cb, "_run_explain") as run:
+        with patch.object(cb, "_run") as run:
             cb._run_safely(trainer, module, step=5)
     run.assert_not_called()
     assert steps_before == 2

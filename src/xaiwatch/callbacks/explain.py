@@ -9,12 +9,18 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_warn
 from typing_extensions import override
 
 from xaiwatch.adapters import DetectorAdapter, resolve_adapter
-from xaiwatch.callbacks.probes import choose_probe_indices, load_probes, tensorboard_writer, validation_dataset
+from xaiwatch.callbacks.probes import (
+    choose_probe_indices,
+    largest_objects,
+    load_probes,
+    tensorboard_writer,
+    validation_dataset,
+)
+from xaiwatch.callbacks.scheduled import ScheduledCallback
 from xaiwatch.callbacks.validation import (
     validate_choices,
     validate_methods,
@@ -34,7 +40,7 @@ from xaiwatch.targets import MatchedBoxTarget
 __all__ = ["ExplainCallback"]
 
 
-class ExplainCallback(Callback):
+class ExplainCallback(ScheduledCallback):
     """Explain a fixed set of held-out probe images at every scheduled epoch and log them to TensorBoard.
 
     In each probe image up to ``max_objects`` objects are tracked (the largest ground-truth boxes, each
@@ -94,32 +100,29 @@ class ExplainCallback(Callback):
         if probe_indices is not None:
             probe_indices = validate_probe_indices(probe_indices)
             num_probe = len(probe_indices)
-        validate_choices(normalize=normalize, on_error=on_error)
-        validate_positive(num_probe=num_probe, every_n_epochs=every_n_epochs, max_objects=max_objects)
+        validate_choices(normalize=normalize)
+        validate_positive(num_probe=num_probe, max_objects=max_objects)
         if not 0.0 < iou_threshold <= 1.0:
             raise ConfigurationError(f"`iou_threshold` must be in (0, 1], got {iou_threshold}.")
         unknown = sorted(set(method_options or {}) - set(methods))
         if unknown:
             raise ConfigurationError(f"`method_options` names methods not in `methods`: {unknown}.")
+        super().__init__(every_n_epochs=every_n_epochs, run_at_start=explain_at_start, on_error=on_error)
         self.methods = methods
         self.num_probe = int(num_probe)
         self.probe_indices = probe_indices
-        self.every_n_epochs = int(every_n_epochs)
         self.layer = layer
         self.adapter = adapter
         self.normalize = normalize
-        self.explain_at_start = bool(explain_at_start)
         self.max_objects = int(max_objects)
         self.method_options = {k: dict(v) for k, v in (method_options or {}).items()}
         self.filmstrip = bool(filmstrip)
-        self.on_error = on_error
         self.seed = int(seed)
         self.iou_threshold = float(iou_threshold)
         # state (state_dict)
         self._probe_indices: list[int] | None = None
         self._tracked: list[list[list[float]]] = []  # per probe, per object: x1, y1, x2, y2, label
         self._scales: dict[str, float] = {}
-        self._last_step: int = -1
         # resolved at setup
         self._adapter: DetectorAdapter | None = None
         self._engines: dict[str, Engine] = {}
@@ -149,56 +152,25 @@ class ExplainCallback(Callback):
             self._probe_indices = self.probe_indices or choose_probe_indices(dataset, self.num_probe, self.seed, name)
         self._probes = load_probes(dataset, self._probe_indices, name)
         if not self._tracked:
-            self._tracked = [self._initial_track(b, lab) for b, lab in zip(self._probes.boxes, self._probes.labels)]
+            self._tracked = [
+                largest_objects(b, lab, self.max_objects) for b, lab in zip(self._probes.boxes, self._probes.labels)
+            ]
         if trainer.limit_val_batches == 0:
             rank_zero_warn(f"{name}: `limit_val_batches=0`, validation never runs, so nothing will be explained.")
 
-    def _initial_track(self, boxes: torch.Tensor, labels: torch.Tensor) -> list[list[float]]:
-        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-        order = area.argsort(descending=True)[: self.max_objects].tolist()
-        return [[*boxes[i].tolist(), float(labels[i])] for i in order]
+    @property
+    def explain_at_start(self) -> bool:
+        """Whether the model is also explained before training (step 0)."""
+        return self.run_at_start
 
     # ---------------------------------------------------------------------------------------------- hooks
-    def _should_skip(self, trainer: pl.Trainer) -> bool:
-        from pytorch_lightning.trainer.states import TrainerFn
-
-        return bool(trainer.sanity_checking or trainer.fast_dev_run or trainer.state.fn != TrainerFn.FITTING)
-
-    @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.explain_at_start and not self._should_skip(trainer) and trainer.current_epoch == 0:
-            self._run_safely(trainer, pl_module, step=0)
-
-    @override
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._should_skip(trainer):
-            return
-        step = trainer.current_epoch + 1
-        if step % self.every_n_epochs == 0:
-            self._run_safely(trainer, pl_module, step=step)
-
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.filmstrip and trainer.is_global_zero and self._writer is not None and self._history.subjects():
-            self._safely(self._write_filmstrips, trainer, "writing filmstrips")
-
-    def _run_safely(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
-        if step == self._last_step:  # several validations in one epoch: explain once
-            return
-        self._last_step = step
-        if trainer.is_global_zero:  # explanations issue no collective op; rank zero renders and writes
-            self._safely(lambda _: self._run_explain(pl_module, step), trainer, f"step {step}")
-
-    def _safely(self, fn: Any, trainer: pl.Trainer, what: str) -> None:
-        try:
-            fn(trainer)
-        except Exception as err:
-            if self.on_error == "raise":
-                raise
-            rank_zero_warn(f"{type(self).__name__} failed at {what} ({type(err).__name__}: {err}); training continues.")
+            self._safely(lambda: self._write_filmstrips(trainer), "writing filmstrips")
 
     # ------------------------------------------------------------------------------------------------ run
-    def _run_explain(self, pl_module: pl.LightningModule, step: int) -> None:
+    def _run(self, pl_module: pl.LightningModule, step: int) -> None:
         if self._probes is None or self._adapter is None:
             raise ConfigurationError(f"{type(self).__name__} was not set up; it runs inside `Trainer.fit`.")
         start = time.perf_counter()

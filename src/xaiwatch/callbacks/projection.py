@@ -9,12 +9,12 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_warn
 from typing_extensions import override
 
 from xaiwatch.adapters import DetectorAdapter, resolve_adapter
 from xaiwatch.callbacks.probes import probe_item, tensorboard_writer, validation_dataset
+from xaiwatch.callbacks.scheduled import ScheduledCallback
 from xaiwatch.callbacks.validation import validate_positive
 from xaiwatch.core.errors import ConfigurationError
 from xaiwatch.features import (
@@ -37,7 +37,7 @@ __all__ = ["ProjectionCallback"]
 _SPRITE_SIDE = 8192  # TensorBoard's projector refuses larger sprite images
 
 
-class ProjectionCallback(Callback):
+class ProjectionCallback(ScheduledCallback):
     """Project per-object (or per-image) embeddings of named layers to 2-D at every scheduled epoch.
 
     A fixed, seeded subset of the validation images is embedded each time: for ``level="box"`` every
@@ -103,7 +103,7 @@ class ProjectionCallback(Callback):
         if level not in LEVELS:
             raise ConfigurationError(f"`level` can be {' or '.join(LEVELS)}, got {level!r}.")
         validate_projection(method, max_points, float(perplexity), int(n_neighbors))
-        validate_positive(every_n_epochs=every_n_epochs, batch_size=batch_size, knn_k=knn_k, thumbnail=thumbnail)
+        validate_positive(batch_size=batch_size, knn_k=knn_k, thumbnail=thumbnail)
         if not 0.0 < iou_threshold <= 1.0:
             raise ConfigurationError(f"`iou_threshold` must be in (0, 1], got {iou_threshold}.")
         if max_points * thumbnail**2 > _SPRITE_SIDE**2:
@@ -111,18 +111,16 @@ class ProjectionCallback(Callback):
                 f"{max_points} thumbnails of {thumbnail} px exceed TensorBoard's {_SPRITE_SIDE} px sprite; "
                 "lower `thumbnail` or `max_points`."
             )
-        if on_error not in ("warn", "raise"):
-            raise ConfigurationError(f"`on_error` can be warn or raise, got {on_error!r}.")
+        super().__init__(every_n_epochs=every_n_epochs, run_at_start=project_at_start, on_error=on_error)
         self.layers, self.level, self.method = layers, level, method
-        self.every_n_epochs, self.max_points, self.batch_size = int(every_n_epochs), int(max_points), int(batch_size)
-        self.project_at_start, self.projector = bool(project_at_start), bool(projector)
+        self.max_points, self.batch_size = int(max_points), int(batch_size)
+        self.projector = bool(projector)
         self.perplexity, self.n_neighbors, self.knn_k = float(perplexity), int(n_neighbors), int(knn_k)
         self.iou_threshold, self.thumbnail = float(iou_threshold), int(thumbnail)
-        self.adapter, self.on_error, self.seed = adapter, on_error, int(seed)
+        self.adapter, self.seed = adapter, int(seed)
         # state (state_dict)
         self._image_indices: list[int] | None = None
         self._layouts: dict[str, dict[str, list[float]]] = {}  # layer -> point key -> last (x, y)
-        self._last_step = -1
         # resolved at setup
         self._adapter: DetectorAdapter | None = None
         self._layer_names: list[str] = []
@@ -204,31 +202,13 @@ class ProjectionCallback(Callback):
             yield _collate(batch, device)
 
     # ---------------------------------------------------------------------------------------------- hooks
-    @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.project_at_start and not _should_skip(trainer) and trainer.current_epoch == 0:
-            self._run_safely(trainer, pl_module, step=0)
+    @property
+    def project_at_start(self) -> bool:
+        """Whether the model is also projected before training (step 0)."""
+        return self.run_at_start
 
-    @override
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        step = trainer.current_epoch + 1
-        if not _should_skip(trainer) and step % self.every_n_epochs == 0:
-            self._run_safely(trainer, pl_module, step=step)
-
-    def _run_safely(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
-        if step == self._last_step:  # several validations in one epoch: project once
-            return
-        self._last_step = step
-        if not trainer.is_global_zero:  # nothing here affects training; rank zero computes and writes
-            return
-        try:
-            self.run(pl_module.device, step)
-        except Exception as err:
-            if self.on_error == "raise":
-                raise
-            rank_zero_warn(
-                f"{type(self).__name__} failed at step {step} ({type(err).__name__}: {err}); training goes on."
-            )
+    def _run(self, pl_module: pl.LightningModule, step: int) -> None:
+        self.run(pl_module.device, step)
 
     # ------------------------------------------------------------------------------------------------ run
     def run(self, device: torch.device | str, step: int) -> dict[str, dict[str, float]]:
@@ -298,12 +278,6 @@ class ProjectionCallback(Callback):
         self._image_indices = list(state_dict.get("image_indices", [])) or None
         self._layouts = {k: dict(v) for k, v in state_dict.get("layouts", {}).items()}
         self._last_step = int(state_dict.get("last_step", -1))
-
-
-def _should_skip(trainer: pl.Trainer) -> bool:
-    from pytorch_lightning.trainer.states import TrainerFn
-
-    return bool(trainer.sanity_checking or trainer.fast_dev_run or trainer.state.fn != TrainerFn.FITTING)
 
 
 def _collate(items: list[tuple], device: torch.device) -> tuple:

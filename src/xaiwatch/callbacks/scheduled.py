@@ -36,7 +36,7 @@ class ScheduledCallback(Callback):
 
     def __init__(self, every_n_epochs: int = 1, run_at_start: bool = False, on_error: str = "warn") -> None:
         validate_positive(every_n_epochs=every_n_epochs)
-        validate_choices(normalize="per_map", on_error=on_error)
+        validate_choices(on_error=on_error)
         self.every_n_epochs = int(every_n_epochs)
         self.run_at_start = bool(run_at_start)
         self.on_error = on_error

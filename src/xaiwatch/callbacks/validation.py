@@ -34,8 +34,9 @@ def validate_positive(**values: int) -> None:
             raise ConfigurationError(f"`{name}` must be >= 1, got {value}.")
 
 
-def validate_choices(normalize: str, on_error: str) -> None:
-    if normalize not in ("per_map", "fixed"):
+def validate_choices(normalize: str | None = None, on_error: str | None = None) -> None:
+    """Check the choices given (``None`` = not given)."""
+    if normalize is not None and normalize not in ("per_map", "fixed"):
         raise ConfigurationError(f"`normalize` can be per_map or fixed, got {normalize!r}.")
-    if on_error not in _ON_ERROR:
+    if on_error is not None and on_error not in _ON_ERROR:
         raise ConfigurationError(f"`on_error` can be warn or raise, got {on_error!r}.")
