@@ -10,13 +10,12 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_warn
 from typing_extensions import override
 
-from xaiwatch.adapters import DetectorAdapter, resolve_adapter
+from xaiwatch.adapters import DetectorAdapter
 from xaiwatch.analysis.boundary import min_epsilon, validate_attack
 from xaiwatch.callbacks.probes import (
     choose_probe_indices,
     largest_objects,
     load_probes,
-    tensorboard_writer,
     validation_dataset,
 )
 from xaiwatch.callbacks.scheduled import ScheduledCallback
@@ -134,8 +133,7 @@ class DecisionBoundaryCallback(ScheduledCallback):
         if stage != "fit":
             return
         name = type(self).__name__
-        self._writer = XaiWriter(tensorboard_writer(trainer, name)) if trainer.is_global_zero else None
-        self._adapter = resolve_adapter(pl_module, self.adapter)
+        self._adapter = self._connect(trainer, pl_module)
         dataset = validation_dataset(trainer, name)
         if self._probe_indices is None:  # not restored from a checkpoint
             self._probe_indices = self.probe_indices or choose_probe_indices(dataset, self.num_probe, self.seed, name)

@@ -11,10 +11,10 @@ import pytorch_lightning as pl
 import torch
 from typing_extensions import override
 
-from xaiwatch.adapters import DetectorAdapter, resolve_adapter
+from xaiwatch.adapters import DetectorAdapter
 from xaiwatch.analysis import COUNT_TYPES, ErrorCounts
 from xaiwatch.analysis.matching import validate_iou_thresholds
-from xaiwatch.callbacks.probes import probe_item, tensorboard_writer, validation_dataset
+from xaiwatch.callbacks.probes import probe_item, validation_dataset
 from xaiwatch.callbacks.scheduled import ScheduledCallback
 from xaiwatch.callbacks.validation import validate_methods, validate_positive
 from xaiwatch.core.context import explaining
@@ -129,8 +129,7 @@ class ErrorAnalysisCallback(ScheduledCallback):
         if stage != "fit":
             return
         name = type(self).__name__
-        self._writer = XaiWriter(tensorboard_writer(trainer, name)) if trainer.is_global_zero else None
-        adapter = resolve_adapter(pl_module, self.adapter)
+        adapter = self._connect(trainer, pl_module)
         if self.conf is not None:
             adapter = copy.copy(adapter)
             adapter.conf = self.conf

@@ -12,12 +12,11 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from typing_extensions import override
 
-from xaiwatch.adapters import DetectorAdapter, resolve_adapter
+from xaiwatch.adapters import DetectorAdapter
 from xaiwatch.callbacks.probes import (
     choose_probe_indices,
     largest_objects,
     load_probes,
-    tensorboard_writer,
     validation_dataset,
 )
 from xaiwatch.callbacks.scheduled import ScheduledCallback
@@ -141,8 +140,7 @@ class ExplainCallback(ScheduledCallback):
         if stage != "fit":
             return
         name = type(self).__name__
-        self._writer = XaiWriter(tensorboard_writer(trainer, name)) if trainer.is_global_zero else None
-        self._adapter = resolve_adapter(pl_module, self.adapter)
+        self._adapter = self._connect(trainer, pl_module)
         self._engines = {
             m: get_engine(m, self._adapter, layer=self.layer, seed=self.seed, **self.method_options.get(m, {}))
             for m in self.methods

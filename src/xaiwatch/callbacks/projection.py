@@ -12,8 +12,8 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from typing_extensions import override
 
-from xaiwatch.adapters import DetectorAdapter, resolve_adapter
-from xaiwatch.callbacks.probes import probe_item, tensorboard_writer, validation_dataset
+from xaiwatch.adapters import DetectorAdapter
+from xaiwatch.callbacks.probes import probe_item, validation_dataset
 from xaiwatch.callbacks.scheduled import ScheduledCallback
 from xaiwatch.callbacks.validation import validate_positive
 from xaiwatch.core.errors import ConfigurationError
@@ -139,8 +139,7 @@ class ProjectionCallback(ScheduledCallback):
         if stage != "fit":
             return
         name = type(self).__name__
-        self._writer = XaiWriter(tensorboard_writer(trainer, name)) if trainer.is_global_zero else None
-        self._adapter = resolve_adapter(pl_module, self.adapter)
+        self._adapter = self._connect(trainer, pl_module)
         self._layer_names = self._resolve_layers(self._adapter)
         num_classes = self._adapter.num_classes
         if self.max_points < num_classes:

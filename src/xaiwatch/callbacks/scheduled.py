@@ -11,8 +11,11 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_warn
 from typing_extensions import override
 
+from xaiwatch.adapters import DetectorAdapter, resolve_adapter
+from xaiwatch.callbacks.probes import tensorboard_writer
 from xaiwatch.callbacks.validation import validate_choices, validate_positive
 from xaiwatch.core.errors import ConfigurationError
+from xaiwatch.logging import XaiWriter
 
 __all__ = ["ScheduledCallback"]
 
@@ -45,6 +48,17 @@ class ScheduledCallback(Callback):
     @abstractmethod
     def _run(self, pl_module: pl.LightningModule, step: int) -> None:
         """The work of one scheduled step (rank zero only)."""
+
+    def _connect(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> DetectorAdapter:
+        """At ``setup()``: the TensorBoard writer (rank zero; others get ``None``) and the model's adapter.
+
+        Raises:
+            ConfigurationError: without a TensorBoard logger.
+            UnsupportedModelError: when no adapter can be found (the message says the three ways to give one).
+        """
+        name = type(self).__name__
+        self._writer = XaiWriter(tensorboard_writer(trainer, name)) if trainer.is_global_zero else None
+        return resolve_adapter(pl_module, getattr(self, "adapter", None))
 
     def _require_setup(self, *resolved: object) -> None:
         if any(r is None for r in resolved):
