@@ -59,6 +59,13 @@ def test_demo_learns(tmp_path):
     assert maps[-1] > 0.3 and maps[-1] > maps[0] + 0.2
     tracked = [e.value for e in acc.Scalars("explain_tracked/score_probe_00")]
     assert tracked[-1] > tracked[0]  # the tracked object's score grows as the model learns
+    # the demo preset's other views: projections, error analysis and the decision boundary, every scheduled epoch
+    tags = acc.Tags()
+    assert len(acc.Scalars("projection/neck.p3/silhouette")) == 6  # before training and after each epoch
+    true_positives = [e.value for e in acc.Scalars("errors/tp/all")]
+    assert len(true_positives) == 5 and true_positives[-1] > true_positives[0]
+    assert {"projection/neck.p3", "errors/confusion"} <= set(tags["images"])
+    assert any(t.startswith("boundary/min_eps/") for t in tags["scalars"])
 
 
 @pytest.mark.parametrize(

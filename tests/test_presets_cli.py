@@ -18,7 +18,7 @@ PRESETS = sorted((Path(__file__).parents[1] / "callbacks").glob("*.yaml"))
 
 
 def test_presets_exist():
-    assert {p.name for p in PRESETS} >= {"explain-default.yaml"}
+    assert {p.name for p in PRESETS} >= {"explain-default.yaml", "demo.yaml"}
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)

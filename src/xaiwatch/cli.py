@@ -11,7 +11,7 @@ from pathlib import Path
 
 __all__ = ["main", "run_demo"]
 
-DEFAULT_PRESET = "explain-default.yaml"
+DEFAULT_PRESET = "demo.yaml"
 
 
 def _default_preset() -> Path | None:
@@ -68,7 +68,10 @@ def run_demo(
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     print(f"[xaiwatch] done in {time.perf_counter() - start:.0f} s; final {metrics}")
     print(f"[xaiwatch] open the explanations with:\n\n    tensorboard --logdir {out.resolve()}\n")
-    print("IMAGES tab: explain/<method>/probe_<NN> (slide the step = epochs trained); SCALARS: val/map50, ...")
+    print(
+        "IMAGES: explain/<method>/probe_<NN> (slide the step = epochs trained), projection/<layer>, errors/confusion, "
+        "boundary/picture/...; PROJECTOR; SCALARS: val/map50, projection/.../silhouette, errors/..., boundary/min_eps/..."
+    )
     return Path(logger.log_dir)
 
 
