@@ -15,6 +15,7 @@ LIB = [
     "xaiwatch.logging",
     "xaiwatch.features",
     "xaiwatch.analysis",
+    "xaiwatch.checks",
 ]
 
 

@@ -22,6 +22,8 @@ _LAZY = {
     "MissedTarget": "xaiwatch.targets",
     "ErrorAnalysisCallback": "xaiwatch.callbacks",
     "DecisionBoundaryCallback": "xaiwatch.callbacks",
+    "SaliencyGate": "xaiwatch.callbacks",
+    "GatedModelCheckpoint": "xaiwatch.callbacks",
     "get_engine": "xaiwatch.explain",
     "available_methods": "xaiwatch.explain",
     "explaining": "xaiwatch.core",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -86,6 +87,20 @@ class DetectorAdapter(ABC):
         no such shortcut or ``layer`` is not a level input.
         """
         return None
+
+    def randomization_stages(self) -> list[tuple[str, list[str]]]:
+        """Module paths of the model from the top down, in the stages of the cascading randomisation check.
+
+        Each entry is ``(stage name, [dotted module paths])``; the check randomises them cumulatively, head first
+        (Adebayo et al., 2018). The default is one stage, the whole model.
+        """
+        return [("all", [""])]
+
+    def with_model(self, model: nn.Module) -> DetectorAdapter:
+        """The same adapter (class names, thresholds) bound to another model of the same family, e.g. a copy."""
+        twin = copy.copy(self)
+        twin.model = model
+        return twin
 
     def reset_caches(self) -> None:
         """Invalidate caches the model keeps between calls (anchors). The explaining context calls it."""

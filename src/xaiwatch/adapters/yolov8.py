@@ -123,6 +123,16 @@ class YOLOv8Adapter(DetectorAdapter):
 
         return scores
 
+    def randomization_stages(self) -> list[tuple[str, list[str]]]:
+        """``head`` (``Detect``), then ``neck`` (the layers after the backbone), then ``backbone``."""
+        n = len(self.model.model)
+        n_backbone = len(getattr(self.model, "yaml", {}).get("backbone", [])) or min(self.head.f)
+        return [
+            ("head", [f"model.{n - 1}"]),
+            ("neck", [f"model.{i}" for i in range(n_backbone, n - 1)]),
+            ("backbone", [f"model.{i}" for i in range(n_backbone)]),
+        ]
+
     def layer_names(self) -> dict[str, str]:
         """Aliases ``neck.p3`` … and ``backbone.p3`` … to ``model.<i>`` paths (see class docstring)."""
         if self._layers is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from xaiwatch.callbacks.boundary import DecisionBoundaryCallback
 from xaiwatch.callbacks.error_analysis import ErrorAnalysisCallback
 from xaiwatch.callbacks.explain import ExplainCallback
+from xaiwatch.callbacks.gate import GatedModelCheckpoint, SaliencyGate
 from xaiwatch.callbacks.presets import load_callbacks
 from xaiwatch.callbacks.projection import ProjectionCallback
 
@@ -12,6 +13,8 @@ __all__ = [
     "DecisionBoundaryCallback",
     "ErrorAnalysisCallback",
     "ExplainCallback",
+    "GatedModelCheckpoint",
+    "SaliencyGate",
     "ProjectionCallback",
     "load_callbacks",
 ]

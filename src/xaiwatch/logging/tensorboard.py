@@ -51,6 +51,16 @@ class Tags:
     ERRORS_SECONDS = "errors/seconds"
     BOUNDARY_SECONDS = "boundary/seconds"
 
+    # ---- saliency checks and the gate (SaliencyGate)
+    GATE_PASS = "saliency/gate_pass"
+    GATE_REASON = "saliency/gate_reason"
+    GATE_SECONDS = "saliency/seconds"
+
+    @staticmethod
+    def check(key: str) -> str:
+        """``saliency/<check>/<method>`` (map checks) or ``saliency/<check>`` (model checks): the mean over probes."""
+        return f"saliency/{key}"
+
     @staticmethod
     def errors(kind: str, cls: str) -> str:
         """``errors/<kind>/<class>``: a count per epoch; ``kind`` is tp, fp, fn or a TIDE type, class ``all`` sums."""
@@ -145,6 +155,15 @@ class XaiWriter:
     def picture(self, tag: str, picture: np.ndarray, step: int) -> None:
         """Write one :math:`(H, W, 3)` uint8 picture under a tag built by :class:`Tags`."""
         self.writer.add_image(tag, picture, global_step=step, dataformats="HWC")
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        """Write markdown text under a tag built by :class:`Tags`."""
+        self.writer.add_text(tag, text, global_step=step)
+
+    def custom_scalars(self, layout: dict) -> None:
+        """Register a custom-scalars layout (the CUSTOM SCALARS dashboard), once."""
+        if callable(getattr(self.writer, "add_custom_scalars", None)):
+            self.writer.add_custom_scalars(layout)
 
     def flush(self) -> None:
         """Flush the underlying writer."""

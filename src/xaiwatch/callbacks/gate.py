@@ -1,0 +1,389 @@
+"""``SaliencyGate`` and ``GatedModelCheckpoint``: refuse checkpoints of a model that looks in the wrong place."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.utilities import rank_zero_warn
+from typing_extensions import override
+
+from xaiwatch.adapters import DetectorAdapter
+from xaiwatch.callbacks.probes import choose_probe_indices, largest_objects, load_probes, validation_dataset
+from xaiwatch.callbacks.scheduled import ScheduledCallback
+from xaiwatch.callbacks.validation import validate_methods, validate_positive, validate_probe_indices
+from xaiwatch.checks.evaluate import CheckOptions, evaluate_checks
+from xaiwatch.checks.rule import MAP_CHECKS, decide, parse_rules
+from xaiwatch.core.errors import ConfigurationError
+from xaiwatch.core.types import ProbeSet
+from xaiwatch.logging.tensorboard import Tags
+from xaiwatch.targets import MatchedBoxTarget
+
+__all__ = ["SaliencyGate", "GatedModelCheckpoint", "DEFAULT_CHECKS"]
+
+#: Default thresholds (see the README, "Choosing thresholds"): input-gradient energy inside the tracked box and
+#: the score lost when the context is replaced by grey separated context-shortcut models from clean ones on
+#: every seed measured; the pointing game is logged, not gated on.
+DEFAULT_CHECKS: dict[str, float | None] = {"energy_in_box": 0.25, "context_reliance": 0.2, "pointing_game": None}
+MODES = ("block", "warn", "stop")
+
+Counterfactual = Callable[[torch.Tensor, list, list], torch.Tensor]
+
+
+class SaliencyGate(ScheduledCallback):
+    """Run saliency checks on a fixed probe set at each validation end and decide whether the model passes.
+
+    The checks (see :mod:`xaiwatch.checks`) run on probe images from the validation set, one tracked object per
+    probe (its largest ground-truth box, followed by IoU as the detections change). Each value is logged as
+    ``saliency/<check>/<method>`` (map checks, mean over probes) or ``saliency/<check>`` (model checks), together
+    with ``saliency/gate_pass`` (1 or 0) and, when it fails, the reasons as TensorBoard text
+    (``saliency/gate_reason``); a CUSTOM SCALARS layout groups them. ``saliency/gate_pass`` is also put in
+    ``trainer.callback_metrics`` (monitorable). The decision is taken on global rank zero and broadcast, so
+    every rank agrees. Checks never change training (they run in :func:`~xaiwatch.core.context.explaining`;
+    randomisation works on deep copies).
+
+    Modes: ``"block"`` — :class:`GatedModelCheckpoint` saves only passing models; ``"warn"`` — failures are
+    warned about and logged, checkpoints are not refused; ``"stop"`` — as ``block``, and training stops after
+    ``patience`` consecutive failing validations.
+
+    Args:
+        checks: check name (or ``check/method``) to threshold, ``None`` to log a check without gating on it.
+            Direction is the check's own: ``pointing_game``, ``energy_in_box``, ``insertion_auc``, ``stability``
+            must be at least the threshold; ``off_object_energy``, ``deletion_auc``, ``randomization_ssim``,
+            ``randomization_spearman``, ``context_reliance``, ``counterfactual_flip`` at most.
+        methods: explanation methods whose maps the map checks judge.
+        mode: ``"block"``, ``"warn"`` or ``"stop"``.
+        patience: failing validations in a row before ``mode="stop"`` stops training.
+        num_probe: probe images (seeded choice among validation images with boxes).
+        probe_indices: explicit validation indices instead.
+        every_n_epochs: evaluate after every n-th epoch's validation (other epochs have no decision, so
+            :class:`GatedModelCheckpoint` does not save them).
+        counterfactual: for ``counterfactual_flip``: a function ``(images, boxes, labels) -> images`` changing the
+            suspected cue, or the ``dataset.yaml`` / folder of a counterfactual copy of the validation set in the
+            same order (:func:`xaiwatch.data.write_counterfactual`).
+        options: settings of the checks (:class:`~xaiwatch.checks.CheckOptions`).
+        adapter: the model adapter (default: from the module).
+        layer: layer of CAM methods.
+        on_error: ``"warn"``: an error while checking fails the gate for that epoch and training continues;
+            ``"raise"``.
+        seed: probe choice and stochastic parts.
+
+    Raises:
+        ConfigurationError: for an unknown check or method, a threshold outside its range, an unknown mode, and
+            at ``setup()`` for missing validation data, probes without ground-truth boxes, or
+            ``counterfactual_flip`` without ``counterfactual``.
+    """
+
+    def __init__(
+        self,
+        checks: Mapping[str, float | None] | None = None,
+        methods: Sequence[str] = ("saliency",),
+        mode: str = "block",
+        patience: int = 1,
+        num_probe: int = 16,
+        probe_indices: Sequence[int] | None = None,
+        every_n_epochs: int = 1,
+        counterfactual: Counterfactual | str | Path | None = None,
+        options: CheckOptions | None = None,
+        adapter: DetectorAdapter | None = None,
+        layer: str | None = None,
+        on_error: str = "warn",
+        seed: int = 0,
+    ) -> None:
+        methods = [methods] if isinstance(methods, str) else list(methods)
+        if methods:
+            validate_methods(methods)
+        checks = dict(DEFAULT_CHECKS if checks is None else checks)
+        self.rules, self.needed = parse_rules(checks, methods)
+        if mode not in MODES:
+            raise ConfigurationError(f"`mode` can be {', '.join(MODES)}, got {mode!r}.")
+        if probe_indices is not None:
+            probe_indices = validate_probe_indices(probe_indices)
+            num_probe = len(probe_indices)
+        validate_positive(num_probe=num_probe, patience=patience)
+        if "counterfactual_flip" in self.needed and counterfactual is None:
+            raise ConfigurationError(
+                "The check 'counterfactual_flip' needs `counterfactual=`: a function (images, boxes, labels) -> images "
+                "that changes the suspected cue, or a counterfactual copy of the validation set "
+                "(xaiwatch.data.write_counterfactual)."
+            )
+        if options is not None and not isinstance(options, CheckOptions):
+            raise ConfigurationError(f"`options` must be a CheckOptions, got {type(options).__name__}.")
+        super().__init__(every_n_epochs=every_n_epochs, run_at_start=False, on_error=on_error)
+        self.checks = checks
+        self.methods = [m for m in methods if any(c in MAP_CHECKS for c in self.needed)] or []
+        self.mode = mode
+        self.patience = int(patience)
+        self.num_probe = int(num_probe)
+        self.probe_indices = probe_indices
+        self.counterfactual = counterfactual
+        self.options = options or CheckOptions(seed=seed)
+        self.adapter = adapter
+        self.layer = layer
+        self.seed = int(seed)
+        # state (state_dict)
+        self.history: list[dict[str, Any]] = []
+        self._probe_indices: list[int] | None = None
+        self._failures = 0
+        # resolved at setup
+        self._adapter: DetectorAdapter | None = None
+        self._engines: dict[str, Any] = {}
+        self._probes: ProbeSet | None = None
+        self._counterfactuals: torch.Tensor | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(checks=sorted(self.checks), methods=self.methods)
+
+    # ---------------------------------------------------------------------------------------------- setup
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        from xaiwatch.explain import get_engine
+
+        name = type(self).__name__
+        self._adapter = self._connect(trainer, pl_module)
+        self._engines = {m: get_engine(m, self._adapter, layer=self.layer, seed=self.seed) for m in self.methods}
+        dataset = validation_dataset(trainer, name)
+        if self._probe_indices is None:
+            self._probe_indices = self.probe_indices or choose_probe_indices(dataset, self.num_probe, self.seed, name)
+        self._probes = load_probes(dataset, self._probe_indices, name)
+        empty = [i for i, b in zip(self._probe_indices, self._probes.boxes) if not len(b)]
+        if empty:
+            raise ConfigurationError(
+                f"{name}: probe images {empty} (validation indices) have no ground-truth boxes; the saliency checks "
+                "need the object's box. Choose `probe_indices` with boxes or a validation set whose images have labels."
+            )
+        if self.counterfactual is not None:
+            self._counterfactuals = self._load_counterfactuals(self.counterfactual, name)
+        if self._writer is not None:
+            self._writer.custom_scalars(self._layout())
+
+    def _load_counterfactuals(self, source: Counterfactual | str | Path, name: str) -> torch.Tensor:
+        probes = self._probes
+        if callable(source):
+            out = source(
+                probes.images.clone(), [b.clone() for b in probes.boxes], [lab.clone() for lab in probes.labels]
+            )
+            if not isinstance(out, torch.Tensor) or out.shape != probes.images.shape:
+                raise ConfigurationError(
+                    f"{name}: `counterfactual` must return images of shape {tuple(probes.images.shape)}, got "
+                    f"{getattr(out, 'shape', type(out).__name__)}."
+                )
+            return out.detach().float()
+        from xaiwatch.data.yolo import YoloDataset, _read_dataset_yaml
+
+        path = Path(source)
+        yaml_path = path / "dataset.yaml" if path.is_dir() else path
+        if not yaml_path.is_file():
+            raise ConfigurationError(
+                f"{name}: `counterfactual` {str(source)!r} is neither a function nor a dataset.yaml."
+            )
+        names, splits = _read_dataset_yaml(yaml_path)
+        dataset = YoloDataset(splits["val"], names=names, imgsz=probes.images.shape[-1])
+        cf = load_probes(dataset, self._probe_indices, name)
+        if cf.images.shape != probes.images.shape or any(not torch.equal(a, b) for a, b in zip(cf.boxes, probes.boxes)):
+            raise ConfigurationError(
+                f"{name}: the counterfactual set {str(yaml_path)!r} does not match the validation set (other images "
+                "or boxes at the probe indices); write it from the same data with xaiwatch.data.write_counterfactual."
+            )
+        return cf.images
+
+    def _layout(self) -> dict:
+        charts = {}
+        for check in sorted(self.needed):
+            tag = Tags.check(check) + ("/.*" if check in MAP_CHECKS else "")
+            charts[check] = ["Multiline", [tag]]
+        charts["gate_pass"] = ["Multiline", [Tags.GATE_PASS]]
+        return {"xaiwatch saliency gate": charts}
+
+    # ---------------------------------------------------------------------------------------------- hooks
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._should_skip(trainer):
+            return
+        step = trainer.current_epoch + 1
+        if step % self.every_n_epochs:
+            return
+        record = self._run(pl_module, step) if trainer.is_global_zero else None
+        record = trainer.strategy.broadcast(record, src=0)
+        self._record(trainer, pl_module, record)
+
+    def _evaluate_safely(self, pl_module: pl.LightningModule, step: int, global_step: int) -> dict[str, Any]:
+        start = time.perf_counter()
+        try:
+            values = self.evaluate(pl_module)
+            passed, reasons = decide(values, self.rules)
+        except Exception as err:
+            if self.on_error == "raise":
+                raise
+            values, passed = {}, False
+            reasons = [f"the checks failed with {type(err).__name__}: {err}"]
+            rank_zero_warn(
+                f"{type(self).__name__} failed at step {step} ({type(err).__name__}: {err}); the gate fails."
+            )
+        seconds = time.perf_counter() - start
+        return {
+            "step": step,
+            "global_step": int(global_step),
+            "passed": bool(passed),
+            "reasons": reasons,
+            "values": {k: float(v) for k, v in values.items()},
+            "seconds": seconds,
+        }
+
+    def evaluate(self, pl_module: pl.LightningModule | None = None) -> dict[str, float]:
+        """Run the checks now on the probe set: the mean value of each check (keys as in the rules)."""
+        self._require_setup(self._adapter, self._probes)
+        device = next(self._adapter.model.parameters()).device
+        probes = self._probes.to(device)
+        tracked = [largest_objects(b, lab, 1)[0] for b, lab in zip(probes.boxes, probes.labels)]
+        targets = [MatchedBoxTarget(t[:4], int(t[4]), conf=self._adapter.conf) for t in tracked]
+        boxes = torch.tensor([t[:4] for t in tracked], device=device)
+        cf = self._counterfactuals.to(device) if self._counterfactuals is not None else None
+        values, _ = evaluate_checks(
+            self._adapter, self._engines, probes.images, targets, boxes, probes.boxes, self.needed, self.options, cf
+        )
+        return values
+
+    def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        passed = record["passed"]
+        self._failures = 0 if passed else self._failures + 1
+        trainer.callback_metrics[Tags.GATE_PASS] = torch.tensor(float(passed))
+        if self._writer is not None:
+            step = record["step"]
+            for key, value in record["values"].items():
+                if value == value:
+                    self._writer.scalar(Tags.check(key), value, step)
+            self._writer.scalar(Tags.GATE_PASS, float(passed), step)
+            self._writer.scalar(Tags.GATE_SECONDS, record["seconds"], step)
+            text = "passed" if passed else "failed:\n\n" + "\n".join(f"- {r}" for r in record["reasons"])
+            self._writer.text(Tags.GATE_REASON, f"epoch {step}: {text}", step)
+            self._writer.flush()
+        if not passed:
+            reasons = "; ".join(record["reasons"])
+            if self.mode == "warn":
+                rank_zero_warn(f"SaliencyGate: epoch {record['step']} failed the saliency checks: {reasons}.")
+            if self.mode == "stop" and self._failures >= self.patience:
+                trainer.should_stop = True
+                rank_zero_warn(
+                    f"SaliencyGate: stopping training after {self._failures} failing validation(s): {reasons}."
+                )
+
+    def _run(self, pl_module: pl.LightningModule, step: int) -> dict[str, Any]:
+        """Evaluate on this rank (rank zero); the hook broadcasts the record so that every rank decides alike."""
+        return self._evaluate_safely(pl_module, step, pl_module.trainer.global_step)
+
+    # ------------------------------------------------------------------------------------------- decisions
+    @property
+    def last(self) -> dict[str, Any] | None:
+        """The last decision: ``step``, ``global_step``, ``passed``, ``reasons``, ``values``."""
+        return self.history[-1] if self.history else None
+
+    def allows_checkpoint(self, global_step: int) -> bool:
+        """Whether the weights after ``global_step`` optimiser steps may be saved.
+
+        In ``"warn"`` mode always; otherwise only when the gate evaluated exactly these weights and they passed.
+        """
+        if self.mode == "warn":
+            return True
+        last = self.last
+        return last is not None and last["global_step"] == int(global_step) and bool(last["passed"])
+
+    # ---------------------------------------------------------------------------------------------- state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "history": [dict(r) for r in self.history],
+            "probe_indices": list(self._probe_indices or []),
+            "failures": self._failures,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [dict(r) for r in state_dict.get("history", [])]
+        self._probe_indices = list(state_dict.get("probe_indices", [])) or None
+        self._failures = int(state_dict.get("failures", 0))
+
+
+class GatedModelCheckpoint(ModelCheckpoint):
+    """A ``ModelCheckpoint`` that saves only models whose validation passed every :class:`SaliencyGate`.
+
+    Takes every argument of ``ModelCheckpoint``. A checkpoint is written at a validation end (or train epoch
+    end) only when the trainer's gates evaluated exactly these weights and they passed (gates in ``"warn"``
+    mode never refuse). So ``best_model_path`` and the top-k files are always passing models, even while fewer
+    than ``save_top_k`` exist (Lightning's ``check_monitor_top_k`` would keep a refused model there whatever its
+    monitored value). ``save_last=True``: ``last.ckpt`` is written with each *passing* save, so it is the newest
+    passing model, and never at the end of training or on an exception for a model that did not pass; keep a
+    plain ``ModelCheckpoint(save_last=True)`` beside it if you also want the newest model for resuming.
+
+    Raises:
+        ConfigurationError: for ``every_n_train_steps`` or ``train_time_interval`` (gate decisions exist only at
+            validation), and at ``setup()`` when the trainer has no :class:`SaliencyGate`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self._every_n_train_steps or self._train_time_interval is not None:
+            raise ConfigurationError(
+                "GatedModelCheckpoint saves only models the SaliencyGate evaluated, which happens at validation: "
+                "remove `every_n_train_steps` / `train_time_interval` (use `every_n_epochs`)."
+            )
+        self._gates: list[SaliencyGate] = []
+        self.refused: list[int] = []
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._gates = [cb for cb in trainer.callbacks if isinstance(cb, SaliencyGate)]
+        if stage == "fit" and not self._gates:
+            raise ConfigurationError(
+                "GatedModelCheckpoint needs a SaliencyGate in the Trainer's callbacks (it saves only models the gate "
+                "passed): add `SaliencyGate(...)` to `callbacks=[...]`, or use a plain ModelCheckpoint."
+            )
+
+    def _allowed(self, trainer: pl.Trainer) -> bool:
+        return all(g.allows_checkpoint(trainer.global_step) for g in self._gates)
+
+    def _gated(self, trainer: pl.Trainer, save: Callable[[], None]) -> None:
+        if self._allowed(trainer):
+            save()
+        elif trainer.current_epoch not in self.refused:
+            self.refused.append(trainer.current_epoch)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._should_save_on_train_epoch_end(trainer) and not self._should_skip_saving_checkpoint(trainer):
+            self._gated(trainer, lambda: super(GatedModelCheckpoint, self).on_train_epoch_end(trainer, pl_module))
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._should_save_on_train_epoch_end(trainer) and not self._should_skip_saving_checkpoint(trainer):
+            self._gated(trainer, lambda: super(GatedModelCheckpoint, self).on_validation_end(trainer, pl_module))
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._allowed(trainer):
+            super().on_train_end(trainer, pl_module)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._allowed(trainer):
+            super().on_exception(trainer, pl_module, exception)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "refused": list(self.refused)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.refused = list(state_dict.get("refused", []))

@@ -1,0 +1,47 @@
+"""Saliency checks: plain functions over maps, boxes and models (no Lightning), and the gate's decision rule.
+
+Each check answers one question about an explanation or about the model it explains:
+
+- :func:`pointing_game`, :func:`energy_in_box`, :func:`off_object_energy` — does the map point at the object?
+- :func:`deletion_insertion` — does the box's score follow the map's ranking of pixels?
+- :func:`randomization_similarity` — does the map change when the model's weights are randomised?
+- :func:`stability` — does the map survive small input noise?
+- :func:`context_reliance` — does the box's score survive the removal of everything around it?
+- :func:`flip_rate` — does the predicted class change when only a suspected cue changes?
+"""
+
+from __future__ import annotations
+
+from xaiwatch.checks.counterfactual import flip_rate, object_classes
+from xaiwatch.checks.evaluate import CheckOptions, evaluate_checks
+from xaiwatch.checks.localization import box_masks, energy_in_box, off_object_energy, pointing_game
+from xaiwatch.checks.perturbation import FILLS, context_reliance, deletion_insertion, fill_image, stability
+from xaiwatch.checks.randomization import cascading_randomization, randomization_similarity, randomize
+from xaiwatch.checks.rule import CHECKS, Rule, decide, parse_rules
+from xaiwatch.checks.similarity import normalize_magnitude, spearman, ssim
+
+__all__ = [
+    "CHECKS",
+    "CheckOptions",
+    "FILLS",
+    "Rule",
+    "decide",
+    "evaluate_checks",
+    "parse_rules",
+    "box_masks",
+    "cascading_randomization",
+    "context_reliance",
+    "deletion_insertion",
+    "energy_in_box",
+    "fill_image",
+    "flip_rate",
+    "normalize_magnitude",
+    "object_classes",
+    "off_object_energy",
+    "pointing_game",
+    "randomization_similarity",
+    "randomize",
+    "spearman",
+    "ssim",
+    "stability",
+]
