@@ -135,6 +135,7 @@ class SaliencyGate(ScheduledCallback):
         self._engines: dict[str, Any] = {}
         self._probes: ProbeSet | None = None
         self._counterfactuals: torch.Tensor | None = None
+        self._writer = None
 
     @property
     @override
