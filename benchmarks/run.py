@@ -172,6 +172,14 @@ def main() -> None:
 
     results["analysis"] = bench_analysis()
     print(json.dumps(results["analysis"], indent=1, default=str))
+    print("\n== Saliency checks vs one explanation of 16 probes; the gate's share of epoch time ==")
+    from bench_gate import bench_gate
+
+    results["gate"] = bench_gate(args.quick)
+    for name, r in results["gate"]["checks"].items():
+        print(f"  {name:40s} {r['seconds']:8.3f} s  {r['x_explanation']:6.2f} x explanation")
+    for name, v in results["gate"]["share"].items():
+        print(f"  {name:40s} {v:9.3f}")
     print("\n== ExplainCallback share of epoch time, demo configuration ==")
     results["callback_share"] = bench_callback_share(args.quick)
     for name, v in results["callback_share"].items():

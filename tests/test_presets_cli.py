@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import yaml
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from conftest import tiny_cfg
-from xaiwatch.callbacks import ExplainCallback, load_callbacks
+from xaiwatch.callbacks import ExplainCallback, SaliencyGate, load_callbacks
 from xaiwatch.core.errors import ConfigurationError
 from xaiwatch.models import YOLOv8Module
 
@@ -29,7 +30,7 @@ def test_preset_loads_and_runs(preset, tmp_path, square_loaders):
     for cb, d in zip(callbacks, declared):
         for key, value in (d.get("init_args") or {}).items():
             assert getattr(cb, key) == value, key
-        if isinstance(cb, ExplainCallback):
+        if isinstance(cb, (ExplainCallback, SaliencyGate)):
             cb.on_error = "raise"
             cb.num_probe = min(cb.num_probe, 4)
             cb.every_n_epochs = 1
@@ -39,7 +40,7 @@ def test_preset_loads_and_runs(preset, tmp_path, square_loaders):
         limit_train_batches=1,
         num_sanity_val_steps=0,
         enable_progress_bar=False,
-        enable_checkpointing=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         enable_model_summary=False,
         callbacks=callbacks,
         accelerator="cpu",
@@ -48,8 +49,11 @@ def test_preset_loads_and_runs(preset, tmp_path, square_loaders):
     trainer.fit(YOLOv8Module(tiny_cfg(), num_classes=3), *square_loaders)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"images": 0})
+    acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
+    if any(isinstance(c, SaliencyGate) for c in callbacks):
+        assert len(acc.Scalars("saliency/gate_pass")) == 1
+        assert "saliency/energy_in_box/saliency" in acc.Tags()["scalars"]
     methods = [m for c in callbacks if isinstance(c, ExplainCallback) for m in c.methods]
     assert {t.split("/")[1] for t in acc.Tags()["images"] if t.startswith("explain/")} == set(methods)
 

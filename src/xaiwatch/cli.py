@@ -38,6 +38,7 @@ def run_demo(
     """Generate the shapes dataset, fine-tune YOLOv8 on it with the explain callbacks, return the log directory."""
     os.environ.setdefault("YOLO_OFFLINE", "1")
     import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import TensorBoardLogger
 
     from xaiwatch.callbacks import ExplainCallback, load_callbacks
@@ -61,12 +62,18 @@ def run_demo(
         logger=logger,
         callbacks=callbacks,
         log_every_n_steps=10,
-        enable_checkpointing=False,
+        enable_checkpointing=any(isinstance(cb, ModelCheckpoint) for cb in callbacks),
         deterministic=False,
     )
     trainer.fit(module, datamodule=datamodule)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "saliency/gate"))}
     print(f"[xaiwatch] done in {time.perf_counter() - start:.0f} s; final {metrics}")
+    for cb in callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.dirpath:
+            saved = sorted(p.name for p in Path(cb.dirpath).glob("*.ckpt")) if Path(cb.dirpath).exists() else []
+            refused = getattr(cb, "refused", None)
+            extra = f"; epochs refused by the saliency gate: {[e + 1 for e in refused]}" if refused else ""
+            print(f"[xaiwatch] checkpoints in {cb.dirpath}: {saved or 'none'}{extra}")
     print(f"[xaiwatch] open the explanations with:\n\n    tensorboard --logdir {out.resolve()}\n")
     print(
         "IMAGES: explain/<method>/probe_<NN> (slide the step = epochs trained), projection/<layer>, errors/confusion, "

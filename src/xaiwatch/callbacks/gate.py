@@ -29,7 +29,7 @@ __all__ = ["SaliencyGate", "GatedModelCheckpoint", "DEFAULT_CHECKS"]
 #: Default thresholds (see the README, "Choosing thresholds"): input-gradient energy inside the tracked box and
 #: the score lost when the context is replaced by grey separated context-shortcut models from clean ones on
 #: every seed measured; the pointing game is logged, not gated on.
-DEFAULT_CHECKS: dict[str, float | None] = {"energy_in_box": 0.25, "context_reliance": 0.2, "pointing_game": None}
+DEFAULT_CHECKS: dict[str, float | None] = {"energy_in_box": 0.45, "context_reliance": 0.1, "pointing_game": None}
 MODES = ("block", "warn", "stop")
 
 Counterfactual = Callable[[torch.Tensor, list, list], torch.Tensor]
@@ -66,7 +66,7 @@ class SaliencyGate(ScheduledCallback):
         counterfactual: for ``counterfactual_flip``: a function ``(images, boxes, labels) -> images`` changing the
             suspected cue, or the ``dataset.yaml`` / folder of a counterfactual copy of the validation set in the
             same order (:func:`xaiwatch.data.write_counterfactual`).
-        options: settings of the checks (:class:`~xaiwatch.checks.CheckOptions`).
+        options: settings of the checks (:class:`~xaiwatch.checks.CheckOptions` or a dict of its fields).
         adapter: the model adapter (default: from the module).
         layer: layer of CAM methods.
         on_error: ``"warn"``: an error while checking fails the gate for that epoch and training continues;
@@ -89,7 +89,7 @@ class SaliencyGate(ScheduledCallback):
         probe_indices: Sequence[int] | None = None,
         every_n_epochs: int = 1,
         counterfactual: Counterfactual | str | Path | None = None,
-        options: CheckOptions | None = None,
+        options: CheckOptions | Mapping[str, Any] | None = None,
         adapter: DetectorAdapter | None = None,
         layer: str | None = None,
         on_error: str = "warn",
@@ -112,8 +112,13 @@ class SaliencyGate(ScheduledCallback):
                 "that changes the suspected cue, or a counterfactual copy of the validation set "
                 "(xaiwatch.data.write_counterfactual)."
             )
+        if isinstance(options, Mapping):
+            unknown = sorted(set(options) - set(CheckOptions.__dataclass_fields__))
+            if unknown:
+                raise ConfigurationError(f"Unknown `options` {unknown}; known: {sorted(CheckOptions.__dataclass_fields__)}.")
+            options = CheckOptions(**{"seed": seed, **options})
         if options is not None and not isinstance(options, CheckOptions):
-            raise ConfigurationError(f"`options` must be a CheckOptions, got {type(options).__name__}.")
+            raise ConfigurationError(f"`options` must be a CheckOptions or a dict of its fields, got {type(options).__name__}.")
         super().__init__(every_n_epochs=every_n_epochs, run_at_start=False, on_error=on_error)
         self.checks = checks
         self.methods = [m for m in methods if any(c in MAP_CHECKS for c in self.needed)] or []

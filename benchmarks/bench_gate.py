@@ -1,0 +1,113 @@
+"""Saliency checks and the gate, measured (not asserted).
+
+- each check's cost on 16 probes (YOLOv8n, 160 px, saliency maps) as a ratio to one explanation of the same
+  probes (the 16 saliency maps the map checks judge);
+- the gate's share of epoch time with default settings (16 probes, energy in box + context reliance + pointing
+  game) in the demo configuration (600 training images, batch 16, 160 px).
+
+Run: python benchmarks/bench_gate.py [--quick] (or through benchmarks/run.py).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def bench_check_costs(repeat: int = 3) -> dict:
+    from bench_analysis import _responsive
+    from run import timeit
+
+    from xaiwatch.adapters import YOLOv8Adapter
+    from xaiwatch.checks import CHECKS, CheckOptions, evaluate_checks
+    from xaiwatch.explain import get_engine
+    from xaiwatch.models.yolov8 import _build_detection_model
+    from xaiwatch.targets import MatchedBoxTarget
+
+    torch.manual_seed(0)
+    net = _responsive(_build_detection_model("yolov8n.yaml", 3))
+    adapter = YOLOv8Adapter(net)
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(16, 3, 160, 160, generator=g)
+    xy = torch.randint(0, 110, (16, 2), generator=g).float()
+    boxes = torch.cat([xy, xy + 40], dim=1)
+    targets = [MatchedBoxTarget(b, 0) for b in boxes]
+    engines = {"saliency": get_engine("saliency", adapter)}
+    gt = [b[None] for b in boxes]
+    options = CheckOptions(min_score=0.0)
+
+    def explain():
+        return [engines["saliency"].attribute_boxes(images[i : i + 1], [t]) for i, t in enumerate(targets)]
+
+    base = timeit(explain, repeat)
+    rows = {"one explanation (16 saliency maps)": {"seconds": base, "x_explanation": 1.0}}
+    for check in CHECKS:
+        cf = images.flip(-1) if check == "counterfactual_flip" else None
+        seconds = timeit(
+            lambda check=check, cf=cf: evaluate_checks(
+                adapter, engines, images, targets, boxes, gt, {check}, options, cf
+            ),
+            repeat,
+        )
+        rows[check] = {"seconds": seconds, "x_explanation": seconds / base, "extra_x": (seconds - base) / base}
+    return rows
+
+
+def bench_gate_share(quick: bool) -> dict:
+    import pytorch_lightning as pl
+
+    from xaiwatch.callbacks import SaliencyGate
+    from xaiwatch.data import YoloDataModule, generate
+    from xaiwatch.models import YOLOv8Module
+
+    out = Path("bench_output")
+    n_train = 160 if quick else 600
+    data = generate(out / "gate_data", num_train=n_train, num_val=64, imgsz=160, seed=0, overwrite=True)
+    dm = YoloDataModule(str(data), imgsz=160, batch_size=16)
+    times: dict[str, float] = {}
+
+    class Clock(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            times["start"] = time.perf_counter()
+
+        def on_validation_end(self, trainer, pl_module):
+            times["epoch"] = time.perf_counter() - times["start"]
+
+    gate = SaliencyGate(on_error="raise")
+    torch.manual_seed(0)
+    module = YOLOv8Module("yolov8n.yaml", num_classes=dm.num_classes, names=dm.names)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        logger=pl.loggers.TensorBoardLogger(str(out), name="bench_gate"),
+        callbacks=[Clock(), gate],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, datamodule=dm)
+    gate_s = gate.history[-1]["seconds"]
+    epoch = (times["epoch"] - gate_s) * 600 / n_train
+    return {
+        "train+val epoch seconds (600 images)": epoch,
+        "gate seconds (16 probes, default checks)": gate_s,
+        "share of epoch time": gate_s / (epoch + gate_s),
+    }
+
+
+def bench_gate(quick: bool) -> dict:
+    return {"checks": bench_check_costs(2 if quick else 3), "share": bench_gate_share(quick)}
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(bench_gate("--quick" in sys.argv), indent=1))
