@@ -233,7 +233,7 @@ def test_bad_input_fails_early(tmp_path, square_loaders):
         )
     with pytest.raises(ConfigurationError, match="must return images of shape"):
         gate = SaliencyGate(
-            checks={"counterfactual_flip": 0.3}, methods=[], num_probe=2, counterfactual=lambda x, b, l: x[:1]
+            checks={"counterfactual_flip": 0.3}, methods=[], num_probe=2, counterfactual=lambda x, b, labels: x[:1]
         )
         _trainer(tmp_path, [gate]).fit(_module(), *square_loaders)
 
@@ -243,7 +243,7 @@ def test_counterfactual_function_feeds_the_flip_check(tmp_path, square_loaders):
         checks={"counterfactual_flip": 1.0},
         methods=[],
         num_probe=3,
-        counterfactual=lambda x, b, l: x.flip(1),
+        counterfactual=lambda x, b, labels: x.flip(1),
         on_error="raise",
     )
     trainer = _trainer(tmp_path, [gate], epochs=1)
