@@ -27,7 +27,7 @@ def test_demo_command_writes_dataset_and_explanations(tmp_path, capsys):
             "--num-train",
             "16",
             "--num-val",
-            "8",
+            "16",
             "--imgsz",
             "64",
             "--batch-size",
@@ -38,7 +38,7 @@ def test_demo_command_writes_dataset_and_explanations(tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     assert f"tensorboard --logdir {out.resolve()}" in printed
-    assert len(list((out / "data" / "images" / "val").glob("*.png"))) == 8
+    assert len(list((out / "data" / "images" / "val").glob("*.png"))) == 16
     log_dirs = list((out / "tensorboard").glob("version_*"))
     assert len(log_dirs) == 1
     acc = _acc(log_dirs[0])
@@ -46,6 +46,9 @@ def test_demo_command_writes_dataset_and_explanations(tmp_path, capsys):
     assert tags == {f"explain/{m}/probe_{i:02d}" for m in ("saliency", "grad_cam") for i in range(8)}
     assert [e.step for e in acc.Images("explain/grad_cam/probe_07")] == [0, 1]
     assert {"val/map50", "val/map", "xaiwatch/explain_seconds"} <= set(acc.Tags()["scalars"])
+    # the saliency gate judged the one epoch; an untrained model fails it, so no checkpoint is written
+    assert [e.value for e in acc.Scalars("saliency/gate_pass")] == [0.0]
+    assert "checkpoints in" in printed and "none; epochs refused by the saliency gate: [1]" in printed
 
 
 @pytest.mark.slow
@@ -66,6 +69,11 @@ def test_demo_learns(tmp_path):
     assert len(true_positives) == 5 and true_positives[-1] > true_positives[0]
     assert {"projection/neck.p3", "errors/confusion"} <= set(tags["images"])
     assert any(t.startswith("boundary/min_eps/") for t in tags["scalars"])
+    gate = [e.value for e in acc.Scalars("saliency/gate_pass")]
+    energy = [e.value for e in acc.Scalars("saliency/energy_in_box/saliency")]
+    assert len(gate) == 5 and len(energy) == 5 and energy[-1] > energy[0]  # the maps move onto the objects
+    saved = sorted(p.name for p in (out / "tensorboard").glob("version_*/checkpoints/*.ckpt"))
+    assert bool(saved) == any(gate) and (not saved or "last.ckpt" in saved)
 
 
 @pytest.mark.parametrize(
