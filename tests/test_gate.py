@@ -251,3 +251,26 @@ def test_counterfactual_function_feeds_the_flip_check(tmp_path, square_loaders):
     value = gate.history[0]["values"].get("counterfactual_flip")
     assert value is None or value != value or 0.0 <= value <= 1.0
     assert torch.equal(gate._counterfactuals, gate._probes.images.flip(1))
+
+
+def test_counterfactual_dataset_in_the_validation_order(tmp_path):
+    from xaiwatch.data import YoloDataModule, generate, write_counterfactual
+
+    data = generate(tmp_path / "d", num_train=8, num_val=8, imgsz=64, shortcut="context", seed=3)
+    wrong = write_counterfactual(data, "wrong")
+    dm = YoloDataModule(str(data), imgsz=64, batch_size=8)
+    gate = SaliencyGate(
+        checks={"counterfactual_flip": None}, methods=[], num_probe=4, counterfactual=wrong, on_error="raise"
+    )
+    _trainer(tmp_path, [gate], epochs=1).fit(_module(), datamodule=dm)
+    assert gate._counterfactuals.shape == gate._probes.images.shape
+    assert not torch.equal(gate._counterfactuals, gate._probes.images)  # other backgrounds, same objects
+    value = gate.history[0]["values"]["counterfactual_flip"]
+    assert value != value or 0.0 <= value <= 1.0
+    other = generate(tmp_path / "other", num_train=8, num_val=8, imgsz=64, shortcut="context", seed=4)
+    mismatched = SaliencyGate(checks={"counterfactual_flip": 0.5}, methods=[], num_probe=4, counterfactual=other)
+    with pytest.raises(ConfigurationError, match="does not match the validation set"):
+        _trainer(tmp_path, [mismatched], epochs=1).fit(_module(), datamodule=dm)
+    with pytest.raises(ConfigurationError, match="neither a function nor a dataset.yaml"):
+        bad = SaliencyGate(checks={"counterfactual_flip": 0.5}, methods=[], num_probe=4, counterfactual=tmp_path / "x")
+        _trainer(tmp_path, [bad], epochs=1).fit(_module(), datamodule=dm)
