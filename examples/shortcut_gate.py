@@ -41,10 +41,21 @@ from xaiwatch.models import YOLOv8Module
 CLASSES = ("circle", "square", "triangle")
 
 
-def make_data(root: Path, seed: int, num_train: int, num_val: int, imgsz: int) -> dict[str, Path]:
+def make_data(
+    root: Path, seed: int, num_train: int, num_val: int, imgsz: int, shortcut_blur: float = 2.5
+) -> dict[str, Path]:
     """The shortcut and clean training sets, the shared validation set (cue consistent) and its cue-swapped twin."""
     shortcut = root / f"shortcut_s{seed}"
-    generate(shortcut, num_train=num_train, num_val=num_val, imgsz=imgsz, shortcut="context", seed=seed, overwrite=True)
+    generate(
+        shortcut,
+        num_train=num_train,
+        num_val=num_val,
+        imgsz=imgsz,
+        shortcut="context",
+        blur=shortcut_blur,
+        seed=seed,
+        overwrite=True,
+    )
     consistent = Path(write_counterfactual(shortcut, "consistent")).parent
     wrong = Path(write_counterfactual(shortcut, "wrong")).parent
     scale = imgsz / 160
@@ -129,13 +140,20 @@ def main() -> None:
     parser.add_argument("--num-probe", type=int, default=16)
     parser.add_argument("--imgsz", type=int, default=160)
     parser.add_argument("--val-every", type=int, default=4, help="validate (and run the gate) every n epochs")
+    parser.add_argument(
+        "--shortcut-blur",
+        type=float,
+        default=2.5,
+        help="blur of the shortcut set's objects (clean: 2.5); 5 hides their shape, so the context is the only cue",
+    )
+    parser.add_argument("--kinds", nargs="+", default=["shortcut", "clean"], choices=["shortcut", "clean"])
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
     args = parser.parse_args()
     out = Path(args.out)
     report = {"args": vars(args), "runs": {}}
     for seed in args.seeds:
-        data = make_data(out / "data", seed, args.num_train, args.num_val, args.imgsz)
-        for kind in ("shortcut", "clean"):
+        data = make_data(out / "data", seed, args.num_train, args.num_val, args.imgsz, args.shortcut_blur)
+        for kind in args.kinds:
             name = f"{kind}_s{seed}"
             module, run = train(kind, data[kind], seed, args, out / name)
             run["flip_rate"] = counterfactual_flip(module, data["consistent"], data["wrong"], args.imgsz)
