@@ -277,3 +277,178 @@ def test_short_fine_tune_learns_and_gives_real_detections(tmp_path):
     assert float(best.mean()) > 0.2  # the prior is 0.01
     assert maps[-1] > maps[0] and maps[-1] > 0.05, maps
     assert sum(len(d) for d in module.xai_adapter().detect(batch["images"])) > 0  # at the default conf 0.25
+
+
+# ---------------------------------------------------------------------------------------- official directories
+NAMES = ["circle", "square", "triangle"]
+
+
+class _Touch:
+    """Unpickling this creates a file: proof that label_map.pkl is never unpickled."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return (Path.touch, (Path(self.path),))
+
+
+def write_directory(root, module, config_text: str | None = None, state: dict | None = None, json_names=None):
+    """An official-looking modelscope DAMO-YOLO directory of ``module``'s network (state dict saved DDP-style)."""
+    import json
+    import pickle
+    import pprint
+
+    root.mkdir(parents=True, exist_ok=True)
+    arch = module.net.config
+    backbone = {k: v for k, v in arch["backbone"].items() if k != "structure"}
+    structure = [{**b, "nbitsA": 8, "nbitsW": 8} for b in arch["backbone"]["structure"]]
+    (root / "tinynas_test.txt").write_text(pprint.pformat(structure, indent=2))
+    head = {**arch["head"], "num_classes": 3, "nms_conf_thre": 0.6, "nms_iou_thre": 0.7}
+    marker = root / "EXECUTED"
+    text = config_text or (
+        "#!/usr/bin/env python3\nimport pathlib\n"
+        f"pathlib.Path({str(marker)!r}).touch()  # would run if the config were executed\n"
+        f"TinyNAS = {dict(backbone, structure_file='tinynas_test.txt')!r}\n"
+        f"GiraffeNeckV2 = {arch['neck']!r}\n"
+        f"ZeroHead = {head!r}\n"
+        'model = {"backbone": TinyNAS, "neck": GiraffeNeckV2, "head": ZeroHead, "name": "damoyolo_test.pth",'
+        ' "class_map": "label_map.pkl"}\n'
+        "dataset = dict(size_divisibility=32, input_pixel_mean=[0.0, 0.0, 0.0], input_pixel_std=[1.0, 1.0, 1.0],"
+        " input_to_bgr255=False)\n"
+    )
+    (root / "damoyolo.py").write_text(text)
+    state = state if state is not None else module.net.state_dict()
+    torch.save({"model": {f"module.{k}": v for k, v in state.items()}, "epoch": 300}, root / "damoyolo_test.pth")
+    (root / "label_map.pkl").write_bytes(pickle.dumps(_Touch(root / "UNPICKLED")))
+    configuration = {"framework": "pytorch", "task": "image-object-detection", "model": {"type": "tinynas-damoyolo"}}
+    if json_names:
+        configuration["model"]["class_names"] = json_names
+    (root / "configuration.json").write_text(json.dumps(configuration))
+    return root
+
+
+@pytest.fixture
+def trained():
+    module = tiny_damo_module()
+    responsive(module.net)
+    return module
+
+
+def _same_outputs(a: nn.Module, b: nn.Module, images: torch.Tensor, atol: float = 0.0) -> bool:
+    with torch.no_grad():
+        ra, rb = DamoYoloAdapter(a.eval()).raw(images), DamoYoloAdapter(b.eval()).raw(images)
+    return torch.allclose(ra.scores, rb.scores, atol=atol, rtol=0) and torch.allclose(
+        ra.boxes, rb.boxes, atol=atol * 100
+    )
+
+
+def test_load_directory_without_executing_or_unpickling(tmp_path, trained, images):
+    from xaiwatch.models import load_damo_directory
+
+    root = write_directory(tmp_path / "model", trained)
+    loaded = load_damo_directory(root, names=NAMES)
+    assert isinstance(loaded, DamoYoloModule) and loaded.names == NAMES
+    assert _same_outputs(trained.net, loaded.net, images)
+    assert not (root / "EXECUTED").exists() and not (root / "UNPICKLED").exists()
+    assert loaded.weights_report["skipped"] == [] and loaded.weights_report["missing"] == []
+    # names from configuration.json when it carries them
+    root2 = write_directory(tmp_path / "model2", trained, json_names=["a", "b", "c"])
+    assert load_damo_directory(root2).xai_adapter().names == ["a", "b", "c"]
+
+
+def test_load_directory_of_a_deployed_checkpoint(tmp_path, trained, images):
+    """A re-parameterised checkpoint (RepConv fused into rbr_reparam) loads into the same network, fused."""
+    import copy
+
+    from xaiwatch.models import load_damo_directory
+
+    deployed = copy.deepcopy(trained.net).eval()
+    for m in deployed.modules():
+        if hasattr(m, "switch_to_deploy") and hasattr(m, "rbr_dense"):
+            m.switch_to_deploy()
+    loaded = load_damo_directory(write_directory(tmp_path / "m", trained, state=deployed.state_dict()), names=NAMES)
+    assert any(name.endswith("rbr_reparam") for name, _ in loaded.net.named_modules())
+    assert _same_outputs(trained.net, loaded.net, images, atol=1e-4)
+
+
+def test_newer_head_without_background_channel(tmp_path, trained, images):
+    from xaiwatch.models import load_damo_directory
+
+    state = {k: (v[:3] if k.startswith("head.gfl_cls") else v) for k, v in trained.net.state_dict().items()}
+    root = write_directory(tmp_path / "m", trained, state=state)
+    with pytest.raises(
+        ConfigurationError, match=r"3 output channels, the 3 classes without the extra background.*pad_background=True"
+    ):
+        load_damo_directory(root, names=NAMES)
+    padded = load_damo_directory(root, names=NAMES, pad_background=True)
+    assert _same_outputs(trained.net, padded.net, images)  # the background channel is never used at inference
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ("no_structure", r"structure file 'tinynas_test.txt' named by damoyolo.py.*nas_backbones/tinynas_test.txt"),
+        ("no_weights", r"Weights file missing.*'damoyolo_test.pth' \(model.name in damoyolo.py\)"),
+        ("no_names", r"label_map.pkl is a pickle, which xaiwatch does not unpickle.*Pass `names=\[...\]` \(3 names"),
+        ("names_count", r"2 class names for a model with 3 classes"),
+        (
+            "num_classes",
+            r"Class-count mismatch: the checkpoint's `head.gfl_cls.0.weight` has 4 output channels.*num_classes=5",
+        ),
+        ("structure", r"does not match the architecture of the config.*structure file"),
+        ("not_literal", r"`model` in damoyolo.py is not a literal value \(make_model\(\)\)"),
+        ("pickled", r"stores pickled Python objects"),
+        ("normalised", r"asks for input normalisation"),
+        ("no_config", r"has no damoyolo.py"),
+    ],
+)
+def test_load_directory_bad_cases(tmp_path, trained, change, match):
+    import argparse
+
+    from xaiwatch.models import load_damo_directory
+
+    root = write_directory(tmp_path / "m", trained)
+    config, structure = root / "damoyolo.py", root / "tinynas_test.txt"
+
+    def edit(path, old, new):
+        assert old in path.read_text()
+        path.write_text(path.read_text().replace(old, new))
+
+    def no_config():
+        config.rename(root / "notes.txt")
+        (root / "a.py").write_text("x = 1\n")
+        (root / "b.py").write_text("y = 2\n")
+
+    names = {"no_names": None, "names_count": NAMES[:2], "num_classes": [*NAMES, "d", "e"]}.get(change, NAMES)
+    {
+        "no_structure": structure.unlink,
+        "no_weights": (root / "damoyolo_test.pth").unlink,
+        "no_names": lambda: None,
+        "names_count": lambda: None,
+        "num_classes": lambda: edit(config, "'num_classes': 3", "'num_classes': 5"),
+        "structure": lambda: edit(structure, "'out': 48", "'out': 40"),  # the last stage: 40 channels, not 48
+        "not_literal": lambda: edit(config, "model = {", "model = make_model()\nunused = {"),
+        "pickled": lambda: torch.save(
+            {"model": trained.net.state_dict(), "args": argparse.Namespace(lr=1)}, root / "damoyolo_test.pth"
+        ),
+        "normalised": lambda: edit(config, "input_pixel_std=[1.0, 1.0, 1.0]", "input_pixel_std=[58.4, 57.1, 57.4]"),
+        "no_config": no_config,
+    }[change]()
+    with pytest.raises(ConfigurationError, match=match):
+        load_damo_directory(root, names=names)
+    assert not (root / "EXECUTED").exists() and not (root / "UNPICKLED").exists()
+
+
+def test_fine_tune_from_weights_of_another_class_count(tmp_path, trained):
+    from xaiwatch.models.damo_loading import read_checkpoint
+
+    root = write_directory(tmp_path / "m", trained)
+    module = DamoYoloModule(num_classes=2, architecture=tiny_damo_arch(), weights=str(root / "damoyolo_test.pth"))
+    report = module.weights_report
+    assert sorted(report["skipped"]) == sorted(f"head.gfl_cls.{i}.{p}" for i in range(3) for p in ("weight", "bias"))
+    state = read_checkpoint(root / "damoyolo_test.pth")
+    assert all(torch.equal(module.net.state_dict()[k], state[k]) for k in report["loaded"])
+    assert len(report["loaded"]) == len(state) - 6 and "module.head.scales.0.scale" not in state
