@@ -112,3 +112,53 @@ def test_guided_backprop_is_refused_at_setup_without_the_opt_in(tmp_path, square
     with pytest.raises(UnsupportedModelError, match="other_activations='plain_gradient'"):
         trainer.fit(_module(), *square_loaders)
     assert trainer.global_step == 0  # refused before any training
+
+
+@pytest.mark.slow
+def test_demo_command_with_damo(tmp_path, capsys):
+    """`xaiwatch demo --model damo`: DAMO-YOLO-T with the demo preset's four callbacks (about 30 s)."""
+    from test_demo_e2e import _acc
+
+    from xaiwatch.cli import main
+
+    out = tmp_path / "demo"
+    argv = ["demo", "--model", "damo", "--out", str(out), "--epochs", "1", "--num-train", "16", "--num-val", "8"]
+    main([*argv, "--imgsz", "64", "--batch-size", "8", "--accelerator", "cpu"])
+    assert f"tensorboard --logdir {out.resolve()}" in capsys.readouterr().out
+    acc = _acc(next((out / "tensorboard").glob("version_*")))
+    tags = acc.Tags()
+    assert {f"explain/{m}/probe_{i:02d}" for m in ("saliency", "grad_cam") for i in range(8)} <= set(tags["images"])
+    assert {"projection/neck.p3", "errors/confusion"} <= set(tags["images"])
+    assert {"val/map50", "projection/neck.p4/silhouette", "errors/tp/all"} <= set(tags["scalars"])
+    assert any(t.startswith("boundary/min_eps/") for t in tags["scalars"])
+
+
+def test_demo_module_choice():
+    from xaiwatch.cli import demo_module
+    from xaiwatch.core.errors import ConfigurationError
+    from xaiwatch.models import DamoYoloModule
+
+    module = demo_module("damo-small", num_classes=2, names=["a", "b"])
+    assert isinstance(module, DamoYoloModule) and module.net.config["neck"]["hidden_ratio"] == 0.75
+    assert demo_module("DAMO", 2, ["a", "b"]).net.config["neck"]["out_channels"] == [64, 128, 256]  # tiny
+    with pytest.raises(ConfigurationError, match="`size` can be tiny, small, medium, got 'xl'"):
+        demo_module("damo-xl", 2, ["a", "b"])
+
+
+@pytest.mark.slow
+def test_example_script_runs(tmp_path):
+    import subprocess
+    import sys
+
+    from test_demo_e2e import _acc
+
+    path = Path(__file__).parents[1] / "examples" / "finetune_damo.py"
+    out = tmp_path / "ex"
+    argv = ["--epochs", "1", "--num-train", "16", "--num-val", "8", "--imgsz", "64", "--batch-size", "8"]
+    result = subprocess.run(
+        [sys.executable, str(path), *argv, "--out", str(out)], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"tensorboard --logdir {out.resolve()}" in result.stdout
+    images = _acc(next((out / "tensorboard").glob("version_*"))).Tags()["images"]
+    assert {"explain/guided_backprop/probe_07", "projection/neck.p3", "errors/confusion"} <= set(images)
