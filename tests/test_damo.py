@@ -452,3 +452,16 @@ def test_fine_tune_from_weights_of_another_class_count(tmp_path, trained):
     state = read_checkpoint(root / "damoyolo_test.pth")
     assert all(torch.equal(module.net.state_dict()[k], state[k]) for k in report["loaded"])
     assert len(report["loaded"]) == len(state) - 6 and "module.head.scales.0.scale" not in state
+
+
+def test_modelscope_is_imported_lazily_and_hparams_rebuild_the_module(images):
+    import subprocess
+    import sys
+
+    code = "import sys, xaiwatch.adapters, xaiwatch.models\nassert 'modelscope' not in sys.modules\n"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
+    module = tiny_damo_module()
+    responsive(module.net)
+    rebuilt = DamoYoloModule(**module.hparams)  # what load_from_checkpoint does
+    rebuilt.load_state_dict(module.state_dict())
+    assert _same_outputs(module.net, rebuilt.net, images)
