@@ -4,7 +4,9 @@
   Grad-CAM (neck.p3) and -- DAMO-YOLO only, a ReLU network -- guided backpropagation, as ratios to each model's
   own floor;
 - one epoch of the demo (shapes data, 160 px, 600 train / 100 val images, batch 16) with and without the demo's
-  default callbacks (callbacks/demo.yaml: explanations, projections, error analysis, decision boundary).
+  default callbacks (callbacks/demo.yaml: explanations, projections, error analysis, decision boundary). The fit
+  with callbacks includes their run before training (step 0); each callback's own seconds after the epoch are read
+  back from TensorBoard (``xaiwatch/*_seconds``, ``errors/seconds``, ``boundary/seconds``).
 
 Run: python benchmarks/bench_damo.py [--quick] (or call ``run(quick)`` from benchmarks/run.py).
 """
@@ -111,11 +113,25 @@ def bench_demo_epoch(quick: bool, out: Path) -> dict:
             trainer.fit(module, datamodule=dm)
             row[f"{label} seconds ({n_train} train images)"] = time.perf_counter() - start
             row[f"{label} val/map50"] = float(trainer.callback_metrics.get("val/map50", float("nan")))
+            if callbacks:  # each callback's own seconds after the epoch (step 1; step 0 is the run before training)
+                row["per-callback seconds after the epoch"] = _callback_seconds(trainer.logger.log_dir)
         row["callbacks share"] = (
             1 - row[f"plain seconds ({n_train} train images)"] / row[f"demo callbacks seconds ({n_train} train images)"]
         )
         results["DAMO-YOLO-T" if model == "damo" else "YOLOv8n"] = row
     return results
+
+
+def _callback_seconds(log_dir: str) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(log_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    return {
+        tag: [e.value for e in acc.Scalars(tag) if e.step == 1][-1]
+        for tag in acc.Tags()["scalars"]
+        if tag.endswith("seconds") and any(e.step == 1 for e in acc.Scalars(tag))
+    }
 
 
 def run(quick: bool = False, out: str | Path = "bench_output") -> dict:
