@@ -202,8 +202,14 @@ def _deploy_repconvs(net: nn.Module, state: dict[str, torch.Tensor]) -> list[str
     return switched
 
 
-def _head_classes(net: nn.Module, state: dict[str, torch.Tensor], strict: bool, pad_background: bool) -> list[str]:
-    """Check (and if asked, fix) the class channels of ZeroHead's ``gfl_cls`` layers; return the keys to skip."""
+def _head_classes(
+    net: nn.Module, state: dict[str, torch.Tensor], strict: bool, pad_background: bool
+) -> tuple[list[str], bool]:
+    """Check (and if asked, fix in ``state``) the class channels of ZeroHead's ``gfl_cls`` layers.
+
+    Returns:
+        the keys not to load (another class count, when not ``strict``) and whether a background channel was added.
+    """
     head = net.head
     k, own = int(head.num_classes), int(head.cls_out_channels)
     skip, padded = [], False
@@ -237,7 +243,7 @@ def _head_classes(net: nn.Module, state: dict[str, torch.Tensor], strict: bool, 
                 "class layer."
             )
         skip += [wkey, bkey]
-    return skip + (["<padded background channel>"] if padded else [])
+    return skip, padded
 
 
 def load_damo_weights(
@@ -254,7 +260,9 @@ def load_damo_weights(
             :func:`load_damo_directory`); always done when ``strict`` is ``False``.
 
     Returns:
-        ``{"loaded": [...], "skipped": [...], "missing": [...]}``.
+        ``{"loaded": [...], "skipped": [...], "missing": [...], "padded": [...]}``: names copied, names in the file
+        not copied, names of the model the file did not provide, and ``["head.gfl_cls"]`` when a background channel
+        was added.
 
     Raises:
         ConfigurationError: for an unreadable file, a class-count or head mismatch, or (strict) any missing,
@@ -262,9 +270,7 @@ def load_damo_weights(
     """
     state = read_checkpoint(path)
     _deploy_repconvs(net, state)
-    skip = _head_classes(net, state, strict, pad_background)
-    padded = "<padded background channel>" in skip
-    skip = [s for s in skip if not s.startswith("<")]
+    skip, padded = _head_classes(net, state, strict, pad_background)
     own = net.state_dict()
     loaded = [k for k, v in state.items() if k not in skip and k in own and own[k].shape == v.shape]
     skipped = [k for k in state if k not in set(loaded)]
