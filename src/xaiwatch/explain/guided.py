@@ -168,7 +168,8 @@ class _CheckedEngine(Engine):
                 + (
                     " (if the modified rule at the ReLUs is what you want, accept this explicitly with "
                     "`other_activations='plain_gradient'`)"
-                    if isinstance(self, _GuidedEngine) and any(isinstance(m, handled) for m in model.modules())
+                    if isinstance(self, _GuidedEngine)
+                    and sum(isinstance(m, handled) for m in model.modules()) >= len(where)
                     else ""
                 )
             )
@@ -260,6 +261,7 @@ class GuidedBackpropEngine(_GuidedEngine):
     name = "guided_backprop"
     captum_name = "GuidedBackprop"
     per_call_rule = True
+    requirement = "its activations to be nn.ReLU modules (one module object may serve several calls)"
 
     def _attribute(self, images: torch.Tensor, targets: Target | Sequence[Target]) -> torch.Tensor:
         from captum.attr import GuidedBackprop
@@ -299,6 +301,7 @@ class GuidedGradCamEngine(_GuidedEngine):
     captum_name = "GuidedGradCam"
     needs_layer = True
     per_call_rule = True
+    requirement = GuidedBackpropEngine.requirement
 
     def _attribute(self, images: torch.Tensor, targets: Target | Sequence[Target]) -> torch.Tensor:
         from captum.attr import GuidedGradCam
