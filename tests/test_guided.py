@@ -179,17 +179,27 @@ def test_refused_on_yolov8_with_the_reason(tiny_net, method):
     assert _no_hooks(tiny_net)
 
 
-@pytest.mark.parametrize("method", GUIDED)
-@pytest.mark.parametrize(
-    ("net", "reason"),
-    [
-        (relu_net(reuse_relu=True), r"reuses one module object several times: ReLU \(2 calls\)"),
-        (relu_net(share_relu=True), r"shared by several layers \(ReLU at r1, r2 \(2 places\)\)"),
-    ],
-)
-def test_guided_refuses_a_reused_or_shared_relu(method, net, reason):
+REUSED_OR_SHARED = [
+    (relu_net(reuse_relu=True), r"reuses one module object several times: ReLU \(2 calls\)"),
+    (relu_net(share_relu=True), r"shared by several layers \(ReLU at r1, r2 \(2 places\)\)"),
+]
+
+
+@pytest.mark.parametrize(("net", "reason"), REUSED_OR_SHARED)
+def test_deconvolution_refuses_a_reused_or_shared_relu(net, reason):
     with pytest.raises(UnsupportedModelError, match=reason):
-        get_engine(method, ReluAdapter(net), layer="c2")
+        get_engine("deconvolution", ReluAdapter(net))
+    assert _no_hooks(net)
+
+
+@pytest.mark.parametrize("method", ["guided_backprop", "guided_grad_cam"])
+@pytest.mark.parametrize(("net", "reason"), REUSED_OR_SHARED)
+def test_guided_rule_is_per_call_so_a_reused_or_shared_relu_is_exact(method, net, reason, x):
+    """Captum's guided hook rectifies the gradient of each call: reuse gives the map of one module per use."""
+    target = BoxTarget(20, 1)
+    got = get_engine(method, ReluAdapter(net), layer="c2").attribute(x, target)
+    separate = get_engine(method, ReluAdapter(relu_net()), layer="c2").attribute(x, target)
+    assert float(separate.abs().amax()) > 0 and torch.allclose(got, separate, rtol=1e-6, atol=0)
     assert _no_hooks(net)
 
 
@@ -200,10 +210,18 @@ def test_deep_lift_refuses_a_reused_maxpool_that_guided_backprop_accepts():
     get_engine("guided_backprop", adapter)
 
 
-def test_refuses_other_activations_and_bad_baseline(relu):
+def test_refuses_other_activations_unless_accepted_and_bad_baseline(relu, x):
     net = relu_net()
     net.r2 = nn.GELU()
-    with pytest.raises(UnsupportedModelError, match="activation modules GELU"):
+    with pytest.raises(
+        UnsupportedModelError, match=r"activation modules GELU \(at r2\).*other_activations='plain_gradient'"
+    ):
         get_engine("guided_backprop", ReluAdapter(net))
+    adapter = ReluAdapter(net)
+    mixed = get_engine("guided_backprop", adapter, other_activations="plain_gradient").attribute(x, BoxTarget(20, 1))
+    ref = _captum("guided_backprop", adapter, BoxTarget(20, 1), x).detach()  # the rule at r1, GELU's gradient at r2
+    assert float(mixed.abs().amax()) > 0 and torch.allclose(mixed, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().amax()))
+    with pytest.raises(ConfigurationError, match="`other_activations` can be 'refuse' or 'plain_gradient'"):
+        get_engine("guided_backprop", relu, other_activations="ignore")
     with pytest.raises(ConfigurationError, match="`baseline` can be black, grey, blur or a number, got 'white'"):
         get_engine("deep_lift", relu, baseline="white")

@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["main", "run_demo"]
+__all__ = ["demo_module", "main", "run_demo"]
 
 DEFAULT_PRESET = "demo.yaml"
 
@@ -35,7 +35,11 @@ def run_demo(
     seed: int = 0,
     accelerator: str = "auto",
 ) -> Path:
-    """Generate the shapes dataset, fine-tune YOLOv8 on it with the explain callbacks, return the log directory."""
+    """Generate the shapes dataset, fine-tune a detector on it with the explain callbacks, return the log directory.
+
+    ``model`` is an ultralytics architecture yaml (YOLOv8, default ``yolov8n.yaml``) or ``damo`` / ``damo-tiny`` /
+    ``damo-small`` / ``damo-medium`` for DAMO-YOLO-T / S / M (modelscope's code, the ``damo`` extra).
+    """
     os.environ.setdefault("YOLO_OFFLINE", "1")
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
@@ -43,7 +47,6 @@ def run_demo(
 
     from xaiwatch.callbacks import ExplainCallback, load_callbacks
     from xaiwatch.data import YoloDataModule, generate
-    from xaiwatch.models import YOLOv8Module
 
     out = Path(out)
     start = time.perf_counter()
@@ -52,7 +55,7 @@ def run_demo(
     pl.seed_everything(seed, workers=True)
     datamodule = YoloDataModule(str(data_yaml), imgsz=imgsz, batch_size=batch_size, num_workers=0, seed=seed)
     datamodule.setup("fit")
-    module = YOLOv8Module(model, num_classes=datamodule.num_classes, names=datamodule.names)
+    module = demo_module(model, num_classes=datamodule.num_classes, names=datamodule.names)
     preset = preset if preset is not None else _default_preset()
     callbacks = load_callbacks(preset) if preset else [ExplainCallback()]
     logger = TensorBoardLogger(str(out), name="tensorboard", default_hp_metric=False)
@@ -82,6 +85,18 @@ def run_demo(
     return Path(logger.log_dir)
 
 
+def demo_module(model: str, num_classes: int, names: list[str]) -> object:
+    """The LightningModule ``--model`` names: ``damo``/``damo-<size>`` (DAMO-YOLO) or an ultralytics yaml (YOLOv8)."""
+    key = str(model).lower()
+    if key == "damo" or key.startswith("damo-"):
+        from xaiwatch.models import DamoYoloModule
+
+        return DamoYoloModule(key.partition("-")[2] or "tiny", num_classes=num_classes, names=names)
+    from xaiwatch.models import YOLOv8Module
+
+    return YOLOv8Module(model, num_classes=num_classes, names=names)
+
+
 def _fit(argv: Sequence[str]) -> None:
     from pytorch_lightning.cli import LightningCLI
 
@@ -100,14 +115,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xaiwatch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("fit", help="LightningCLI fit with YOLOv8Module and YoloDataModule (takes --config presets)")
-    demo = sub.add_parser("demo", help="fine-tune YOLOv8n on generated data with ExplainCallback, log to TensorBoard")
+    demo = sub.add_parser(
+        "demo",
+        help="fine-tune YOLOv8n (or DAMO-YOLO: --model damo) on generated data with the callbacks, log to TensorBoard",
+    )
     demo.add_argument("--out", default="demo_output", help="output folder (dataset and TensorBoard logs)")
     demo.add_argument("--epochs", type=int, default=12)
     demo.add_argument("--imgsz", type=int, default=160)
     demo.add_argument("--num-train", type=int, default=600)
     demo.add_argument("--num-val", type=int, default=100)
     demo.add_argument("--batch-size", type=int, default=16)
-    demo.add_argument("--model", default="yolov8n.yaml", help="ultralytics architecture yaml")
+    demo.add_argument(
+        "--model",
+        default="yolov8n.yaml",
+        help="ultralytics architecture yaml (YOLOv8), or damo / damo-tiny / damo-small / damo-medium (DAMO-YOLO)",
+    )
     demo.add_argument("--callbacks", default=None, help=f"callback preset YAML (default callbacks/{DEFAULT_PRESET})")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--accelerator", default="auto")

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 from xaiwatch.adapters.base import DetectorAdapter, apply_targets
 from xaiwatch.adapters.classifier import ClassifierAdapter
+from xaiwatch.adapters.damo import DamoYoloAdapter
 from xaiwatch.adapters.postprocess import nms
 from xaiwatch.adapters.resolve import resolve_adapter
 from xaiwatch.adapters.yolov8 import YOLOv8Adapter
 
-__all__ = ["ClassifierAdapter", "DetectorAdapter", "YOLOv8Adapter", "apply_targets", "nms", "resolve_adapter"]
+__all__ = [
+    "ClassifierAdapter",
+    "DamoYoloAdapter",
+    "DetectorAdapter",
+    "YOLOv8Adapter",
+    "apply_targets",
+    "nms",
+    "resolve_adapter",
+]

@@ -14,7 +14,8 @@ def resolve_adapter(module: nn.Module, adapter: DetectorAdapter | None = None) -
     """Return the adapter to explain ``module`` with.
 
     In order: the ``adapter`` given to the callback; ``module.xai_adapter()``; an adapter inferred from the
-    type of a network inside ``module`` (an ultralytics ``DetectionModel``).
+    type of a network inside ``module`` (an ultralytics ``DetectionModel``
+    or ``ClassificationModel``, a DAMO-YOLO ``Detector`` from modelscope's code).
 
     Raises:
         UnsupportedModelError: if none of the three applies; the message says how to provide one.
@@ -32,6 +33,7 @@ def resolve_adapter(module: nn.Module, adapter: DetectorAdapter | None = None) -
             )
         return found
     from xaiwatch.adapters.classifier import ClassifierAdapter, is_ultralytics_classification_model
+    from xaiwatch.adapters.damo import DamoYoloAdapter, is_damo_detector
     from xaiwatch.adapters.yolov8 import YOLOv8Adapter, is_ultralytics_detection_model
 
     for sub in module.modules():
@@ -39,10 +41,12 @@ def resolve_adapter(module: nn.Module, adapter: DetectorAdapter | None = None) -
             return YOLOv8Adapter(sub, names=_names_of(module))
         if is_ultralytics_classification_model(sub):
             return ClassifierAdapter(sub, names=_names_of(module))
+        if is_damo_detector(sub):
+            return DamoYoloAdapter(sub, names=_names_of(module))
     raise UnsupportedModelError(
         f"Cannot explain {type(module).__name__}: no adapter. Either (1) give the callback one, "
         "`ExplainCallback(adapter=YOLOv8Adapter(net))`; (2) add a method `xai_adapter(self) -> DetectorAdapter` "
-        "to your LightningModule; or (3) hold a supported network (ultralytics DetectionModel or ClassificationModel) as a submodule so "
+        "to your LightningModule; or (3) hold a supported network (ultralytics DetectionModel or ClassificationModel, DAMO-YOLO Detector) as a submodule so "
         "that it can be inferred."
     )
 

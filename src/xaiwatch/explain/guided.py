@@ -8,6 +8,12 @@ forward. On a model outside those assumptions they do not fail: they silently re
 ``SiLU`` module object for every convolution, no ReLU, an SPPF block calling one ``MaxPool2d`` three times):
 the three guided methods returned the plain gradient bit for bit, and DeepLift failed.
 
+Captum's guided rule reads only the gradient reaching the ReLU call at hand, so a ReLU module object called
+several times (DAMO-YOLO's ``ResConvBlock`` applies its one ReLU twice) or shared between layers is handled
+correctly by ``GuidedBackprop`` and ``GuidedGradCam`` (tested equal to the same network with one module per
+use); ``Deconvolution`` keeps one output gradient per module object and ``DeepLift`` one input per module object,
+so these two refuse reuse.
+
 So :meth:`check_model` inspects the model, statically (activation types, module objects registered under
 several parents) and with one probe forward counting the calls of each module, and refuses with
 :class:`~xaiwatch.core.errors.UnsupportedModelError` when the map would not be what the method's name says.
@@ -29,7 +35,7 @@ import torch
 from torch import nn
 
 from xaiwatch.adapters.base import DetectorAdapter
-from xaiwatch.core.errors import UnsupportedModelError
+from xaiwatch.core.errors import ConfigurationError, UnsupportedModelError
 from xaiwatch.explain.base import Engine, register
 from xaiwatch.explain.captum_methods import check_baseline, freeze_targets, make_baseline
 from xaiwatch.targets import Target
@@ -142,18 +148,33 @@ class _CheckedEngine(Engine):
         """Module types whose backward pass Captum replaces for this method."""
         return (nn.ReLU,)
 
+    #: Captum's rule reads only the gradient of the call at hand, so one module object may serve several calls
+    per_call_rule: ClassVar[bool] = False
+    #: activations Captum has no rule for are accepted with their plain gradient (``other_activations``)
+    plain_other_activations: bool = False
+
     def static_problems(self) -> list[str]:
         """Reasons visible in the module tree: unhandled activation types, shared objects, nothing to modify."""
         model, handled = self.adapter.model, self.handled_types()
         problems = []
         kinds = {type(m).__name__ for m in model.modules() if isinstance(m, ACTIVATIONS + (nn.ReLU,))}
         other = sorted(kinds - {k.__name__ for k in handled})
-        if other:
+        if other and not self.plain_other_activations:
+            where = [n for n, m in model.named_modules() if type(m).__name__ in other]
             problems.append(
-                f"it uses activation modules {', '.join(other)}, which Captum's {self.captum_name} has no rule for: "
-                "their plain gradient would be used silently"
+                f"it uses activation modules {', '.join(other)} (at {', '.join(where[:3])}"
+                f"{', ...' if len(where) > 3 else ''}), which Captum's {self.captum_name} has no rule for: their "
+                "plain gradient would be used silently"
+                + (
+                    " (if the modified rule at the ReLUs is what you want, accept this explicitly with "
+                    "`other_activations='plain_gradient'`)"
+                    if isinstance(self, _GuidedEngine)
+                    and sum(isinstance(m, handled) for m in model.modules()) >= len(where)
+                    else ""
+                )
             )
-        shared = _shared(model, handled + ACTIVATIONS)
+        kinds_checked = (() if self.per_call_rule else handled) + (() if self.plain_other_activations else ACTIVATIONS)
+        shared = _shared(model, kinds_checked) if kinds_checked else []
         if shared:
             problems.append(f"one module object is shared by several layers ({'; '.join(shared)})")
         if not any(isinstance(m, handled) for m in model.modules()):
@@ -163,6 +184,8 @@ class _CheckedEngine(Engine):
 
     def reuse_problems(self) -> list[str]:
         """Reasons seen in a probe forward: one handled module object called several times."""
+        if self.per_call_rule:
+            return []
         try:
             calls = module_calls(self.adapter, self.probe_side)
         except Exception as err:  # any failure means the model could not be verified
@@ -195,17 +218,50 @@ class _CheckedEngine(Engine):
             )
 
 
+class _GuidedEngine(_CheckedEngine):
+    """The modified-ReLU-backward methods: refused without ReLU modules, optionally accepting other activations.
+
+    Args:
+        adapter, layer, seed, max_memory_mb: see :class:`~xaiwatch.explain.base.Engine`.
+        other_activations: ``"refuse"`` (default) refuses a model that also has activation modules Captum has no
+            rule for; ``"plain_gradient"`` accepts it, those activations passing their ordinary gradient while the
+            rule applies at every ReLU (DAMO-YOLO-T/S: 2 SiLU in the backbone's SPP block, ReLU everywhere else).
+            A model without any ReLU is refused either way.
+    """
+
+    def __init__(
+        self,
+        adapter: DetectorAdapter,
+        layer: str | None = None,
+        seed: int = 0,
+        max_memory_mb: float = 2048,
+        *,
+        other_activations: str = "refuse",
+    ) -> None:
+        if other_activations not in ("refuse", "plain_gradient"):
+            raise ConfigurationError(
+                f"`other_activations` can be 'refuse' or 'plain_gradient', got {other_activations!r}."
+            )
+        self.other_activations = other_activations
+        self.plain_other_activations = other_activations == "plain_gradient"
+        super().__init__(adapter, layer=layer, seed=seed, max_memory_mb=max_memory_mb)
+
+
 @register
-class GuidedBackpropEngine(_CheckedEngine):
+class GuidedBackpropEngine(_GuidedEngine):
     """Guided backpropagation (Springenberg et al. 2015) through Captum's ``GuidedBackprop``.
 
     At every ReLU only positive gradients flowing back through positive inputs pass. The map is the absolute
-    result maximised over colour channels (as ``saliency``). Refused on models whose activations are not one
-    ``nn.ReLU`` module per use (YOLOv8: SiLU), see the module docstring.
+    result maximised over colour channels (as ``saliency``). Refused on models without ``nn.ReLU`` modules
+    (YOLOv8: SiLU) and, unless ``other_activations="plain_gradient"``, on models mixing ReLU with activations
+    Captum has no rule for; see the module docstring. A ReLU module called several times (DAMO-YOLO's
+    ``ResConvBlock``) is fine: Captum's hook rectifies the gradient of each call on its own.
     """
 
     name = "guided_backprop"
     captum_name = "GuidedBackprop"
+    per_call_rule = True
+    requirement = "its activations to be nn.ReLU modules (one module object may serve several calls)"
 
     def _attribute(self, images: torch.Tensor, targets: Target | Sequence[Target]) -> torch.Tensor:
         from captum.attr import GuidedBackprop
@@ -215,11 +271,12 @@ class GuidedBackpropEngine(_CheckedEngine):
 
 
 @register
-class DeconvolutionEngine(_CheckedEngine):
+class DeconvolutionEngine(_GuidedEngine):
     """Deconvolution (Zeiler & Fergus 2014) through Captum's ``Deconvolution``.
 
     At every ReLU the gradient is replaced by the ReLU of the incoming gradient. Absolute value, maximised
-    over colour channels. Refused like :class:`GuidedBackpropEngine`.
+    over colour channels. Refused like :class:`GuidedBackpropEngine`, and also when one ReLU module serves
+    several calls: Captum keeps one output gradient per module object, which the calls would share.
     """
 
     name = "deconvolution"
@@ -233,7 +290,7 @@ class DeconvolutionEngine(_CheckedEngine):
 
 
 @register
-class GuidedGradCamEngine(_CheckedEngine):
+class GuidedGradCamEngine(_GuidedEngine):
     """Guided Grad-CAM (Selvaraju et al. 2017) on a named layer through Captum's ``GuidedGradCam``.
 
     Guided backpropagation multiplied by the layer's Grad-CAM upsampled to the image (Captum's nearest
@@ -243,6 +300,8 @@ class GuidedGradCamEngine(_CheckedEngine):
     name = "guided_grad_cam"
     captum_name = "GuidedGradCam"
     needs_layer = True
+    per_call_rule = True
+    requirement = GuidedBackpropEngine.requirement
 
     def _attribute(self, images: torch.Tensor, targets: Target | Sequence[Target]) -> torch.Tensor:
         from captum.attr import GuidedGradCam

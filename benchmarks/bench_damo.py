@@ -1,0 +1,149 @@
+"""DAMO-YOLO-T next to YOLOv8n, measured (not asserted).
+
+- batch 4, 320 px, one box target per image: forward, the floor (forward + backward to the input), and saliency,
+  Grad-CAM (neck.p3) and -- DAMO-YOLO only, a ReLU network -- guided backpropagation, as ratios to each model's
+  own floor;
+- one epoch of the demo (shapes data, 160 px, 600 train / 100 val images, batch 16) with and without the demo's
+  default callbacks (callbacks/demo.yaml: explanations, projections, error analysis, decision boundary). The fit
+  with callbacks includes their run before training (step 0); each callback's own seconds after the epoch are read
+  back from TensorBoard (``xaiwatch/*_seconds``, ``errors/seconds``, ``boundary/seconds``).
+
+Run: python benchmarks/bench_damo.py [--quick] (or call ``run(quick)`` from benchmarks/run.py).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _timeit(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _adapters() -> dict:
+    from xaiwatch.adapters import DamoYoloAdapter, YOLOv8Adapter
+    from xaiwatch.models import DamoYoloModule
+    from xaiwatch.models.yolov8 import _build_detection_model
+
+    torch.manual_seed(0)
+    damo = DamoYoloModule("tiny", num_classes=3).net.eval()
+    yolo = _build_detection_model("yolov8n.yaml", 3).eval()
+    return {"DAMO-YOLO-T": DamoYoloAdapter(damo), "YOLOv8n": YOLOv8Adapter(yolo)}
+
+
+def bench_methods(repeat: int) -> dict:
+    """Forward, floor and each method's ratio to its floor, batch 4 at 320 px, for both models."""
+    from xaiwatch.explain import get_engine
+    from xaiwatch.targets import BoxTarget
+
+    x = torch.rand(4, 3, 320, 320, generator=torch.Generator().manual_seed(0))
+    targets = [BoxTarget(100 * (i + 1), i % 3) for i in range(4)]  # P3 candidates (1,600 of 2,100 at 320 px)
+    results = {}
+    for name, adapter in _adapters().items():
+
+        def forward(adapter=adapter):
+            with torch.no_grad():
+                adapter.raw(x)
+
+        def floor(adapter=adapter):
+            xi = x.clone().requires_grad_()
+            torch.autograd.grad(adapter.score(xi, targets).sum(), xi)
+
+        rows = {"forward": _timeit(forward, repeat), "floor (forward + backward to input)": _timeit(floor, repeat)}
+        methods = {"saliency": {}, "grad_cam": {"layer": "neck.p3"}}
+        if name.startswith("DAMO"):
+            methods["guided_backprop"] = {"other_activations": "plain_gradient"}
+        for method, options in methods.items():
+            engine = get_engine(method, adapter, **options)
+            rows[method] = _timeit(lambda engine=engine: engine.attribute(x, targets), repeat)
+        base = rows["floor (forward + backward to input)"]
+        results[name] = {k: {"seconds": v, "x_floor": v / base} for k, v in rows.items()}
+        results[name]["candidates"] = int(adapter.raw(x[:1]).scores.shape[1])
+        results[name]["parameters_M"] = sum(p.numel() for p in adapter.model.parameters()) / 1e6
+    return results
+
+
+def bench_demo_epoch(quick: bool, out: Path) -> dict:
+    """Seconds of one demo epoch (fit of 1 epoch: train + validation), without and with callbacks/demo.yaml."""
+    import pytorch_lightning as pl
+
+    from xaiwatch.callbacks import load_callbacks
+    from xaiwatch.cli import demo_module
+    from xaiwatch.data import YoloDataModule, generate
+
+    n_train = 160 if quick else 600
+    data = generate(out / "damo_data", num_train=n_train, num_val=100, imgsz=160, seed=0, overwrite=True)
+    results = {}
+    for model in ("damo", "yolov8n.yaml"):
+        row = {}
+        for label, callbacks in (("plain", []), ("demo callbacks", load_callbacks(ROOT / "callbacks" / "demo.yaml"))):
+            pl.seed_everything(0)
+            dm = YoloDataModule(str(data), imgsz=160, batch_size=16, seed=0)
+            dm.setup("fit")
+            module = demo_module(model, num_classes=dm.num_classes, names=dm.names)
+            trainer = pl.Trainer(
+                max_epochs=1,
+                logger=pl.loggers.TensorBoardLogger(str(out), name="bench_damo"),
+                callbacks=callbacks,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                num_sanity_val_steps=0,
+                log_every_n_steps=10,
+            )
+            start = time.perf_counter()
+            trainer.fit(module, datamodule=dm)
+            row[f"{label} seconds ({n_train} train images)"] = time.perf_counter() - start
+            row[f"{label} val/map50"] = float(trainer.callback_metrics.get("val/map50", float("nan")))
+            if callbacks:  # each callback's own seconds after the epoch (step 1; step 0 is the run before training)
+                row["per-callback seconds after the epoch"] = _callback_seconds(trainer.logger.log_dir)
+        row["callbacks share"] = (
+            1 - row[f"plain seconds ({n_train} train images)"] / row[f"demo callbacks seconds ({n_train} train images)"]
+        )
+        results["DAMO-YOLO-T" if model == "damo" else "YOLOv8n"] = row
+    return results
+
+
+def _callback_seconds(log_dir: str) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(log_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    return {
+        tag: [e.value for e in acc.Scalars(tag) if e.step == 1][-1]
+        for tag in acc.Tags()["scalars"]
+        if tag.endswith("seconds") and any(e.step == 1 for e in acc.Scalars(tag))
+    }
+
+
+def run(quick: bool = False, out: str | Path = "bench_output") -> dict:
+    """Both measurements; ``quick`` uses fewer repeats and a 160-image epoch."""
+    out = Path(out)
+    out.mkdir(exist_ok=True)
+    return {"methods_320px_batch4": bench_methods(3 if quick else 5), "demo_epoch": bench_demo_epoch(quick, out)}
+
+
+if __name__ == "__main__":
+    import json
+
+    sys.path.insert(0, str(ROOT / "src"))
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    print(json.dumps(run("--quick" in sys.argv), indent=1))
