@@ -16,7 +16,7 @@ export YOLO_OFFLINE = 1
 export HF_HUB_OFFLINE = 1
 export MPLBACKEND = Agg
 
-.PHONY: venv demo test test-fast bench lint clean
+.PHONY: venv demo test test-fast test-proof bench lint clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,9 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q --durations=15
+
+test-proof: venv
+	$(PY) -m pytest -q -m proof --durations=5
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow"
