@@ -18,7 +18,14 @@ from test_projection_callback import _projector
 from conftest import tiny_damo_module
 from xaiwatch.adapters import DamoYoloAdapter
 from xaiwatch.analysis import COUNT_TYPES, ErrorCounts
-from xaiwatch.callbacks import DecisionBoundaryCallback, ErrorAnalysisCallback, ExplainCallback, ProjectionCallback
+from xaiwatch.callbacks import (
+    DecisionBoundaryCallback,
+    ErrorAnalysisCallback,
+    ExplainCallback,
+    ProjectionCallback,
+    SaliencyGate,
+)
+from xaiwatch.checks import CheckOptions
 
 METHODS = ["saliency", "grad_cam", "guided_backprop"]
 
@@ -34,6 +41,13 @@ def _callbacks() -> list:
         ProjectionCallback(layers=["neck.p3", "neck.p5"], method="pca", on_error="raise"),
         ErrorAnalysisCallback(max_images=6, batch_size=4, conf=0.3, explain_top_k=1, on_error="raise"),
         DecisionBoundaryCallback(num_probe=2, max_objects=1, max_eps=0.2, steps=2, bisection_steps=2, on_error="raise"),
+        SaliencyGate(
+            checks={"energy_in_box": 0.0, "context_reliance": None, "randomization_ssim": None, "deletion_auc": None},
+            methods=["saliency", "grad_cam"],
+            num_probe=2,
+            options=CheckOptions(steps=2, min_score=0.0),
+            on_error="raise",
+        ),
     ]
 
 
@@ -89,6 +103,12 @@ def test_every_callback_on_a_damo_fit(tmp_path, square_loaders, inference_mode):
         assert [e.step for e in acc.Scalars(f"boundary/min_eps/{subject}")] == [0, 1, 2]
         assert [e.step for e in acc.Images(f"boundary/picture/{subject}")] == [0, 1, 2]
     assert {"val/map50", "val/map", "val/loss"} <= set(scalars)
+    # the saliency gate: every check of both methods after each epoch, and its decision
+    gate = callbacks[4]
+    for key in ("energy_in_box/saliency", "randomization_ssim/grad_cam", "deletion_auc/saliency", "context_reliance"):
+        assert [e.step for e in acc.Scalars(f"saliency/{key}")] == [1, 2], key
+    assert [e.value for e in acc.Scalars("saliency/gate_pass")] == [float(r["passed"]) for r in gate.history]
+    assert all(r["passed"] for r in gate.history)  # energy_in_box >= 0 always holds
 
 
 def _weights_after_fit(tmp_path, square_loaders, callbacks) -> dict:
@@ -122,7 +142,7 @@ def test_demo_command_with_damo(tmp_path, capsys):
     from xaiwatch.cli import main
 
     out = tmp_path / "demo"
-    argv = ["demo", "--model", "damo", "--out", str(out), "--epochs", "1", "--num-train", "16", "--num-val", "8"]
+    argv = ["demo", "--model", "damo", "--out", str(out), "--epochs", "1", "--num-train", "16", "--num-val", "16"]
     main([*argv, "--imgsz", "64", "--batch-size", "8", "--accelerator", "cpu"])
     assert f"tensorboard --logdir {out.resolve()}" in capsys.readouterr().out
     acc = _acc(next((out / "tensorboard").glob("version_*")))
@@ -131,6 +151,7 @@ def test_demo_command_with_damo(tmp_path, capsys):
     assert {"projection/neck.p3", "errors/confusion"} <= set(tags["images"])
     assert {"val/map50", "projection/neck.p4/silhouette", "errors/tp/all"} <= set(tags["scalars"])
     assert any(t.startswith("boundary/min_eps/") for t in tags["scalars"])
+    assert len(acc.Scalars("saliency/gate_pass")) == 1 and "saliency/energy_in_box/saliency" in tags["scalars"]
 
 
 def test_demo_module_choice():

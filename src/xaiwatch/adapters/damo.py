@@ -198,6 +198,10 @@ class DamoYoloAdapter(DetectorAdapter):
                 layers[f"backbone.p{p}"] = f"backbone.{attr}.{idx}"
         return layers
 
+    def randomization_stages(self) -> list[tuple[str, list[str]]]:
+        """``head`` (ZeroHead), then ``neck`` (GiraffeNeckV2), then ``backbone`` (TinyNAS)."""
+        return [("head", ["head"]), ("neck", ["neck"]), ("backbone", ["backbone"])]
+
     @property
     def default_cam_layer(self) -> str:
         """``neck.p3``: every level's candidates depend on it."""
