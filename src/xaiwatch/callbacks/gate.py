@@ -29,7 +29,7 @@ __all__ = ["SaliencyGate", "GatedModelCheckpoint", "DEFAULT_CHECKS"]
 #: Default thresholds (see the README, "Choosing thresholds"): input-gradient energy inside the tracked box and
 #: the score lost when the context is replaced by grey separated context-shortcut models from clean ones on
 #: every seed measured; the pointing game is logged, not gated on.
-DEFAULT_CHECKS: dict[str, float | None] = {"energy_in_box": 0.45, "context_reliance": 0.1, "pointing_game": None}
+DEFAULT_CHECKS: dict[str, float | None] = {"energy_in_box": 0.45, "context_reliance": 0.05, "pointing_game": None}
 MODES = ("block", "warn", "stop")
 
 Counterfactual = Callable[[torch.Tensor, list, list], torch.Tensor]
