@@ -115,10 +115,14 @@ class SaliencyGate(ScheduledCallback):
         if isinstance(options, Mapping):
             unknown = sorted(set(options) - set(CheckOptions.__dataclass_fields__))
             if unknown:
-                raise ConfigurationError(f"Unknown `options` {unknown}; known: {sorted(CheckOptions.__dataclass_fields__)}.")
+                raise ConfigurationError(
+                    f"Unknown `options` {unknown}; known: {sorted(CheckOptions.__dataclass_fields__)}."
+                )
             options = CheckOptions(**{"seed": seed, **options})
         if options is not None and not isinstance(options, CheckOptions):
-            raise ConfigurationError(f"`options` must be a CheckOptions or a dict of its fields, got {type(options).__name__}.")
+            raise ConfigurationError(
+                f"`options` must be a CheckOptions or a dict of its fields, got {type(options).__name__}."
+            )
         super().__init__(every_n_epochs=every_n_epochs, run_at_start=False, on_error=on_error)
         self.checks = checks
         self.methods = [m for m in methods if any(c in MAP_CHECKS for c in self.needed)] or []
