@@ -180,6 +180,11 @@ def main() -> None:
         print(f"  {name:40s} {r['seconds']:8.3f} s  {r['x_explanation']:6.2f} x explanation")
     for name, v in results["gate"]["share"].items():
         print(f"  {name:40s} {v:9.3f}")
+    print("\n== DAMO-YOLO-T vs YOLOv8n: floors, method ratios, a demo epoch with and without the callbacks ==")
+    import bench_damo
+
+    results["damo"] = bench_damo.run(args.quick)
+    print(json.dumps(results["damo"], indent=1, default=str))
     print("\n== ExplainCallback share of epoch time, demo configuration ==")
     results["callback_share"] = bench_callback_share(args.quick)
     for name, v in results["callback_share"].items():
