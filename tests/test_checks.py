@@ -279,6 +279,12 @@ def test_evaluate_checks_on_a_detector(tiny_net):
     expected = {f"{c}/saliency" for c in C.CHECKS if c not in ("context_reliance", "counterfactual_flip")}
     assert set(values) == expected | {"context_reliance"}
     assert maps["saliency"].shape == (2, 1, 64, 64)
+    one_by_one = torch.cat([engines["saliency"].attribute_boxes(x[i : i + 1], [t]) for i, t in enumerate(targets)])
+    assert torch.allclose(maps["saliency"], one_by_one, atol=1e-6)  # probes explained in one batch: same maps
+    _, single = C.evaluate_checks(
+        adapter, engines, x, targets, boxes, [b[None] for b in boxes], {"energy_in_box"}, C.CheckOptions(batch_size=1)
+    )
+    assert torch.allclose(single["saliency"], one_by_one, atol=1e-6)
     assert values["energy_in_box/saliency"] == pytest.approx(float(C.energy_in_box(maps["saliency"], boxes).mean()))
     for key in ("pointing_game/saliency", "energy_in_box/saliency", "off_object_energy/saliency", "stability/saliency"):
         assert 0.0 <= values[key] <= 1.0, key

@@ -30,6 +30,7 @@ class CheckOptions:
         noise: input noise of ``stability``.
         seed: seed of the noise and of the randomised weights.
         stages: randomisation stages (default: the adapter's ``randomization_stages()``, all of them).
+        batch_size: probes explained per pass.
     """
 
     tolerance: float = 15.0
@@ -40,6 +41,19 @@ class CheckOptions:
     noise: float = 0.02
     seed: int = 0
     stages: list | None = field(default=None)
+    batch_size: int = 8
+
+
+def _maps(engine, images: torch.Tensor, targets: Sequence, batch_size: int) -> torch.Tensor:
+    """One map per probe (probe ``i`` explains ``targets[i]``), ``batch_size`` probes per pass.
+
+    Probes are independent images explained in eval mode, so a batch gives each probe's own map (tested equal to
+    one probe at a time) in about half the time on a CPU.
+    """
+    size = max(1, int(batch_size))
+    return torch.cat(
+        [engine.attribute(images[i : i + size], list(targets[i : i + size])) for i in range(0, len(targets), size)]
+    )
 
 
 def _mean(values: torch.Tensor) -> float:
@@ -76,10 +90,7 @@ def evaluate_checks(
         probe could be measured) and each method's :math:`(N, 1, H, W)` maps.
     """
     o = options or CheckOptions()
-    maps = {
-        m: torch.cat([e.attribute_boxes(images[i : i + 1], [t]) for i, t in enumerate(targets)])
-        for m, e in engines.items()
-    }
+    maps = {m: _maps(e, images, targets, o.batch_size) for m, e in engines.items()}
     values: dict[str, float] = {}
     for method, engine in engines.items():
         values.update(_map_checks(adapter, engine, method, maps[method], images, targets, boxes, gt_boxes, checks, o))
@@ -138,7 +149,7 @@ def _randomization(adapter, engine, method, m, images, targets, wanted, o) -> di
         if model is adapter.model:
             return m
         twin = get_engine(method, adapter.with_model(model), layer=engine.layer_name, seed=engine.seed)
-        return torch.cat([twin.attribute_boxes(images[i : i + 1], [t]) for i, t in enumerate(targets)])
+        return _maps(twin, images, targets, o.batch_size)
 
     stages = o.stages or adapter.randomization_stages()
     *_, (_, randomized) = randomization.cascading_randomization(adapter.model, stages, seed=o.seed)
