@@ -331,9 +331,10 @@ class GatedModelCheckpoint(ModelCheckpoint):
     end) only when the trainer's gates evaluated exactly these weights and they passed (gates in ``"warn"``
     mode never refuse). So ``best_model_path`` and the top-k files are always passing models, even while fewer
     than ``save_top_k`` exist (Lightning's ``check_monitor_top_k`` would keep a refused model there whatever its
-    monitored value). ``save_last=True``: ``last.ckpt`` is written with each *passing* save, so it is the newest
-    passing model, and never at the end of training or on an exception for a model that did not pass; keep a
-    plain ``ModelCheckpoint(save_last=True)`` beside it if you also want the newest model for resuming.
+    monitored value). ``save_last=True``: ``last.ckpt`` follows Lightning's rule (it is written together with a
+    top-k save) for passing epochs only, so it is always a passing model, and it is never written at the end of
+    training or on an exception for a model that did not pass; keep a plain ``ModelCheckpoint(save_last=True)``
+    beside it if you also want the newest model for resuming.
 
     Raises:
         ConfigurationError: for ``every_n_train_steps`` or ``train_time_interval`` (gate decisions exist only at
