@@ -14,10 +14,8 @@ Run: python benchmarks/bench_damo.py [--quick] (or call ``run(quick)`` from benc
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
@@ -25,17 +23,8 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _timeit(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+sys.path.insert(0, str(Path(__file__).parent))
+from run import timeit  # noqa: E402  (the one timer of every benchmark)
 
 
 def _adapters() -> dict:
@@ -67,13 +56,13 @@ def bench_methods(repeat: int) -> dict:
             xi = x.clone().requires_grad_()
             torch.autograd.grad(adapter.score(xi, targets).sum(), xi)
 
-        rows = {"forward": _timeit(forward, repeat), "floor (forward + backward to input)": _timeit(floor, repeat)}
+        rows = {"forward": timeit(forward, repeat), "floor (forward + backward to input)": timeit(floor, repeat)}
         methods = {"saliency": {}, "grad_cam": {"layer": "neck.p3"}}
         if name.startswith("DAMO"):
             methods["guided_backprop"] = {"other_activations": "plain_gradient"}
         for method, options in methods.items():
             engine = get_engine(method, adapter, **options)
-            rows[method] = _timeit(lambda engine=engine: engine.attribute(x, targets), repeat)
+            rows[method] = timeit(lambda engine=engine: engine.attribute(x, targets), repeat)
         base = rows["floor (forward + backward to input)"]
         results[name] = {k: {"seconds": v, "x_floor": v / base} for k, v in rows.items()}
         results[name]["candidates"] = int(adapter.raw(x[:1]).scores.shape[1])
