@@ -89,10 +89,10 @@ def bench_error_share(out: Path, num_val: int = 64) -> dict:
 def bench_boundary(repeat: int = 3) -> dict:
     from xaiwatch.adapters import YOLOv8Adapter
     from xaiwatch.analysis import min_epsilon
-    from xaiwatch.models.yolov8 import _build_detection_model
+    from xaiwatch.models.yolov8 import build_detection_model
 
     torch.manual_seed(0)
-    adapter = YOLOv8Adapter(_responsive(_build_detection_model("yolov8n.yaml", 3)), conf=0.5)
+    adapter = YOLOv8Adapter(_responsive(build_detection_model("yolov8n.yaml", 3)), conf=0.5)
     image = torch.rand(1, 3, 160, 160, generator=torch.Generator().manual_seed(1))
     dets = adapter.detect(image)[0]
     box, label = dets.boxes[0], int(dets.labels[0])

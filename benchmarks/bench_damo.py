@@ -30,11 +30,11 @@ from run import timeit  # noqa: E402  (the one timer of every benchmark)
 def _adapters() -> dict:
     from xaiwatch.adapters import DamoYoloAdapter, YOLOv8Adapter
     from xaiwatch.models import DamoYoloModule
-    from xaiwatch.models.yolov8 import _build_detection_model
+    from xaiwatch.models.yolov8 import build_detection_model
 
     torch.manual_seed(0)
     damo = DamoYoloModule("tiny", num_classes=3).net.eval()
-    yolo = _build_detection_model("yolov8n.yaml", 3).eval()
+    yolo = build_detection_model("yolov8n.yaml", 3).eval()
     return {"DAMO-YOLO-T": DamoYoloAdapter(damo), "YOLOv8n": YOLOv8Adapter(yolo)}
 
 

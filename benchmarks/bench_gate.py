@@ -29,11 +29,11 @@ def bench_check_costs(repeat: int = 3) -> dict:
     from xaiwatch.adapters import YOLOv8Adapter
     from xaiwatch.checks import CHECKS, CheckOptions, evaluate_checks
     from xaiwatch.explain import get_engine
-    from xaiwatch.models.yolov8 import _build_detection_model
+    from xaiwatch.models.yolov8 import build_detection_model
     from xaiwatch.targets import MatchedBoxTarget
 
     torch.manual_seed(0)
-    net = _responsive(_build_detection_model("yolov8n.yaml", 3))
+    net = _responsive(build_detection_model("yolov8n.yaml", 3))
     adapter = YOLOv8Adapter(net)
     g = torch.Generator().manual_seed(0)
     images = torch.rand(16, 3, 160, 160, generator=g)

@@ -36,10 +36,10 @@ def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
 
 
 def yolov8n(num_classes: int = 3) -> torch.nn.Module:
-    from xaiwatch.models.yolov8 import _build_detection_model
+    from xaiwatch.models.yolov8 import build_detection_model
 
     torch.manual_seed(0)
-    return _build_detection_model("yolov8n.yaml", num_classes).eval()
+    return build_detection_model("yolov8n.yaml", num_classes).eval()
 
 
 def bench_foundation(repeat: int) -> dict:

@@ -27,10 +27,10 @@ def tiny_cfg() -> dict:
 @pytest.fixture
 def tiny_net():
     """A freshly initialised tiny ultralytics DetectionModel with 3 classes (seeded)."""
-    from xaiwatch.models.yolov8 import _build_detection_model
+    from xaiwatch.models.yolov8 import build_detection_model
 
     torch.manual_seed(0)
-    return _build_detection_model(tiny_cfg(), 3)
+    return build_detection_model(tiny_cfg(), 3)
 
 
 def tiny_damo_arch() -> dict:

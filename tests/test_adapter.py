@@ -61,10 +61,10 @@ def test_per_image_targets_and_matched_target_choice():
     t = MatchedBoxTarget([0, 0, 10, 10], label=1)
     out = t(raw)
     assert torch.allclose(out, torch.tensor([0.9, 0.9]))  # the overlapping candidate, not the global best (0.95)
-    assert t.last_match[0].candidate == 1 and t.last_match[0].detected
+    assert t.match(raw)[0].candidate == 1 and t.match(raw)[0].detected
+    assert not hasattr(t, "last_match")  # a call returns scores and changes nothing in the target
     far = MatchedBoxTarget([20, 20, 30, 30], label=1)  # overlaps nothing: not detected, still explains something
-    far(raw)
-    assert not far.last_match[0].detected
+    assert not far.match(raw)[0].detected
     from xaiwatch.adapters import apply_targets
 
     both = apply_targets(raw, [BoxTarget(0, 0), BoxTarget(2, 1)])

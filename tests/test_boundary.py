@@ -174,12 +174,12 @@ def test_callback_logs_min_eps_and_pictures(tmp_path, square_loaders):
     acc = _events(trainer.logger.log_dir)
     for subject in ("probe_00", "probe_01"):
         values = acc.Scalars(f"boundary/min_eps/{subject}")
-        assert [e.step for e in values] == [0, 1, 2]
+        assert [e.step for e in values] == [0, 2, 4]
         flipped = [e.value for e in acc.Scalars(f"boundary/flipped/{subject}")]
         for v, f in zip(values, flipped):
             assert 0.0 <= v.value <= 0.2 and (f == 1.0 or v.value == pytest.approx(0.2))
         pictures = acc.Images(f"boundary/picture/{subject}")
-        assert [e.step for e in pictures] == [0, 1, 2] and pictures[0].width > 3 * pictures[0].height
+        assert [e.step for e in pictures] == [0, 2, 4] and pictures[0].width > 3 * pictures[0].height
     last = cb.last_results["probe_00"]
     assert last.min_eps == 0.0 or last.steps > 0
     state = cb.state_dict()

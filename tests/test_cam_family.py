@@ -138,7 +138,6 @@ def test_level_head_reproduces_the_raw_scores_and_matched_targets_record_their_m
     assert adapter.level_head("backbone.p3") is None and adapter.level_head("model.2") is None
     target = MatchedBoxTarget([8.0, 8.0, 40.0, 40.0], 2)
     engine = get_engine("grad_cam", adapter, layer="neck.p3")
-    engine.attribute_boxes(images[:1], [target])
-    match = target.last_match
+    match = engine.explain_boxes(images[:1], [target]).matches
     assert len(match) == 1 and 0 <= match[0].candidate < 84
     assert torch.allclose(engine.attribute_boxes(images[:1], [target]), engine.attribute(images[:1], target))

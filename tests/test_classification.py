@@ -26,7 +26,7 @@ from xaiwatch.data.classification import (
     generate_classification,
 )
 from xaiwatch.explain import get_engine
-from xaiwatch.models.yolov8 import _build_detection_model
+from xaiwatch.models.yolov8 import build_detection_model
 from xaiwatch.models.yolov8_cls import YOLOv8ClsModule, _build_classification_model
 from xaiwatch.targets import BoxTarget, ClassTarget, MatchedBoxTarget
 
@@ -75,7 +75,7 @@ def test_scores_are_the_softmax_of_the_model(cls_net, images):
         assert torch.equal(adapter.score(images, target), probs[:, 1]), target
     assert adapter.names == ["0", "1", "2"] and adapter.num_classes == 3
     assert is_ultralytics_classification_model(cls_net)
-    assert not is_ultralytics_classification_model(_build_detection_model(tiny_cfg(), 3))
+    assert not is_ultralytics_classification_model(build_detection_model(tiny_cfg(), 3))
     assert not is_ultralytics_classification_model(nn.Linear(2, 2))
 
 
@@ -172,7 +172,7 @@ def test_no_side_effects_in_inference_mode(cls_net, images, method):
 
 def test_adapter_bad_input(cls_net):
     with pytest.raises(UnsupportedModelError, match="YOLOv8Adapter"):
-        ClassifierAdapter(_build_detection_model(tiny_cfg(), 3))
+        ClassifierAdapter(build_detection_model(tiny_cfg(), 3))
     with pytest.raises(ConfigurationError, match="Leave `output` unset"):
         ClassifierAdapter(cls_net, output="logits")
     with pytest.raises(ConfigurationError, match="`output` must be one of"):

@@ -3,6 +3,8 @@ TensorBoard, MissedTarget explains the right candidate, no side effects on train
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import io
 import warnings
 from pathlib import Path
@@ -12,8 +14,9 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from helpers import make_trainer as _trainer
+from helpers import read_events as _events
 from PIL import Image
-from pytorch_lightning.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 from torchvision.ops import box_iou
 
@@ -58,30 +61,6 @@ def _module(confident: bool = False) -> YOLOv8Module:
     return module
 
 
-def _trainer(tmp_path, callbacks, epochs=2, **kw) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=epochs,
-        limit_train_batches=2,
-        logger=TensorBoardLogger(str(tmp_path), name="tb"),
-        callbacks=callbacks,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        deterministic=True,
-        accelerator="cpu",
-        **kw,
-    )
-
-
-def _events(log_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0})
-    acc.Reload()
-    return acc
-
-
 def test_logged_counts_equal_a_recount(tmp_path, square_loaders):
     cb = ErrorAnalysisCallback(max_images=6, batch_size=4, conf=0.3, explain_top_k=1, on_error="raise")
     module = _module(confident=True)
@@ -119,7 +98,8 @@ def test_missed_target_explains_the_right_candidate(tiny_net, images):
     scores = torch.tensor([[[0.0, 0.05], [0.0, 0.9], [0.0, 0.1], [0.0, 0.2]]])
     target = MissedTarget([0, 0, 10, 10], label=1)
     assert torch.allclose(target(RawOutput(boxes, scores)), torch.tensor([0.1]))
-    assert target.last_match[0].candidate == 2 and not target.last_match[0].detected
+    match = target.match(RawOutput(boxes, scores))[0]
+    assert match.candidate == 2 and not match.detected
     # on the tiny YOLOv8: the candidate the test picks from the raw output, and the map equals BoxTarget's
     adapter = YOLOv8Adapter(tiny_net.eval())
     engine = get_engine("saliency", adapter)
@@ -136,9 +116,10 @@ def test_missed_target_explains_the_right_candidate(tiny_net, images):
         else:
             expected = int((ious * scores).argmax())
         missed = MissedTarget(gt, label=2)
-        got = engine.attribute_boxes(images[:1], [missed])
-        assert missed.last_match[0].candidate == expected
-        assert missed.last_match[0].iou == pytest.approx(float(ious[expected]))
+        found = engine.explain_boxes(images[:1], [missed])
+        got = found.maps
+        assert found.matches[0].candidate == expected
+        assert found.matches[0].iou == pytest.approx(float(ious[expected]))
         assert torch.allclose(got, engine.attribute_boxes(images[:1], [BoxTarget(expected, 2)]))
         assert float(got.abs().sum()) > 0
     assert "MissedTarget" in repr(missed)
@@ -231,11 +212,14 @@ def test_errors_during_training_are_isolated_and_other_ranks_write_nothing(tmp_p
         assert any("matching exploded" in str(w.message) and cls.__name__ in str(w.message) for w in caught)
         with patch(target, side_effect=boom), pytest.raises(RuntimeError, match="matching exploded"):
             _trainer(tmp_path, [cls(on_error="raise")]).fit(_module(confident=True), *square_loaders)
-    cb = ErrorAnalysisCallback(on_error="raise")
+    cb = ErrorAnalysisCallback(max_images=6, on_error="raise")
     trainer = _trainer(tmp_path, [cb], epochs=1)
     module = _module()
     trainer.fit(module, *square_loaders)
-    with patch.object(type(trainer), "is_global_zero", new=property(lambda self: False)):
-        with patch.object(cb, "_run") as run:
-            cb._run_safely(trainer, module, step=5)
-    run.assert_not_called()
+    cb._writer = None  # what setup() gives a non-zero rank
+    rank1 = SimpleNamespace(global_step=5, global_rank=1, world_size=2, current_epoch=3)
+    with patch.object(cb, "_run", wraps=cb._run) as run, patch.object(cb, "_write") as write:
+        cb._scheduled(rank1, module, epoch=3)
+    assert run.call_args[0][0] == [1, 3, 5]  # its share of the analysed images
+    write.assert_not_called()
+    assert cb.last_counts.images == 3  # without a process group it only knows its own share

@@ -12,45 +12,17 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from helpers import make_trainer as _trainer
+from helpers import read_events as _events
+from helpers import tiny_module as _module
 from PIL import Image
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader
 
-from conftest import SquaresDataset, collate, tiny_cfg
+from conftest import SquaresDataset, collate
 from xaiwatch.callbacks import ExplainCallback
 from xaiwatch.core.errors import ConfigurationError, UnsupportedModelError
-from xaiwatch.models import YOLOv8Module
-
-
-def _module() -> YOLOv8Module:
-    pl.seed_everything(0)
-    return YOLOv8Module(tiny_cfg(), num_classes=3, lr=5e-3, warmup_steps=1)
-
-
-def _trainer(tmp_path, callbacks, epochs=2, inference_mode=True, logger=True, **kw) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=epochs,
-        limit_train_batches=2,
-        logger=TensorBoardLogger(str(tmp_path), name="tb") if logger else False,
-        callbacks=callbacks,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        deterministic=True,
-        inference_mode=inference_mode,
-        accelerator="cpu",
-        **kw,
-    )
-
-
-def _events(log_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0})
-    acc.Reload()
-    return acc
 
 
 @pytest.mark.parametrize("inference_mode", [True, False])
@@ -65,14 +37,14 @@ def test_tensorboard_images_per_epoch_per_probe(tmp_path, square_loaders, infere
     sizes = set()
     for tag in expected:
         events = acc.Images(tag)
-        assert [e.step for e in events] == [0, 1, 2]  # before training, after epoch 1, after epoch 2
+        assert [e.step for e in events] == [0, 2, 4]  # before training, after epoch 1, after epoch 2 (global steps)
         for e in events:
             img = np.asarray(Image.open(io.BytesIO(e.encoded_image_string)).convert("RGB"))
             assert (img.shape[0], img.shape[1]) == (e.height, e.width)
             assert img.std() > 10  # a real picture, not a blank canvas
             sizes.add(img.shape)
     assert len(sizes) == 1
-    assert [e.step for e in acc.Scalars("xaiwatch/explain_seconds")] == [0, 1, 2]
+    assert [e.step for e in acc.Scalars("xaiwatch/explain_seconds")] == [0, 2, 4]
     assert all(e.value > 0 for e in acc.Scalars("xaiwatch/explain_seconds"))
     assert len(acc.Scalars("explain_tracked/detected_probe_00")) == 3
 
@@ -109,7 +81,7 @@ def test_run_leaves_module_state_rng_and_hooks_unchanged(tmp_path, square_loader
     rng = torch.get_rng_state()
     np_rng = np.random.get_state()[1].copy()
     with torch.inference_mode():
-        cb._run(module, step=7)
+        cb._scheduled(trainer, module, epoch=7, force=True)
     assert [m.training for m in module.modules()] == modes
     assert all(torch.equal(v, module.state_dict()[k]) for k, v in state.items())
     assert sum(len(m._forward_hooks) + len(m._backward_hooks) for m in module.modules()) == hooks
@@ -122,7 +94,7 @@ def test_state_dict_resume_and_pickle(tmp_path, square_loaders):
     cb = ExplainCallback(num_probe=3, seed=5, on_error="raise")
     _trainer(tmp_path, [cb], epochs=1).fit(_module(), *square_loaders)
     state = cb.state_dict()
-    assert len(state["probe_indices"]) == 3 and len(state["tracked"]) == 3 and state["last_step"] == 1
+    assert len(state["probe_indices"]) == 3 and len(state["tracked"]) == 3 and state["last_step"] == 2
     restored = pickle.loads(pickle.dumps(ExplainCallback(num_probe=3, seed=99)))
     restored.load_state_dict(state)
     _trainer(tmp_path, [restored], epochs=1).fit(_module(), *square_loaders)
@@ -135,7 +107,7 @@ def test_state_dict_resume_and_pickle(tmp_path, square_loaders):
 def test_bad_arguments_fail_at_construction():
     with pytest.raises(ConfigurationError, match="Valid methods:.*grad_cam"):
         ExplainCallback(methods=["saliency", "lime2"])
-    with pytest.raises(ConfigurationError, match="`num_probe` must be >= 1, got 0"):
+    with pytest.raises(ConfigurationError, match="`num_probe` must be an integer >= 1, got 0"):
         ExplainCallback(num_probe=0)
     with pytest.raises(ConfigurationError, match="every_n_epochs"):
         ExplainCallback(every_n_epochs=0)
@@ -195,24 +167,26 @@ def test_errors_during_training_are_isolated(tmp_path, square_loaders):
             _trainer(tmp_path, [strict]).fit(_module(), *square_loaders)
 
 
-def test_non_zero_rank_writes_nothing(tmp_path, square_loaders):
-    cb = ExplainCallback(num_probe=2, on_error="raise")
+def test_non_zero_rank_explains_its_share_and_writes_nothing(tmp_path, square_loaders):
+    cb = ExplainCallback(num_probe=3, on_error="raise")
     module = _module()
     trainer = _trainer(tmp_path, [cb], epochs=1)
     trainer.fit(module, *square_loaders)
     steps_before = len(_events(trainer.logger.log_dir).Images("explain/saliency/probe_00"))
-    with patch.object(type(trainer), "is_global_zero", new=property(lambda self: False)):
-        with patch.object(cb, "_run") as run:
-            cb._run_safely(trainer, module, step=5)
-    run.assert_not_called()
-    assert steps_before == 2
+    cb._writer = None  # what setup() gives a non-zero rank
+    rank1 = Mock(global_step=7, global_rank=1, world_size=2, current_epoch=3)
+    with patch.object(cb, "_run", wraps=cb._run) as run, patch.object(cb, "_write") as write:
+        cb._scheduled(rank1, module, epoch=3)
+    assert run.call_args[0][0] == [1]  # probes 0 and 2 are rank zero's
+    write.assert_not_called()
+    assert steps_before == 2 == len(_events(trainer.logger.log_dir).Images("explain/saliency/probe_00"))
 
 
 def test_every_n_epochs_schedule(tmp_path, square_loaders):
     cb = ExplainCallback(num_probe=1, every_n_epochs=2, explain_at_start=False, on_error="raise")
     trainer = _trainer(tmp_path, [cb], epochs=3)
     trainer.fit(_module(), *square_loaders)
-    assert [e.step for e in _events(trainer.logger.log_dir).Images("explain/grad_cam/probe_00")] == [2]
+    assert [e.step for e in _events(trainer.logger.log_dir).Images("explain/grad_cam/probe_00")] == [4]
 
 
 def test_other_loggers_alongside(tmp_path, square_loaders):

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from xaiwatch.render.dispatch import draws_heat_map, per_image
 from xaiwatch.adapters import YOLOv8Adapter
 from xaiwatch.core.errors import ConfigurationError, ShapeError
 from xaiwatch.core.types import Detections
@@ -51,7 +52,9 @@ def _hooked_activation(net, layer_index, images):
 def test_feature_maps_engine_matches_hand_hook(tiny_net, images):
     adapter = YOLOv8Adapter(tiny_net)
     engine = get_engine("feature_maps", adapter, layer="neck.p3", top_k=4)
-    assert isinstance(engine, FeatureMapsEngine) and engine.kind == "grid"
+    assert isinstance(engine, FeatureMapsEngine) and per_image("feature_maps") and not draws_heat_map("feature_maps")
+    found = engine.explain_boxes(images[:1], [ClassTarget(0)])
+    assert [t.shape for t in found.extras["channels"]] == [t.shape for t in engine.channels(images[:1])]
     maps = engine.attribute(images, ClassTarget(0))
     values, indices = engine.channels(images, k=3)
     act = _hooked_activation(tiny_net, 15, images)  # neck.p3 is model.15 on YOLOv8

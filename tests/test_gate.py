@@ -8,33 +8,12 @@ from unittest.mock import patch
 import pytest
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import TensorBoardLogger
+from helpers import make_trainer as _trainer
+from helpers import tiny_module as _module
 
-from conftest import tiny_cfg
 from xaiwatch.callbacks import GatedModelCheckpoint, SaliencyGate
 from xaiwatch.checks import CheckOptions
 from xaiwatch.core.errors import ConfigurationError
-from xaiwatch.models import YOLOv8Module
-
-
-def _module() -> YOLOv8Module:
-    pl.seed_everything(0)
-    return YOLOv8Module(tiny_cfg(), num_classes=3, lr=5e-3, warmup_steps=1)
-
-
-def _trainer(tmp_path, callbacks, epochs=3, checkpointing=False, **kw) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=epochs,
-        limit_train_batches=2,
-        logger=TensorBoardLogger(str(tmp_path), name="tb"),
-        callbacks=callbacks,
-        enable_checkpointing=checkpointing,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        accelerator="cpu",
-        **kw,
-    )
 
 
 def _scripted(values_per_epoch):
@@ -50,7 +29,7 @@ def test_checkpoints_only_for_passing_epochs_and_best_is_passing(tmp_path, squar
     )
     values = [{"energy_in_box/saliency": v} for v in (0.1, 0.5, 0.2, 0.4)]
     with _scripted(values):
-        _trainer(tmp_path, [gate, ckpt], epochs=4, checkpointing=True).fit(_module(), *square_loaders)
+        _trainer(tmp_path, [gate, ckpt], epochs=4, enable_checkpointing=True).fit(_module(), *square_loaders)
     files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     assert [f for f in files if f != "last.ckpt"] == [f for f in files if f.startswith(("epoch=1", "epoch=3"))]
     assert len(files) == 3 and "last.ckpt" in files  # epochs 1 and 3 (0-based) passed
@@ -65,7 +44,7 @@ def test_no_passing_epoch_writes_nothing_even_with_save_last(tmp_path, square_lo
     gate = SaliencyGate(checks={"context_reliance": 0.2}, methods=[], num_probe=2, on_error="raise")
     ckpt = GatedModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     with _scripted([{"context_reliance": 0.6}] * 2):
-        trainer = _trainer(tmp_path, [gate, ckpt], epochs=2, checkpointing=True)
+        trainer = _trainer(tmp_path, [gate, ckpt], epochs=2, enable_checkpointing=True)
         trainer.fit(_module(), *square_loaders)
     assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
     assert ckpt.best_model_path == ""
@@ -79,7 +58,7 @@ def test_warn_mode_never_refuses_and_stop_mode_stops_after_patience(tmp_path, sq
         _scripted([{"energy_in_box/saliency": 0.0}] * 2),
         pytest.warns(UserWarning, match="failed the saliency checks"),
     ):
-        _trainer(tmp_path, [gate, ckpt], epochs=2, checkpointing=True).fit(_module(), *square_loaders)
+        _trainer(tmp_path, [gate, ckpt], epochs=2, enable_checkpointing=True).fit(_module(), *square_loaders)
     assert len(list((tmp_path / "warn").iterdir())) == 2
     stop = SaliencyGate(checks={"energy_in_box": 0.3}, num_probe=2, mode="stop", patience=2, on_error="raise")
     with _scripted([{"energy_in_box/saliency": v} for v in (0.1, 0.5, 0.1, 0.1, 0.9)]):
@@ -113,7 +92,7 @@ def test_real_checks_write_tensorboard_scalars_text_and_layout(tmp_path, square_
         "saliency/seconds",
     ):
         assert tag in scalars, tag
-        assert [e.step for e in acc.Scalars(tag)] == [1, 2]
+        assert [e.step for e in acc.Scalars(tag)] == [2, 4]
     logged = {e.step: e.value for e in acc.Scalars("saliency/energy_in_box/saliency")}
     assert logged[2] == pytest.approx(gate.history[1]["values"]["energy_in_box/saliency"])
     assert [e.value for e in acc.Scalars("saliency/gate_pass")] == [float(r["passed"]) for r in gate.history]
@@ -155,35 +134,34 @@ def test_errors_fail_the_gate_and_training_continues(tmp_path, square_loaders):
         raise RuntimeError("probe exploded")
 
     with patch.object(SaliencyGate, "evaluate", boom), pytest.warns(UserWarning, match="probe exploded"):
-        _trainer(tmp_path, [gate, ckpt], epochs=1, checkpointing=True).fit(_module(), *square_loaders)
+        _trainer(tmp_path, [gate, ckpt], epochs=1, enable_checkpointing=True).fit(_module(), *square_loaders)
     assert gate.history[0]["passed"] is False and "probe exploded" in gate.history[0]["reasons"][0]
     assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
 
 
-def test_decision_is_broadcast_from_rank_zero():
+def test_every_rank_decides_alike_without_a_broadcast():
+    """Each rank evaluates the probes in the same deterministic way and records the same decision, so no rank
+    waits on another's broadcast (a rank-1 trainer, no process group)."""
     gate = SaliencyGate(checks={"energy_in_box": 0.3}, num_probe=2)
-    decided = {"step": 1, "global_step": 2, "passed": True, "reasons": [], "values": {}, "seconds": 0.1}
-    calls = []
-
-    def broadcast(obj, src=0):
-        calls.append((obj, src))
-        return decided  # what rank 0 sent
-
+    gate._adapter, gate._indices = object(), [0, 1]  # as after setup() on rank 1 (no writer there)
+    values = {"energy_in_box/saliency": 0.4}
     trainer = SimpleNamespace(
         sanity_checking=False,
         fast_dev_run=False,
         state=SimpleNamespace(fn="fit"),
         current_epoch=0,
         global_step=2,
+        global_rank=1,
+        world_size=2,
         is_global_zero=False,
-        strategy=SimpleNamespace(broadcast=broadcast),
+        strategy=SimpleNamespace(broadcast=lambda *a, **k: pytest.fail("no broadcast is needed")),
         callback_metrics={},
         should_stop=False,
     )
-    with patch.object(SaliencyGate, "evaluate", side_effect=AssertionError("rank 1 must not evaluate")):
-        gate.on_validation_epoch_end(trainer, None)
-    assert calls == [(None, 0)]
-    assert gate.last == decided and gate.allows_checkpoint(2) and not gate.allows_checkpoint(3)
+    with patch.object(SaliencyGate, "evaluate", return_value=values):
+        gate.on_validation_epoch_end(trainer, SimpleNamespace(device="cpu"))
+    assert gate.last["passed"] and gate.last["global_step"] == 2 and gate.last["values"] == values
+    assert gate.allows_checkpoint(2) and not gate.allows_checkpoint(3)
     assert float(trainer.callback_metrics["saliency/gate_pass"]) == 1.0
 
 
@@ -191,7 +169,7 @@ def test_state_survives_resume(tmp_path, square_loaders):
     gate = SaliencyGate(checks={"energy_in_box": 0.3}, num_probe=2, mode="stop", patience=3, on_error="raise")
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "all", save_last=True)
     with _scripted([{"energy_in_box/saliency": 0.1}] * 2):
-        _trainer(tmp_path, [gate, ckpt], epochs=2, checkpointing=True).fit(_module(), *square_loaders)
+        _trainer(tmp_path, [gate, ckpt], epochs=2, enable_checkpointing=True).fit(_module(), *square_loaders)
     resumed = SaliencyGate(
         checks={"energy_in_box": 0.3}, num_probe=2, mode="stop", patience=3, seed=7, on_error="raise"
     )
@@ -199,7 +177,7 @@ def test_state_survives_resume(tmp_path, square_loaders):
         trainer = _trainer(tmp_path, [resumed], epochs=6)
         trainer.fit(_module(), *square_loaders, ckpt_path=str(tmp_path / "all" / "last.ckpt"))
     assert [r["step"] for r in resumed.history] == [1, 2, 3]
-    assert resumed._probe_indices == gate._probe_indices  # the same probes despite another seed
+    assert resumed.indices == gate.indices  # the same probes despite another seed
     assert trainer.current_epoch == 3  # the streak carried over: one more failure stopped it
 
 
@@ -219,7 +197,9 @@ def test_bad_input_fails_early(tmp_path, square_loaders):
     with pytest.raises(ConfigurationError, match="every_n_train_steps"):
         GatedModelCheckpoint(every_n_train_steps=10)
     with pytest.raises(ConfigurationError, match="needs a SaliencyGate"):
-        _trainer(tmp_path, [GatedModelCheckpoint(dirpath=tmp_path)], checkpointing=True).fit(_module(), *square_loaders)
+        _trainer(tmp_path, [GatedModelCheckpoint(dirpath=tmp_path)], enable_checkpointing=True).fit(
+            _module(), *square_loaders
+        )
     from torch.utils.data import DataLoader
 
     from conftest import SquaresDataset, collate
@@ -250,7 +230,7 @@ def test_counterfactual_function_feeds_the_flip_check(tmp_path, square_loaders):
     trainer.fit(_module(), *square_loaders)
     value = gate.history[0]["values"].get("counterfactual_flip")
     assert value is None or value != value or 0.0 <= value <= 1.0
-    assert torch.equal(gate._counterfactuals, gate._probes.images.flip(1))
+    assert torch.equal(gate._counterfactuals, gate.probes.images.flip(1))
 
 
 def test_counterfactual_dataset_in_the_validation_order(tmp_path):
@@ -263,8 +243,8 @@ def test_counterfactual_dataset_in_the_validation_order(tmp_path):
         checks={"counterfactual_flip": None}, methods=[], num_probe=4, counterfactual=wrong, on_error="raise"
     )
     _trainer(tmp_path, [gate], epochs=1).fit(_module(), datamodule=dm)
-    assert gate._counterfactuals.shape == gate._probes.images.shape
-    assert not torch.equal(gate._counterfactuals, gate._probes.images)  # other backgrounds, same objects
+    assert gate._counterfactuals.shape == gate.probes.images.shape
+    assert not torch.equal(gate._counterfactuals, gate.probes.images)  # other backgrounds, same objects
     value = gate.history[0]["values"]["counterfactual_flip"]
     assert value != value or 0.0 <= value <= 1.0
     other = generate(tmp_path / "other", num_train=8, num_val=8, imgsz=64, shortcut="context", seed=4)

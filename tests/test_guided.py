@@ -149,7 +149,7 @@ def test_deep_lift_freezes_a_matched_target(relu, x):
     maps = get_engine("deep_lift", relu).attribute(x, target)
     with torch.no_grad():
         expected = MatchedBoxTarget([4.0, 4.0, 16.0, 16.0], 1, iou_threshold=0.3).match(relu.raw(x))
-    assert [m.candidate for m in target.last_match] == [m.candidate for m in expected]
+    assert not hasattr(target, "last_match")  # engines return what they found, never write into targets
     frozen = get_engine("deep_lift", relu).attribute(x, [BoxTarget(m.candidate, 1) for m in expected])
     assert torch.allclose(maps, frozen)
 

@@ -10,7 +10,7 @@ from conftest import tiny_cfg
 from xaiwatch.adapters import YOLOv8Adapter
 from xaiwatch.core.errors import ConfigurationError
 from xaiwatch.models import YOLOv8Module, load_matching_weights, to_ultralytics_batch
-from xaiwatch.models.yolov8 import _build_detection_model
+from xaiwatch.models.yolov8 import build_detection_model
 
 
 def test_to_ultralytics_batch_by_hand():
@@ -25,7 +25,7 @@ def test_to_ultralytics_batch_by_hand():
 
 def test_weights_transfer_reports_skipped(tmp_path):
     torch.manual_seed(1)
-    src = _build_detection_model(tiny_cfg(), 80)
+    src = build_detection_model(tiny_cfg(), 80)
     path = tmp_path / "w80.pt"
     torch.save(src.state_dict(), path)
     module = YOLOv8Module(tiny_cfg(), num_classes=3, weights=str(path))
@@ -37,10 +37,10 @@ def test_weights_transfer_reports_skipped(tmp_path):
 
 
 def test_pickled_checkpoint_needs_trust(tmp_path):
-    net = _build_detection_model(tiny_cfg(), 3)
+    net = build_detection_model(tiny_cfg(), 3)
     path = tmp_path / "ultra.pt"
     torch.save({"model": net, "epoch": 3}, path)  # the layout of an ultralytics checkpoint
-    fresh = _build_detection_model(tiny_cfg(), 3)
+    fresh = build_detection_model(tiny_cfg(), 3)
     with pytest.raises(ConfigurationError, match="trust_pickle=True"):
         load_matching_weights(fresh, path)
     report = load_matching_weights(fresh, path, trust_pickle=True)

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from helpers import make_trainer as _trainer
+from helpers import read_events as _events
+from helpers import tiny_module as _module
 from PIL import Image
-from pytorch_lightning.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
 from conftest import SquaresDataset, collate, tiny_cfg
@@ -24,36 +26,6 @@ from xaiwatch.core.errors import ConfigurationError, MissingDependencyError
 from xaiwatch.models import YOLOv8Module
 
 PRESET = Path(__file__).resolve().parents[1] / "callbacks" / "projection-default.yaml"
-
-
-def _module(num_classes: int = 3) -> YOLOv8Module:
-    pl.seed_everything(0)
-    return YOLOv8Module(tiny_cfg(), num_classes=num_classes, lr=5e-3, warmup_steps=1)
-
-
-def _trainer(tmp_path, callbacks, epochs=2, inference_mode=True, logger=True, **kw) -> pl.Trainer:
-    kw = {"limit_train_batches": 2, **kw}
-    return pl.Trainer(
-        max_epochs=epochs,
-        logger=TensorBoardLogger(str(tmp_path), name="tb") if logger else False,
-        callbacks=callbacks,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        deterministic=True,
-        inference_mode=inference_mode,
-        accelerator="cpu",
-        **kw,
-    )
-
-
-def _events(log_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0})
-    acc.Reload()
-    return acc
 
 
 def _projector(log_dir: Path) -> list:
@@ -91,13 +63,13 @@ def test_projector_pictures_and_scalars_per_epoch(tmp_path, square_loaders, infe
     acc = _events(log_dir)
     for layer in ("neck.p3", "neck.p5"):
         images = acc.Images(f"projection/{layer}")
-        assert [e.step for e in images] == [0, 1, 2]
+        assert [e.step for e in images] == [0, 2, 4]
         assert all(np.asarray(Image.open(__import__("io").BytesIO(e.encoded_image_string))).std() > 5 for e in images)
-        assert [e.step for e in acc.Scalars(f"projection/{layer}/silhouette")] == [0, 1, 2]
+        assert [e.step for e in acc.Scalars(f"projection/{layer}/silhouette")] == [0, 2, 4]
         knn = [e.value for e in acc.Scalars(f"projection/{layer}/knn_accuracy")]
         assert [round(v, 5) for v in knn] == [round(cb.history[layer][s]["knn_accuracy"], 5) for s in (0, 1, 2)]
-        assert [e.step for e in acc.Scalars(f"projection/{layer}/displacement")] == [1, 2]  # nothing to compare at 0
-    assert [e.step for e in acc.Scalars("xaiwatch/projection_seconds")] == [0, 1, 2]
+        assert [e.step for e in acc.Scalars(f"projection/{layer}/displacement")] == [2, 4]  # nothing to compare at 0
+    assert [e.step for e in acc.Scalars("xaiwatch/projection_seconds")] == [0, 2, 4]
 
 
 def test_max_points_keeps_ground_truth_and_the_best_predictions(tmp_path, square_loaders):
@@ -131,7 +103,7 @@ def test_training_bit_identical_with_and_without_callback(tmp_path, square_loade
     plain = _weights_after_fit(tmp_path / "a", square_loaders, [])
     cb = ProjectionCallback(method="tsne", perplexity=4, level="box", on_error="raise")
     projected = _weights_after_fit(tmp_path / "b", square_loaders, [cb])
-    assert sorted(cb.history["neck.p3"]) == [0, 1, 2]  # it really ran
+    assert sorted(cb.history["neck.p3"]) == [0, 2, 4]  # it really ran
     assert any("running_mean" in k for k in plain)
     for k in plain:
         assert torch.equal(plain[k], projected[k]), k
@@ -165,7 +137,7 @@ def test_state_dict_resume_and_pickle(tmp_path, square_loaders):
     _trainer(tmp_path, [cb], epochs=1).fit(_module(), *square_loaders)
     state = cb.state_dict()
     assert len(state["image_indices"]) == 4  # 1 box per image, max_points // 2 boxes
-    assert len(state["layouts"]["neck.p3"]) == 4 and state["last_step"] == 1
+    assert len(state["layouts"]["neck.p3"]) == 4 and state["last_step"] == 2
     restored = pickle.loads(pickle.dumps(ProjectionCallback(layers="neck.p3", max_points=8, seed=99)))
     restored.load_state_dict(state)
     _trainer(tmp_path, [restored], epochs=1).fit(_module(), *square_loaders)
@@ -222,18 +194,20 @@ def test_errors_during_training_are_isolated(tmp_path, square_loaders):
             _trainer(tmp_path, [ProjectionCallback(on_error="raise")]).fit(_module(), *square_loaders)
 
 
-def test_non_zero_rank_writes_nothing(tmp_path, square_loaders):
+def test_non_zero_rank_embeds_its_share_and_writes_nothing(tmp_path, square_loaders):
     cb = ProjectionCallback(on_error="raise")
     trainer = _trainer(tmp_path, [cb], epochs=1)
-    trainer.fit(_module(), *square_loaders)
-    cb._writer = Mock()
-    rank1 = Mock(is_global_zero=False, sanity_checking=False, fast_dev_run=False, current_epoch=3)
+    module = _module()
+    trainer.fit(module, *square_loaders)
+    cb._writer = None  # what setup() gives a non-zero rank
+    rank1 = Mock(is_global_zero=False, sanity_checking=False, fast_dev_run=False, current_epoch=3, global_step=9)
+    rank1.global_rank, rank1.world_size = 1, 2
     rank1.state.fn = "fit"
-    with patch("xaiwatch.callbacks.projection.embed") as embed:
-        cb.on_validation_epoch_end(rank1, Mock())
-    embed.assert_not_called()
-    cb._writer.assert_not_called()
-    assert cb.state_dict()["last_step"] == 4  # every rank keeps the same schedule state
+    with patch.object(cb, "_embed", wraps=cb._embed) as embed, patch.object(cb, "_project") as project:
+        cb.on_validation_epoch_end(rank1, module)
+    assert embed.call_args[0][1] == cb.indices[1::2]  # its share of the images, every other one
+    project.assert_not_called()  # projecting and writing are rank zero's
+    assert cb.state_dict()["last_step"] == 9  # every rank keeps the same schedule state
 
 
 def test_preset_loads_and_runs(tmp_path, square_loaders):

@@ -10,6 +10,7 @@ from torch import nn
 from torchvision.ops import batched_nms
 
 from xaiwatch.adapters.base import DetectorAdapter
+from xaiwatch.core.context import register_cache_reset
 from xaiwatch.core.errors import UnsupportedModelError
 from xaiwatch.core.types import Detections, RawOutput
 
@@ -228,3 +229,13 @@ class DamoYoloAdapter(DetectorAdapter):
             return self._level_scores(level, features)
 
         return scores
+
+
+@register_cache_reset
+def _reset_zerohead_priors(m: nn.Module) -> None:
+    """DAMO-YOLO's ``ZeroHead`` keeps ``mlvl_priors`` keyed on ``feat_size[0]``: both are reset (clearing the
+    priors alone makes its next call of the same shape fail)."""
+    if hasattr(m, "mlvl_priors"):
+        m.mlvl_priors = None
+        if isinstance(getattr(m, "feat_size", None), list) and m.feat_size:
+            m.feat_size[0] = torch.zeros(4)

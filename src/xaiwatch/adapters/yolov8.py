@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from xaiwatch.adapters.base import DetectorAdapter
+from xaiwatch.core.context import register_cache_reset
 from xaiwatch.core.errors import UnsupportedModelError
 from xaiwatch.core.types import RawOutput
 
@@ -171,3 +172,10 @@ class YOLOv8Adapter(DetectorAdapter):
             if stride in strides:
                 layers[f"backbone.p{stride.bit_length() - 1}"] = f"model.{i}"  # last layer at that stride wins
         return dict(sorted(layers.items(), key=lambda kv: (not kv[0].startswith("neck"), kv[0])))
+
+
+@register_cache_reset
+def _reset_detect_anchors(m: nn.Module) -> None:
+    """ultralytics' ``Detect`` keeps ``anchors``/``strides`` for the last input shape (``shape``)."""
+    if hasattr(m, "anchors") and hasattr(m, "shape") and hasattr(m, "stride") and hasattr(m, "dynamic"):
+        m.shape = None

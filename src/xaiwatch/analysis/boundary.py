@@ -32,6 +32,7 @@ from xaiwatch.adapters.base import DetectorAdapter
 from xaiwatch.core.context import explaining
 from xaiwatch.core.errors import ConfigurationError, check_shape
 from xaiwatch.core.types import Detections, RawOutput
+from xaiwatch.core.validation import in_range, positive_int
 from xaiwatch.targets import MatchedBoxTarget
 
 __all__ = ["ATTACKS", "AttackResult", "BoundaryResult", "attack_object", "min_epsilon", "validate_attack"]
@@ -48,12 +49,9 @@ def validate_attack(attack: str, steps: int = 1, step_ratio: float = 0.25, max_e
     """
     if attack not in ATTACKS:
         raise ConfigurationError(f"Unknown attack {attack!r}: `attack` can be {' or '.join(ATTACKS)}.")
-    if int(steps) < 1:
-        raise ConfigurationError(f"`steps` must be >= 1, got {steps}.")
-    if not 0.0 < float(step_ratio) <= 1.0:
-        raise ConfigurationError(f"`step_ratio` must be in (0, 1], got {step_ratio}.")
-    if not 0.0 < float(max_eps) <= 1.0:
-        raise ConfigurationError(f"`max_eps` must be in (0, 1] (images are in [0, 1]), got {max_eps}.")
+    positive_int("steps", steps)
+    in_range("step_ratio", step_ratio, 0.0, 1.0, low_open=True)
+    in_range("max_eps", max_eps, 0.0, 1.0, low_open=True)  # images are in [0, 1]
 
 
 @dataclass

@@ -100,6 +100,25 @@ class ErrorCounts:
         self.images += 1
         return result
 
+    def merge(self, other: ErrorCounts) -> ErrorCounts:
+        """Add ``other``'s counts (e.g. another rank's images) into this one; returns ``self``.
+
+        Raises:
+            ConfigurationError: when the two count different classes or thresholds.
+        """
+        same = (self.num_classes, self.iou_threshold, self.background_iou) == (
+            other.num_classes,
+            other.iou_threshold,
+            other.background_iou,
+        )
+        if not same:
+            raise ConfigurationError("Cannot merge ErrorCounts of different classes or thresholds.")
+        self.images += other.images
+        for kind in self.counts:
+            self.counts[kind] += other.counts[kind]
+        self.confusion += other.confusion
+        return self
+
     def totals(self) -> dict[str, int]:
         """Every count summed over the classes."""
         return {t: int(v.sum()) for t, v in self.counts.items()}

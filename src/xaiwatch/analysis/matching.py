@@ -25,6 +25,7 @@ import torch
 from torchvision.ops import box_iou
 
 from xaiwatch.core.errors import ConfigurationError, check_shape
+from xaiwatch.core.validation import in_range
 
 __all__ = ["ERROR_TYPES", "ImageErrors", "analyze_image", "match_detections", "validate_iou_thresholds"]
 
@@ -38,8 +39,7 @@ def validate_iou_thresholds(iou_threshold: float, background_iou: float = 0.1) -
     Raises:
         ConfigurationError: unless ``0 < iou_threshold <= 1`` and ``0 <= background_iou < iou_threshold``.
     """
-    if not 0.0 < float(iou_threshold) <= 1.0:
-        raise ConfigurationError(f"`iou_threshold` must be in (0, 1], got {iou_threshold}.")
+    in_range("iou_threshold", iou_threshold, 0.0, 1.0, low_open=True)
     if not 0.0 <= float(background_iou) < float(iou_threshold):
         raise ConfigurationError(
             f"`background_iou` must be in [0, iou_threshold={iou_threshold}), got {background_iou}."

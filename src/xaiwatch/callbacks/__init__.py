@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from xaiwatch.callbacks.base import ProbeCallback, RunContext, ShareRecord
 from xaiwatch.callbacks.boundary import DecisionBoundaryCallback
 from xaiwatch.callbacks.error_analysis import ErrorAnalysisCallback
 from xaiwatch.callbacks.explain import ExplainCallback
@@ -15,6 +16,9 @@ __all__ = [
     "ExplainCallback",
     "GatedModelCheckpoint",
     "SaliencyGate",
+    "ProbeCallback",
     "ProjectionCallback",
+    "RunContext",
+    "ShareRecord",
     "load_callbacks",
 ]

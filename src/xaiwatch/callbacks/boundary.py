@@ -12,24 +12,17 @@ from typing_extensions import override
 
 from xaiwatch.adapters import DetectorAdapter
 from xaiwatch.analysis.boundary import min_epsilon, validate_attack
-from xaiwatch.callbacks.probes import (
-    choose_probe_indices,
-    largest_objects,
-    load_probes,
-    validation_dataset,
-)
-from xaiwatch.callbacks.scheduled import ScheduledCallback
-from xaiwatch.callbacks.validation import validate_positive, validate_probe_indices
+from xaiwatch.callbacks.base import ProbeCallback, RunContext, ShareRecord, to_cpu
+from xaiwatch.callbacks.probes import largest_objects
 from xaiwatch.core.context import explaining
-from xaiwatch.core.errors import ConfigurationError
-from xaiwatch.core.types import ProbeSet
-from xaiwatch.logging import Tags, XaiWriter
+from xaiwatch.core.validation import in_range, non_negative_int, optional_positive_int, positive_float, positive_int
+from xaiwatch.logging import Tags
 from xaiwatch.render.analysis import boundary_panel
 
 __all__ = ["DecisionBoundaryCallback"]
 
 
-class DecisionBoundaryCallback(ScheduledCallback):
+class DecisionBoundaryCallback(ProbeCallback):
     """Track, per probe object and epoch, the smallest L-inf perturbation that removes its detection or flips it.
 
     The probe images are chosen once (seeded) from the validation set, as by
@@ -59,7 +52,9 @@ class DecisionBoundaryCallback(ScheduledCallback):
         max_steps: gradient steps allowed per object and epoch (``None``: no cap).
         budget_seconds: wall-time budget of one run (``None``: no budget).
         iou_threshold: IoU at which a detection is still the tracked object.
-        every_n_epochs: probe after every n-th epoch's validation.
+        every_n_epochs: probe after every n-th epoch's validation (``None``: not by epoch).
+        every_n_train_steps: probe after every n-th optimiser step too.
+        outside_fit: also probe at the end of ``trainer.validate`` / ``trainer.test``.
         probe_at_start: also probe the model before training (step 0).
         adapter: the model adapter; otherwise ``pl_module.xai_adapter()`` or inferred.
         on_error: ``"warn"`` (training continues) or ``"raise"``.
@@ -68,6 +63,11 @@ class DecisionBoundaryCallback(ScheduledCallback):
     Raises:
         ConfigurationError: for invalid arguments (e.g. an unknown attack) here; at ``setup()`` for a missing
             TensorBoard logger or validation data, or too few validation images.
+
+    Example:
+        >>> cb = DecisionBoundaryCallback(num_probe=2, attack="fgsm", max_eps=0.05)
+        >>> cb.attack, cb.num_probe, cb.max_eps
+        ('fgsm', 2, 0.05)
     """
 
     def __init__(
@@ -83,44 +83,36 @@ class DecisionBoundaryCallback(ScheduledCallback):
         max_steps: int | None = None,
         budget_seconds: float | None = None,
         iou_threshold: float = 0.5,
-        every_n_epochs: int = 1,
+        every_n_epochs: int | None = 1,
         probe_at_start: bool = True,
         adapter: DetectorAdapter | None = None,
         on_error: str = "warn",
         seed: int = 0,
+        every_n_train_steps: int | None = None,
+        outside_fit: bool = True,
     ) -> None:
-        super().__init__(every_n_epochs, probe_at_start, on_error)
+        super().__init__(
+            every_n_epochs=every_n_epochs,
+            every_n_train_steps=every_n_train_steps,
+            run_at_start=probe_at_start,
+            on_error=on_error,
+            adapter=adapter,
+            num_probe=num_probe,
+            probe_indices=probe_indices,
+            seed=seed,
+            outside_fit=outside_fit,
+        )
         validate_attack(attack, steps, step_ratio, max_eps)
-        if probe_indices is not None:
-            probe_indices = validate_probe_indices(probe_indices)
-            num_probe = len(probe_indices)
-        validate_positive(num_probe=num_probe, max_objects=max_objects)
-        if int(bisection_steps) < 0:
-            raise ConfigurationError(f"`bisection_steps` must be >= 0, got {bisection_steps}.")
-        if max_steps is not None and int(max_steps) < 1:
-            raise ConfigurationError(f"`max_steps` must be >= 1, got {max_steps}.")
-        if budget_seconds is not None and float(budget_seconds) <= 0:
-            raise ConfigurationError(f"`budget_seconds` must be > 0, got {budget_seconds}.")
-        if not 0.0 < float(iou_threshold) <= 1.0:
-            raise ConfigurationError(f"`iou_threshold` must be in (0, 1], got {iou_threshold}.")
-        self.num_probe = int(num_probe)
-        self.probe_indices = probe_indices
-        self.max_objects = int(max_objects)
+        self.max_objects = positive_int("max_objects", max_objects)
+        self.bisection_steps = non_negative_int("bisection_steps", bisection_steps)
+        self.max_steps = optional_positive_int("max_steps", max_steps)
+        self.budget_seconds = None if budget_seconds is None else positive_float("budget_seconds", budget_seconds)
+        self.iou_threshold = in_range("iou_threshold", iou_threshold, 0.0, 1.0, low_open=True)
         self.attack = attack
         self.max_eps = float(max_eps)
         self.steps = int(steps)
         self.step_ratio = float(step_ratio)
-        self.bisection_steps = int(bisection_steps)
-        self.max_steps = None if max_steps is None else int(max_steps)
-        self.budget_seconds = None if budget_seconds is None else float(budget_seconds)
-        self.iou_threshold = float(iou_threshold)
-        self.adapter = adapter
-        self.seed = int(seed)
-        self._probe_indices: list[int] | None = None
         self._tracked: list[list[list[float]]] = []
-        self._adapter: DetectorAdapter | None = None
-        self._probes: ProbeSet | None = None
-        self._writer: XaiWriter | None = None
         self.last_results: dict[str, Any] = {}
 
     @property
@@ -129,42 +121,36 @@ class DecisionBoundaryCallback(ScheduledCallback):
         return self._generate_state_key(attack=self.attack, num_probe=self.num_probe, max_eps=self.max_eps)
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        name = type(self).__name__
-        self._adapter = self._connect(trainer, pl_module)
-        dataset = validation_dataset(trainer, name)
-        if self._probe_indices is None:  # not restored from a checkpoint
-            self._probe_indices = self.probe_indices or choose_probe_indices(dataset, self.num_probe, self.seed, name)
-        self._probes = load_probes(dataset, self._probe_indices, name)
+    def _setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        probes = self.probes
         if not self._tracked:
-            self._tracked = [
-                largest_objects(b, lab, self.max_objects) for b, lab in zip(self._probes.boxes, self._probes.labels)
-            ]
+            self._tracked = [largest_objects(b, lab, self.max_objects) for b, lab in zip(probes.boxes, probes.labels)]
 
-    def _run(self, pl_module: pl.LightningModule, step: int) -> None:
-        self._require_setup(self._adapter, self._probes)
+    @override
+    def _run(self, share: list[int], ctx: RunContext) -> list[tuple]:
         start = time.perf_counter()
-        adapter, probes = self._adapter, self._probes.to(pl_module.device)
+        adapter, probes = self._adapter, self.probes
+        images = probes.images[share].to(ctx.device)
         with explaining(adapter.model, seed=self.seed):
-            detections = adapter.detect(probes.images)
-        for i, dets in enumerate(detections):  # probes without ground truth track their top detection
-            if not self._tracked[i] and len(dets):
-                self._tracked[i] = [[*dets.boxes[0].tolist(), float(dets.labels[0])]]
-        subjects = [(i, k, obj) for i, objs in enumerate(self._tracked) for k, obj in enumerate(objs)]
-        self.last_results = {}
-        for n, (i, k, obj) in enumerate(subjects):
+            detections = adapter.detect(images) if share else []
+        subjects = []
+        for j, p in enumerate(share):
+            tracked = self._tracked[p]
+            if not tracked and len(detections[j]):  # probes without ground truth track their top detection
+                tracked = [[*detections[j].boxes[0].tolist(), float(detections[j].labels[0])]]
+            subjects += [(p, j, k, obj) for k, obj in enumerate(tracked)]
+        out = []
+        for n, (p, j, k, obj) in enumerate(subjects):
             if self.budget_seconds is not None and time.perf_counter() - start > self.budget_seconds:
                 rank_zero_warn(
-                    f"{type(self).__name__}: `budget_seconds={self.budget_seconds}` spent at step {step}; "
-                    f"{len(subjects) - n} of {len(subjects)} objects not probed this epoch."
+                    f"{type(self).__name__}: `budget_seconds={self.budget_seconds}` spent at step {ctx.step}; "
+                    f"{len(subjects) - n} of {len(subjects)} objects not probed this time."
                 )
                 break
-            subject = f"probe_{i:02d}" + (f"_obj{k}" if k else "")
+            subject = f"probe_{p:02d}" + (f"_obj{k}" if k else "")
             result = min_epsilon(
                 adapter,
-                probes.images[i : i + 1],
+                images[j : j + 1],
                 obj[:4],
                 int(obj[4]),
                 attack=self.attack,
@@ -175,17 +161,32 @@ class DecisionBoundaryCallback(ScheduledCallback):
                 max_steps=self.max_steps,
                 iou_threshold=self.iou_threshold,
             )
-            self.last_results[subject] = result
-            if self._writer is not None:
-                self._write(subject, probes, i, obj, result, step)
-        if self._writer is not None:
-            self._writer.scalar(Tags.BOUNDARY_SECONDS, time.perf_counter() - start, step)
-            self._writer.flush()
+            out.append((p, k, subject, obj, to_cpu(result)))
+        return ShareRecord(out, time.perf_counter() - start)
 
-    def _write(self, subject: str, probes: ProbeSet, i: int, obj: list[float], result: Any, step: int) -> None:
+    @override
+    def _on_record(self, trainer: pl.Trainer, record: ShareRecord, ctx: RunContext) -> None:
+        self.last_results = {subject: result for _, _, subject, _, result in record.items}
+        for p, k, _, obj, _ in record.items:  # every rank keeps the same tracked objects
+            if k == 0 and not self._tracked[p]:
+                self._tracked[p] = [list(obj)]
+
+    @override
+    def _write(self, record: ShareRecord, ctx: RunContext) -> None:
+        """Rank zero's writer thread: the scalars and the drawn pictures."""
+        start = time.perf_counter()
+        writer = self._writer
+        for p, _, subject, obj, result in record.items:
+            flipped = result.min_eps is not None
+            writer.scalar(Tags.min_eps(subject), result.min_eps if flipped else self.max_eps, ctx.step)
+            writer.scalar(Tags.boundary_flipped(subject), float(flipped), ctx.step)
+            writer.picture(Tags.boundary_picture(subject), self._picture(subject, p, obj, result, ctx), ctx.step)
+        writer.scalar(Tags.BOUNDARY_SECONDS, record.seconds + time.perf_counter() - start, ctx.step)
+        writer.flush()
+
+    def _picture(self, subject: str, p: int, obj: list[float], result: Any, ctx: RunContext) -> Any:
+        probes = self.probes
         flipped = result.min_eps is not None
-        self._writer.scalar(Tags.min_eps(subject), result.min_eps if flipped else self.max_eps, step)
-        self._writer.scalar(Tags.boundary_flipped(subject), float(flipped), step)
         adv = result.adversarial
         names, label = self._adapter.names, int(obj[4])
         state = (
@@ -195,31 +196,29 @@ class DecisionBoundaryCallback(ScheduledCallback):
             if flipped
             else f"holds up to eps {self.max_eps:g}"
         )
-        picture = boundary_panel(
-            probes.images[i],
-            adv.image[0] if adv is not None else probes.images[i],
+        return boundary_panel(
+            probes.images[p],
+            adv.image[0].cpu() if adv is not None else probes.images[p],
             box=obj[:4],
             label=label,
-            detections=result.clean_detections,
-            perturbed_detections=adv.detections if adv is not None else result.clean_detections,
+            detections=_dets_cpu(result.clean_detections),
+            perturbed_detections=_dets_cpu(adv.detections if adv is not None else result.clean_detections),
             curve=result.curve,
             min_eps=result.min_eps,
             conf=self._adapter.conf,
             names=names,
-            title=f"{self.attack} | {subject} (val #{probes.indices[i]}) | epoch {step} | {names[label]}: {state}",
+            title=f"{self.attack} | {subject} (val #{probes.indices[p]}) | {ctx.label} | {names[label]}: {state}",
         )
-        self._writer.picture(Tags.boundary_picture(subject), picture, step)
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "probe_indices": list(self._probe_indices or []),
-            "tracked": [[list(o) for o in t] for t in self._tracked],
-            "last_step": self._last_step,
-        }
+        return {**self._base_state(), "tracked": [[list(o) for o in t] for t in self._tracked]}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._probe_indices = list(state_dict.get("probe_indices", [])) or None
+        self._load_base_state(state_dict)
         self._tracked = [[list(o) for o in t] for t in state_dict.get("tracked", [])]
-        self._last_step = int(state_dict.get("last_step", -1))
+
+
+def _dets_cpu(dets: Any) -> Any:
+    return dets.to("cpu") if hasattr(dets, "to") else dets

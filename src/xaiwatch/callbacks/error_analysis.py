@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from typing import Any
 
@@ -14,15 +15,17 @@ from typing_extensions import override
 from xaiwatch.adapters import DetectorAdapter
 from xaiwatch.analysis import COUNT_TYPES, ErrorCounts
 from xaiwatch.analysis.matching import validate_iou_thresholds
-from xaiwatch.callbacks.probes import probe_item, validation_dataset
-from xaiwatch.callbacks.scheduled import ScheduledCallback
-from xaiwatch.callbacks.validation import validate_methods, validate_positive
+from xaiwatch.callbacks.base import ProbeCallback, RunContext, ShareRecord
+from xaiwatch.callbacks.probes import probe_item
+from xaiwatch.callbacks.validation import validate_methods
 from xaiwatch.core.context import explaining
 from xaiwatch.core.errors import ConfigurationError
+from xaiwatch.core.validation import non_negative_int, optional_positive_int, positive_int, probability
 from xaiwatch.explain import Engine, get_engine
-from xaiwatch.logging import Tags, XaiWriter
+from xaiwatch.logging import Tags
 from xaiwatch.render import explanation_panel
 from xaiwatch.render.analysis import confusion_figure
+from xaiwatch.render.dispatch import draws_heat_map
 from xaiwatch.targets import BoxTarget, MissedTarget
 
 __all__ = ["ErrorAnalysisCallback"]
@@ -36,7 +39,7 @@ _DESCRIBE = {
 }
 
 
-class ErrorAnalysisCallback(ScheduledCallback):
+class ErrorAnalysisCallback(ProbeCallback):
     """Why the detector misses and what it hallucinates, on validation data, after every scheduled epoch.
 
     On a deterministic subset of the validation set (``max_images``, seeded, read in batches) the model's
@@ -65,7 +68,9 @@ class ErrorAnalysisCallback(ScheduledCallback):
         explain_top_k: false positives and misses explained per epoch (0: none).
         layer: layer of a CAM ``explain_method``.
         method_options: keyword arguments of the explanation engine.
-        every_n_epochs: analyse after every n-th epoch's validation.
+        every_n_epochs: analyse after every n-th epoch's validation (``None``: not by epoch).
+        every_n_train_steps: analyse after every n-th optimiser step too.
+        outside_fit: also analyse at the end of ``trainer.validate`` / ``trainer.test``.
         analyze_at_start: also analyse the model before training (step 0).
         adapter: the model adapter; otherwise ``pl_module.xai_adapter()`` or inferred.
         on_error: ``"warn"`` (training continues) or ``"raise"``.
@@ -74,6 +79,11 @@ class ErrorAnalysisCallback(ScheduledCallback):
     Raises:
         ConfigurationError: for invalid arguments here; at ``setup()`` for a missing TensorBoard logger or validation
             data, a validation subset with no ground-truth box, or an explanation method that draws no heat map.
+
+    Example:
+        >>> cb = ErrorAnalysisCallback(iou_threshold=0.5, max_images=32, explain_method="layer_cam")
+        >>> cb.explain_method, cb.max_images
+        ('layer_cam', 32)
     """
 
     def __init__(
@@ -87,36 +97,40 @@ class ErrorAnalysisCallback(ScheduledCallback):
         explain_top_k: int = 2,
         layer: str | None = None,
         method_options: dict[str, Any] | None = None,
-        every_n_epochs: int = 1,
+        every_n_epochs: int | None = 1,
         analyze_at_start: bool = False,
         adapter: DetectorAdapter | None = None,
         on_error: str = "warn",
         seed: int = 0,
+        every_n_train_steps: int | None = None,
+        outside_fit: bool = True,
     ) -> None:
-        super().__init__(every_n_epochs, analyze_at_start, on_error)
+        super().__init__(
+            every_n_epochs=every_n_epochs,
+            every_n_train_steps=every_n_train_steps,
+            run_at_start=analyze_at_start,
+            on_error=on_error,
+            adapter=adapter,
+            seed=seed,
+            outside_fit=outside_fit,
+        )
         validate_iou_thresholds(iou_threshold, background_iou)
-        if conf is not None and not 0.0 <= float(conf) <= 1.0:
-            raise ConfigurationError(f"`conf` must be in [0, 1], got {conf}.")
-        validate_positive(batch_size=batch_size, **({} if max_images is None else {"max_images": max_images}))
-        if int(explain_top_k) < 0:
-            raise ConfigurationError(f"`explain_top_k` must be >= 0, got {explain_top_k}.")
+        self.conf = None if conf is None else probability("conf", conf)
+        self.max_images = optional_positive_int("max_images", max_images)
+        self.batch_size = positive_int("batch_size", batch_size)
+        self.explain_top_k = non_negative_int("explain_top_k", explain_top_k)
         validate_methods([explain_method])
+        if not draws_heat_map(explain_method):
+            raise ConfigurationError(
+                f"`explain_method={explain_method!r}` draws no heat map over the image; use a map method such as "
+                "saliency, layer_cam or integrated_gradients."
+            )
         self.iou_threshold = float(iou_threshold)
         self.background_iou = float(background_iou)
-        self.conf = None if conf is None else float(conf)
-        self.max_images = None if max_images is None else int(max_images)
-        self.batch_size = int(batch_size)
         self.explain_method = explain_method
-        self.explain_top_k = int(explain_top_k)
         self.layer = layer
         self.method_options = dict(method_options or {})
-        self.adapter = adapter
-        self.seed = int(seed)
-        self._indices: list[int] | None = None
-        self._adapter: DetectorAdapter | None = None
         self._engine: Engine | None = None
-        self._dataset: Any = None
-        self._writer: XaiWriter | None = None
         self.last_counts: ErrorCounts | None = None
 
     @property
@@ -125,45 +139,38 @@ class ErrorAnalysisCallback(ScheduledCallback):
         return self._generate_state_key(iou_threshold=self.iou_threshold, max_images=self.max_images, conf=self.conf)
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        name = type(self).__name__
-        adapter = self._connect(trainer, pl_module)
+    def _choose(self, dataset: Any) -> list[int]:
+        n = len(dataset)
+        order = np.random.default_rng(self.seed).permutation(n)
+        return sorted(order[: n if self.max_images is None else self.max_images].tolist())
+
+    @override
+    def _setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.conf is not None:
-            adapter = copy.copy(adapter)
-            adapter.conf = self.conf
-        self._adapter = adapter
+            self._adapter = copy.copy(self._adapter)
+            self._adapter.conf = self.conf
         if self.explain_top_k:
             options = {"layer": self.layer, "seed": self.seed, **self.method_options}
-            self._engine = get_engine(self.explain_method, adapter, **options)
-            if self._engine.kind != "map":
-                raise ConfigurationError(
-                    f"{name}: `explain_method={self.explain_method!r}` draws a {self._engine.kind}, not a heat map; "
-                    "use a map method such as saliency, grad_cam or integrated_gradients."
-                )
-        self._dataset = validation_dataset(trainer, name)
-        if self._indices is None:  # not restored from a checkpoint
-            n = len(self._dataset)
-            order = np.random.default_rng(self.seed).permutation(n)
-            self._indices = sorted(order[: n if self.max_images is None else self.max_images].tolist())
+            self._engine = get_engine(self.explain_method, self._adapter, **options)
         if not any(len(probe_item(self._dataset[i])[1]) for i in self._indices):
             raise ConfigurationError(
-                f"{name} needs ground truth, but none of the {len(self._indices)} validation images it analyses has a "
-                "box: check the validation labels (or raise `max_images`)."
+                f"{type(self).__name__} needs ground truth, but none of the {len(self._indices)} validation images it "
+                "analyses has a box: check the validation labels (or raise `max_images`)."
             )
 
     # ------------------------------------------------------------------------------------------------ run
-    def _run(self, pl_module: pl.LightningModule, step: int) -> None:
-        self._require_setup(self._adapter, self._indices)
+    @override
+    def _run(self, share: list[int], ctx: RunContext) -> ShareRecord:
+        """Count this rank's images; the errors worth explaining travel as (key, index, what, detections)."""
         start = time.perf_counter()
-        adapter, device = self._adapter, pl_module.device
+        adapter = self._adapter
         counts = ErrorCounts(adapter.num_classes, self.iou_threshold, self.background_iou)
         false_pos, misses = [], []  # (sort key, dataset index, what, detections)
-        for first in range(0, len(self._indices), self.batch_size):
-            chunk = self._indices[first : first + self.batch_size]
+        chunk_all = [self._indices[p] for p in share]
+        for first in range(0, len(chunk_all), self.batch_size):
+            chunk = chunk_all[first : first + self.batch_size]
             items = [probe_item(self._dataset[i]) for i in chunk]
-            for idx, (_, boxes, labels), dets in zip(chunk, items, self._detect([it[0] for it in items], device)):
+            for idx, (_, boxes, labels), dets in zip(chunk, items, self._detect([it[0] for it in items], ctx.device)):
                 result = counts.update(dets, boxes, labels)
                 for d, kind in enumerate(result.error):
                     if kind:
@@ -171,12 +178,40 @@ class ErrorAnalysisCallback(ScheduledCallback):
                 for g in torch.nonzero(result.missed).flatten().tolist():
                     area = float((boxes[g, 2] - boxes[g, 0]) * (boxes[g, 3] - boxes[g, 1]))
                     misses.append((area, idx, (g,), dets))
+        return ShareRecord([(0, counts, false_pos, misses)], time.perf_counter() - start)
+
+    @override
+    def _merge(self, records: list[ShareRecord]) -> ShareRecord:
+        counts, false_pos, misses = None, [], []
+        for record in records:
+            for _, c, fp, miss in record.items:
+                counts = c if counts is None else counts.merge(c)
+                false_pos += fp
+                misses += miss
+        order = sorted(false_pos, key=lambda r: (-r[0], r[1])), sorted(misses, key=lambda r: (-r[0], r[1]))
+        return ShareRecord([(0, counts, *order)], max(r.seconds for r in records))
+
+    @override
+    def _on_record(self, trainer: pl.Trainer, record: ShareRecord, ctx: RunContext) -> None:
+        """Every rank keeps the merged counts; rank zero explains the few worst errors (``explain_top_k`` of each
+        kind) here, on the training thread (the model must not change while it is explained)."""
+        start = time.perf_counter()
+        _, counts, false_pos, misses = record.items[0]
         self.last_counts = counts
-        pictures = self._explain(sorted(false_pos, key=lambda r: -r[0]), sorted(misses, key=lambda r: -r[0]), device)
         if self._writer is not None:
-            self._write(counts, pictures, step)
-            self._writer.scalar(Tags.ERRORS_SECONDS, time.perf_counter() - start, step)
-            self._writer.flush()
+            explained = self._explain(false_pos, misses, ctx)
+            record.items[0] = (0, counts, explained, [])
+            record.seconds += time.perf_counter() - start
+
+    @override
+    def _write(self, record: ShareRecord, ctx: RunContext) -> None:
+        """Rank zero's writer thread: counts, confusion matrix and the explained errors' pictures."""
+        start = time.perf_counter()
+        _, counts, explained, _ = record.items[0]
+        pictures = [(subject, draw()) for subject, draw in explained]
+        self._write_counts(counts, pictures, ctx)
+        self._writer.scalar(Tags.ERRORS_SECONDS, record.seconds + time.perf_counter() - start, ctx.step)
+        self._writer.flush()
 
     def _detect(self, images: list[torch.Tensor], device: torch.device) -> list:
         """Detections of images that may differ in size (same-size runs share one forward)."""
@@ -192,7 +227,8 @@ class ErrorAnalysisCallback(ScheduledCallback):
                 first = last
         return out
 
-    def _explain(self, false_pos: list, misses: list, device: torch.device) -> list[tuple[str, np.ndarray]]:
+    def _explain(self, false_pos: list, misses: list, ctx: RunContext) -> list[tuple[str, Any]]:
+        """``(subject, draw)`` of the worst errors: the maps computed now, ``draw()`` making the picture later."""
         if self._engine is None:
             return []
         names, pictures = self._adapter.names, []
@@ -207,12 +243,14 @@ class ErrorAnalysisCallback(ScheduledCallback):
                 else:
                     label = int(gt_labels[what[0]])
                     target = MissedTarget(gt_boxes[what[0]], label, self.iou_threshold, conf=self._adapter.conf)
-                saliency = self._engine.attribute_boxes(image[None].to(device), [target])[0].cpu()
+                found = self._engine.explain_boxes(image[None].to(ctx.device), [target]).cpu()
+                saliency = found.maps[0]
                 if prefix == "miss":
-                    match = target.last_match[0]
+                    match = found.matches[0]
                     box = list(match.box)
                     text = f"missed {names[label]}: best candidate score {match.score:.2f}, IoU {match.iou:.2f}"
-                picture = explanation_panel(
+                draw = functools.partial(
+                    explanation_panel,
                     image,
                     saliency,
                     gt_boxes=gt_boxes,
@@ -220,30 +258,26 @@ class ErrorAnalysisCallback(ScheduledCallback):
                     detections=dets,
                     tracked_box=box,
                     names=names,
-                    title=f"{self.explain_method} | {prefix} {k} (val #{idx})",
+                    title=f"{self.explain_method} | {prefix} {k} (val #{idx}) | {ctx.label}",
                     subtitle=text,
                     normalize="signed" if self._engine.signed else "per_map",
                 )
-                pictures.append((f"{prefix}_{k:02d}", picture))
+                pictures.append((f"{prefix}_{k:02d}", draw))
         return pictures
 
-    def _write(self, counts: ErrorCounts, pictures: list, step: int) -> None:
+    def _write_counts(self, counts: ErrorCounts, pictures: list, ctx: RunContext) -> None:
+        step = ctx.step
         names = self._adapter.names
         for kind in COUNT_TYPES:
             for c, value in enumerate(counts.counts[kind].tolist()):
                 self._writer.scalar(Tags.errors(kind, names[c]), value, step)
             self._writer.scalar(Tags.errors(kind, "all"), counts.totals()[kind], step)
-        title = f"confusion at IoU {self.iou_threshold:g} | epoch {step} | {counts.images} images"
+        title = f"confusion at IoU {self.iou_threshold:g} | {ctx.label} | {counts.images} images"
         self._writer.picture(Tags.ERRORS_CONFUSION, confusion_figure(counts.confusion, names, title), step)
         for subject, picture in pictures:
             self._writer.picture(Tags.errors_explain(self.explain_method, subject), picture, step)
 
     # ---------------------------------------------------------------------------------------------- state
     @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"indices": list(self._indices or []), "last_step": self._last_step}
-
-    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._indices = list(state_dict.get("indices", [])) or None
-        self._last_step = int(state_dict.get("last_step", -1))
+        self._load_base_state(state_dict, index_key="indices")

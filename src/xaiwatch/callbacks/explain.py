@@ -1,67 +1,57 @@
-"""``ExplainCallback``: explain fixed probe images with several methods at every scheduled epoch."""
+"""``ExplainCallback``: explain fixed probe images with several methods at every scheduled step."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from typing_extensions import override
 
 from xaiwatch.adapters import DetectorAdapter
-from xaiwatch.callbacks.probes import (
-    choose_probe_indices,
-    largest_objects,
-    load_probes,
-    validation_dataset,
-)
-from xaiwatch.callbacks.scheduled import ScheduledCallback
-from xaiwatch.callbacks.validation import (
-    validate_choices,
-    validate_methods,
-    validate_positive,
-    validate_probe_indices,
-)
+from xaiwatch.callbacks.base import ProbeCallback, RunContext, ShareRecord
+from xaiwatch.callbacks.probes import largest_objects
+from xaiwatch.callbacks.validation import validate_method_options, validate_methods
 from xaiwatch.core.context import explaining
-from xaiwatch.core.errors import ConfigurationError
-from xaiwatch.core.types import ProbeSet
+from xaiwatch.core.types import Explanation
+from xaiwatch.core.validation import choice, in_range, positive_int
 from xaiwatch.explain import Engine, get_engine
-from xaiwatch.logging import XaiWriter
-from xaiwatch.render import explanation_panel
+from xaiwatch.logging.reader import read_pictures
+from xaiwatch.render.dispatch import draw_explanation, per_image
 from xaiwatch.render.history import PictureHistory
-from xaiwatch.render.panels import box_decision_panel, feature_grid
 from xaiwatch.targets import MatchedBoxTarget
 
 __all__ = ["ExplainCallback"]
 
 
-class ExplainCallback(ScheduledCallback):
-    """Explain a fixed set of held-out probe images at every scheduled epoch and log them to TensorBoard.
+class ExplainCallback(ProbeCallback):
+    """Explain a fixed set of held-out probe images at every scheduled step and log them to TensorBoard.
 
-    In each probe image up to ``max_objects`` objects are tracked (the largest ground-truth boxes, each
-    followed by IoU as the model's detections change, see :class:`~xaiwatch.targets.MatchedBoxTarget`). At
-    the end of every ``every_n_epochs``-th validation every method explains each tracked object's class
-    score (all objects of an image in one pass where the method allows) and TensorBoard gets one picture per
-    method and object, ``explain/<method>/probe_<NN>`` (``..._obj<K>`` for further objects), whose step is the
-    number of completed training epochs (step 0 = before training when ``explain_at_start``). At the end of
-    fit a filmstrip (rows = methods, columns = epochs) and an animated GIF per object are written to
-    ``<log_dir>/xaiwatch/`` and the filmstrip to TensorBoard. Explanations never change training (see
-    :func:`~xaiwatch.core.context.explaining`).
+    In each probe image up to ``max_objects`` objects are tracked (the largest ground-truth boxes, each followed
+    by IoU as the model's detections change, see :class:`~xaiwatch.targets.MatchedBoxTarget`). At the end of every
+    ``every_n_epochs``-th validation (and/or every ``every_n_train_steps`` optimiser steps) every method explains
+    each tracked object's class score (all objects of an image in one pass where the method allows) and
+    TensorBoard gets one picture per method and object, ``explain/<method>/probe_<NN>`` (``..._obj<K>`` for further
+    objects; ``NN`` is the probe's position in the probe set, the same in every callback with the same probe
+    choice), at step ``trainer.global_step`` (step 0 = before training when ``explain_at_start``). At the end of
+    fit a filmstrip (rows = methods, columns = steps, earlier runs of a resumed fit included) and an animated GIF
+    per object are written to ``<log_dir>/xaiwatch/`` and the filmstrip to TensorBoard. With several processes
+    each rank explains and draws its share of the probes; rank zero writes. Explanations never change training
+    (see :func:`~xaiwatch.core.context.explaining`).
 
     Args:
         methods: explanation methods by name (see :func:`xaiwatch.explain.available_methods`).
         num_probe: number of probe images chosen (seeded) from the validation set.
         probe_indices: explicit validation indices instead of a seeded choice.
-        every_n_epochs: explain after every n-th training epoch's validation.
+        every_n_epochs: explain after every n-th training epoch's validation (``None``: not by epoch).
+        every_n_train_steps: explain after every n-th optimiser step too (``None``: not by step).
         layer: layer of CAM methods (adapter alias such as ``"neck.p3"`` or a dotted path).
         adapter: the model adapter; otherwise ``pl_module.xai_adapter()`` or inferred from the network.
-        normalize: ``"per_map"`` (each map scaled by its own maximum) or ``"fixed"`` (one scale per method, taken
-            from the first explained epoch, so brightening over epochs is real). Signed methods are drawn with a
-            diverging colormap either way.
+        normalize: ``"per_map"`` (each map scaled by its own maximum) or ``"fixed"`` (one scale per method and
+            object, taken from its first explained step, so brightening over epochs is real). Signed methods are
+            drawn with a diverging colormap either way.
         explain_at_start: also explain the model before training (step 0).
         max_objects: objects tracked per probe image.
         method_options: keyword arguments per method, e.g. ``{"integrated_gradients": {"n_steps": 16}}``.
@@ -69,12 +59,18 @@ class ExplainCallback(ScheduledCallback):
         on_error: ``"warn"`` (training continues) or ``"raise"``.
         seed: seed of the probe choice and of stochastic methods.
         iou_threshold: IoU at which a candidate is the tracked object.
+        outside_fit: also explain at the end of ``trainer.validate`` / ``trainer.test``.
 
     Raises:
         ConfigurationError: for invalid arguments here, and at ``setup()`` for an unknown layer, a missing
             TensorBoard logger, missing validation data or too few validation images.
         UnsupportedModelError: at ``setup()`` when no adapter can be found for the model, or a method cannot be
             right on it (e.g. guided backpropagation on a SiLU network).
+
+    Example:
+        >>> cb = ExplainCallback(methods=["saliency", "layer_cam"], num_probe=4, every_n_train_steps=500)
+        >>> cb.methods, cb.every_n_epochs, cb.every_n_train_steps
+        (['saliency', 'layer_cam'], 1, 500)
     """
 
     def __init__(
@@ -82,7 +78,7 @@ class ExplainCallback(ScheduledCallback):
         methods: Sequence[str] = ("saliency", "grad_cam"),
         num_probe: int = 8,
         probe_indices: Sequence[int] | None = None,
-        every_n_epochs: int = 1,
+        every_n_epochs: int | None = 1,
         layer: str | None = None,
         adapter: DetectorAdapter | None = None,
         normalize: str = "per_map",
@@ -93,40 +89,34 @@ class ExplainCallback(ScheduledCallback):
         on_error: str = "warn",
         seed: int = 0,
         iou_threshold: float = 0.5,
+        every_n_train_steps: int | None = None,
+        outside_fit: bool = True,
     ) -> None:
         methods = [methods] if isinstance(methods, str) else list(methods)
         validate_methods(methods)
-        if probe_indices is not None:
-            probe_indices = validate_probe_indices(probe_indices)
-            num_probe = len(probe_indices)
-        validate_choices(normalize=normalize)
-        validate_positive(num_probe=num_probe, max_objects=max_objects)
-        if not 0.0 < iou_threshold <= 1.0:
-            raise ConfigurationError(f"`iou_threshold` must be in (0, 1], got {iou_threshold}.")
-        unknown = sorted(set(method_options or {}) - set(methods))
-        if unknown:
-            raise ConfigurationError(f"`method_options` names methods not in `methods`: {unknown}.")
-        super().__init__(every_n_epochs=every_n_epochs, run_at_start=explain_at_start, on_error=on_error)
+        self.method_options = validate_method_options(method_options, methods)
+        super().__init__(
+            every_n_epochs=every_n_epochs,
+            every_n_train_steps=every_n_train_steps,
+            run_at_start=explain_at_start,
+            on_error=on_error,
+            adapter=adapter,
+            num_probe=num_probe,
+            probe_indices=probe_indices,
+            seed=seed,
+            outside_fit=outside_fit,
+        )
         self.methods = methods
-        self.num_probe = int(num_probe)
-        self.probe_indices = probe_indices
         self.layer = layer
-        self.adapter = adapter
-        self.normalize = normalize
-        self.max_objects = int(max_objects)
-        self.method_options = {k: dict(v) for k, v in (method_options or {}).items()}
+        self.normalize = choice("normalize", normalize, ("per_map", "fixed"))
+        self.max_objects = positive_int("max_objects", max_objects)
         self.filmstrip = bool(filmstrip)
-        self.seed = int(seed)
-        self.iou_threshold = float(iou_threshold)
+        self.iou_threshold = in_range("iou_threshold", iou_threshold, 0.0, 1.0, low_open=True)
         # state (state_dict)
-        self._probe_indices: list[int] | None = None
         self._tracked: list[list[list[float]]] = []  # per probe, per object: x1, y1, x2, y2, label
-        self._scales: dict[str, float] = {}
+        self._scales: dict[str, float] = {}  # "<method>/<subject>" -> scale of normalize="fixed"
         # resolved at setup
-        self._adapter: DetectorAdapter | None = None
         self._engines: dict[str, Engine] = {}
-        self._probes: ProbeSet | None = None
-        self._writer: XaiWriter | None = None
         self._history = PictureHistory()
 
     @property
@@ -134,132 +124,119 @@ class ExplainCallback(ScheduledCallback):
     def state_key(self) -> str:
         return self._generate_state_key(methods=self.methods, num_probe=self.num_probe, layer=self.layer)
 
-    # ---------------------------------------------------------------------------------------------- setup
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        name = type(self).__name__
-        self._adapter = self._connect(trainer, pl_module)
-        self._engines = {
-            m: get_engine(m, self._adapter, layer=self.layer, seed=self.seed, **self.method_options.get(m, {}))
-            for m in self.methods
-        }
-        dataset = validation_dataset(trainer, name)
-        if self._probe_indices is None:  # not restored from a checkpoint
-            self._probe_indices = self.probe_indices or choose_probe_indices(dataset, self.num_probe, self.seed, name)
-        self._probes = load_probes(dataset, self._probe_indices, name)
-        if not self._tracked:
-            self._tracked = [
-                largest_objects(b, lab, self.max_objects) for b, lab in zip(self._probes.boxes, self._probes.labels)
-            ]
-        if trainer.limit_val_batches == 0:
-            rank_zero_warn(f"{name}: `limit_val_batches=0`, validation never runs, so nothing will be explained.")
-
     @property
     def explain_at_start(self) -> bool:
         """Whether the model is also explained before training (step 0)."""
         return self.run_at_start
 
-    # ---------------------------------------------------------------------------------------------- hooks
+    # ---------------------------------------------------------------------------------------------- setup
     @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.filmstrip and trainer.is_global_zero and self._writer is not None and self._history.subjects():
-            self._safely(lambda: self._write_filmstrips(trainer), "writing filmstrips")
+    def _setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._engines = {
+            m: get_engine(m, self._adapter, layer=self.layer, seed=self.seed, **self.method_options.get(m, {}))
+            for m in self.methods
+        }
+        probes = self.probes
+        if not self._tracked:
+            self._tracked = [largest_objects(b, lab, self.max_objects) for b, lab in zip(probes.boxes, probes.labels)]
 
     # ------------------------------------------------------------------------------------------------ run
-    def _run(self, pl_module: pl.LightningModule, step: int) -> None:
-        if self._probes is None or self._adapter is None:
-            raise ConfigurationError(f"{type(self).__name__} was not set up; it runs inside `Trainer.fit`.")
+    @override
+    def _run(self, share: list[int], ctx: RunContext) -> ShareRecord:
+        """Explain this rank's probes; the maps (CPU) travel to rank zero, which draws them on its writer thread."""
         start = time.perf_counter()
         adapter = self._adapter
-        probes = self._probes.to(pl_module.device)
+        images = self.probes.images[share].to(ctx.device)
         with explaining(adapter.model, seed=self.seed):
-            detections = adapter.detect(probes.images)
-        for i, dets in enumerate(detections):  # probes without ground truth track their top detection
-            if not self._tracked[i] and len(dets):
-                self._tracked[i] = [[*dets.boxes[0].tolist(), float(dets.labels[0])]]
-        pictures = []
-        for i in range(len(probes)):
-            image = probes.images[i : i + 1]
+            detections = adapter.detect(images) if share else []
+        out = []
+        for j, p in enumerate(share):
+            tracked = self._tracked[p]
+            if not tracked and len(detections[j]):  # probes without ground truth track their top detection
+                tracked = [[*detections[j].boxes[0].tolist(), float(detections[j].labels[0])]]
             targets = [
-                MatchedBoxTarget(t[:4], int(t[4]), iou_threshold=self.iou_threshold, conf=adapter.conf)
-                for t in self._tracked[i]
+                MatchedBoxTarget(t[:4], int(t[4]), iou_threshold=self.iou_threshold, conf=adapter.conf) for t in tracked
             ]
-            maps = {m: e.attribute_boxes(image, targets).cpu() for m, e in self._engines.items() if e.kind != "grid"}
-            grids = {m: e.channels(image) for m, e in self._engines.items() if e.kind == "grid"}
-            for method, m in maps.items():
-                if self.normalize == "fixed" and method not in self._scales and len(m):
-                    self._scales[method] = float(m.abs().amax()) or 1.0
-            pictures.append((i, targets, maps, grids, self._class_scores(image, targets)))
-        if self._writer is not None:
-            self._write(probes, detections, pictures, step)
-            self._writer.explain_seconds(time.perf_counter() - start, step)  # compute and rendering
-            self._writer.flush()
+            found = {m: e.explain_boxes(images[j : j + 1], targets).cpu() for m, e in self._engines.items()}
+            out.append((p, tracked, found, detections[j].to("cpu")))
+        return ShareRecord(out, time.perf_counter() - start)
 
-    def _class_scores(self, image: torch.Tensor, targets: list[MatchedBoxTarget]) -> list[torch.Tensor]:
-        """Class scores of each target's matched candidate (for decision panels)."""
-        if not any(e.kind == "panel" for e in self._engines.values()):
-            return []
-        with explaining(self._adapter.model, seed=self.seed), torch.no_grad():
-            raw = self._adapter.raw(image)
-        return [raw.scores[0, t.last_match[0].candidate].cpu() if t.last_match else None for t in targets]
+    @override
+    def _on_record(self, trainer: pl.Trainer, record: ShareRecord, ctx: RunContext) -> None:
+        for p, tracked, _, _ in record.items:  # every rank keeps the same tracked objects
+            self._tracked[p] = [list(t) for t in tracked]
 
-    def _write(self, probes: ProbeSet, detections: list, pictures: list, step: int) -> None:
-        for i, targets, maps, grids, class_scores in pictures:
-            title = f"probe {i} (val #{probes.indices[i]}) | epoch {step}"
-            for method, (values, indices) in grids.items():
-                picture = feature_grid(
-                    values[0].cpu(), indices[0].cpu(), title=f"{method} {self._engines[method].layer_name} | {title}"
-                )
-                self._writer.explanation(method, f"probe_{i:02d}", picture, step)
-            for k, target in enumerate(targets):
-                subject = f"probe_{i:02d}" + (f"_obj{k}" if k else "")
-                match = target.last_match[0] if target.last_match else None
+    @override
+    def _write(self, record: ShareRecord, ctx: RunContext) -> None:
+        """Rank zero's writer thread: draw every picture and write it, the tracked scores and the cost."""
+        start = time.perf_counter()
+        writer = self._writer
+        for p, tracked, found, dets in record.items:
+            for k, match in enumerate(next(iter(found.values())).matches):
                 if match is not None:
-                    self._writer.tracked(subject, match.detected, match.score, step)
-                for method, m in maps.items():
-                    scores = class_scores[k] if class_scores else None
-                    picture = self._picture(method, probes, i, m[k], target, match, detections[i], scores, title)
-                    self._writer.explanation(method, subject, picture, step)
-                    if self.filmstrip:
-                        self._history.add(subject, method, step, picture)
+                    writer.tracked(_subject(p, k), match.detected, match.score, ctx.step)
+            for method, subject, picture in self._pictures(p, tracked, found, dets, ctx):
+                writer.explanation(method, subject, picture, ctx.step)
+                if self.filmstrip and ctx.stage == "fit":
+                    self._history.add(subject, method, ctx.step, picture)
+        writer.explain_seconds(record.seconds + time.perf_counter() - start, ctx.step)  # compute and drawing
+        writer.flush()
 
-    def _picture(self, method, probes, i, saliency, target, match, dets, scores, title) -> Any:
-        names = self._adapter.names
-        engine = self._engines[method]
-        normalize = "signed" if engine.signed else self.normalize
-        if engine.kind == "panel" and match is not None and scores is not None:
-            return box_decision_panel(
-                probes.images[i],
-                saliency,
-                match.box,
-                scores,
-                names=names,
-                title=f"{method} | {title}",
-                normalize=normalize,
-                scale=self._scales.get(method),
-            )
-        label = names[target.label] if names else str(target.label)
-        state = "" if match is None else "detected" if match.detected else "missed, nearest candidate"
-        subtitle = "" if match is None else f"{label}: {state} (score {match.score:.2f}, IoU {match.iou:.2f})"
-        return explanation_panel(
-            probes.images[i],
-            saliency,
-            gt_boxes=probes.boxes[i],
-            gt_labels=probes.labels[i],
-            detections=dets,
-            tracked_box=match.box if match else None,
-            names=names,
-            title=f"{method} | {title}",
-            subtitle=subtitle,
-            normalize=normalize,
-            scale=self._scales.get(method),
-        )
+    def _pictures(self, p: int, tracked: list, found: dict[str, Explanation], dets, ctx: RunContext) -> list:
+        """``(method, subject, picture)`` of one probe."""
+        probes = self.probes
+        title = f"probe {p:02d} (val #{probes.indices[p]}) | {ctx.label}"
+        pictures = []
+        for method, explanation in found.items():
+            engine = self._engines[method]
+            for k in [0] if per_image(method) else range(len(tracked)):
+                subject = _subject(p, k)
+                key = f"{method}/{subject}"
+                if self.normalize == "fixed" and key not in self._scales and len(explanation):
+                    self._scales[key] = float(explanation.maps[k].abs().amax()) or 1.0
+                picture = draw_explanation(
+                    explanation,
+                    k,
+                    probes.images[p],
+                    names=self._adapter.names,
+                    title=title,
+                    label=int(tracked[k][4]) if k < len(tracked) else None,
+                    gt_boxes=probes.boxes[p],
+                    gt_labels=probes.labels[p],
+                    detections=dets,
+                    normalize=self.normalize,
+                    signed=engine.signed,
+                    scale=self._scales.get(key),
+                    layer=engine.layer_name,
+                )
+                pictures.append((method, subject, picture))
+        return pictures
 
-    def _write_filmstrips(self, trainer: pl.Trainer) -> None:
-        folder = Path(trainer.log_dir or trainer.default_root_dir) / "xaiwatch"
+    # ---------------------------------------------------------------------------------------------- end
+    @override
+    def _at_fit_end(self) -> None:
+        if self.filmstrip:
+            self._write_filmstrips()
+
+    def _earlier_pictures(self) -> None:
+        """Pictures of steps this process did not draw (a resumed fit): read back from every run's log folder."""
+        for folder in self._log_dirs:
+            for tag, by_step in read_pictures(folder, "explain/").items():
+                _, method, subject = tag.split("/", 2)
+                if method in self.methods:
+                    for step, picture in by_step.items():
+                        if not self._history.has(subject, method, step):
+                            self._history.add(subject, method, step, picture)
+
+    def _write_filmstrips(self) -> None:
+        self._earlier_pictures()
+        if not self._history.subjects():
+            rank_zero_warn(f"{type(self).__name__}: nothing was explained during fit, so no filmstrip was written.")
+            return
+        folder = self.log_dir / "xaiwatch"
         for subject in self._history.subjects():
+            if not self._history.steps(subject):
+                continue
             self._history.write(subject, folder)
             self._writer.filmstrip(subject, self._history.filmstrip(subject), max(self._history.steps(subject)))
         self._writer.flush()
@@ -268,19 +245,22 @@ class ExplainCallback(ScheduledCallback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "probe_indices": list(self._probe_indices or []),
+            **self._base_state(),
             "tracked": [[list(o) for o in t] for t in self._tracked],
             "scales": dict(self._scales),
-            "last_step": self._last_step,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._probe_indices = list(state_dict.get("probe_indices", [])) or None
+        self._load_base_state(state_dict)
         tracked = state_dict.get("tracked", [])
         # foundation checkpoints stored one object per probe as a flat list
         self._tracked = [
             [list(t)] if t and not isinstance(t[0], (list, tuple)) else [list(o) for o in t] for t in tracked
         ]
         self._scales = dict(state_dict.get("scales", {}))
-        self._last_step = int(state_dict.get("last_step", -1))
+
+
+def _subject(p: int, k: int) -> str:
+    """``probe_<NN>`` (``_obj<K>`` for further objects): the same name for the same probe in every callback."""
+    return f"probe_{p:02d}" + (f"_obj{k}" if k else "")

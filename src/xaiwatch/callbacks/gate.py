@@ -14,13 +14,13 @@ from pytorch_lightning.utilities import rank_zero_warn
 from typing_extensions import override
 
 from xaiwatch.adapters import DetectorAdapter
-from xaiwatch.callbacks.probes import choose_probe_indices, largest_objects, load_probes, validation_dataset
-from xaiwatch.callbacks.scheduled import ScheduledCallback
-from xaiwatch.callbacks.validation import validate_methods, validate_positive, validate_probe_indices
+from xaiwatch.callbacks.base import ProbeCallback, RunContext
+from xaiwatch.callbacks.probes import largest_objects, load_probes
+from xaiwatch.callbacks.validation import validate_methods
 from xaiwatch.checks.evaluate import CheckOptions, evaluate_checks
 from xaiwatch.checks.rule import MAP_CHECKS, decide, parse_rules
 from xaiwatch.core.errors import ConfigurationError
-from xaiwatch.core.types import ProbeSet
+from xaiwatch.core.validation import choice, positive_int
 from xaiwatch.logging.tensorboard import Tags
 from xaiwatch.targets import MatchedBoxTarget
 
@@ -35,7 +35,7 @@ MODES = ("block", "warn", "stop")
 Counterfactual = Callable[[torch.Tensor, list, list], torch.Tensor]
 
 
-class SaliencyGate(ScheduledCallback):
+class SaliencyGate(ProbeCallback):
     """Run saliency checks on a fixed probe set at each validation end and decide whether the model passes.
 
     The checks (see :mod:`xaiwatch.checks`) run on probe images from the validation set, one tracked object per
@@ -77,6 +77,11 @@ class SaliencyGate(ScheduledCallback):
         ConfigurationError: for an unknown check or method, a threshold outside its range, an unknown mode, and
             at ``setup()`` for missing validation data, probes without ground-truth boxes, or
             ``counterfactual_flip`` without ``counterfactual``.
+
+    Example:
+        >>> gate = SaliencyGate(checks={"context_reliance": 0.1, "pointing_game": None}, mode="warn")
+        >>> sorted(gate.checks), gate.mode
+        (['context_reliance', 'pointing_game'], 'warn')
     """
 
     def __init__(
@@ -100,12 +105,7 @@ class SaliencyGate(ScheduledCallback):
             validate_methods(methods)
         checks = dict(DEFAULT_CHECKS if checks is None else checks)
         self.rules, self.needed = parse_rules(checks, methods)
-        if mode not in MODES:
-            raise ConfigurationError(f"`mode` can be {', '.join(MODES)}, got {mode!r}.")
-        if probe_indices is not None:
-            probe_indices = validate_probe_indices(probe_indices)
-            num_probe = len(probe_indices)
-        validate_positive(num_probe=num_probe, patience=patience)
+        choice("mode", mode, MODES)
         if "counterfactual_flip" in self.needed and counterfactual is None:
             raise ConfigurationError(
                 "The check 'counterfactual_flip' needs `counterfactual=`: a function (images, boxes, labels) -> images "
@@ -123,28 +123,29 @@ class SaliencyGate(ScheduledCallback):
             raise ConfigurationError(
                 f"`options` must be a CheckOptions or a dict of its fields, got {type(options).__name__}."
             )
-        super().__init__(every_n_epochs=every_n_epochs, run_at_start=False, on_error=on_error)
+        super().__init__(
+            every_n_epochs=every_n_epochs,
+            run_at_start=False,
+            on_error=on_error,
+            adapter=adapter,
+            num_probe=num_probe,
+            probe_indices=probe_indices,
+            seed=seed,
+            outside_fit=False,
+        )
         self.checks = checks
         self.methods = [m for m in methods if any(c in MAP_CHECKS for c in self.needed)] or []
         self.mode = mode
-        self.patience = int(patience)
-        self.num_probe = int(num_probe)
-        self.probe_indices = probe_indices
+        self.patience = positive_int("patience", patience)
         self.counterfactual = counterfactual
         self.options = options or CheckOptions(seed=seed)
-        self.adapter = adapter
         self.layer = layer
-        self.seed = int(seed)
         # state (state_dict)
         self.history: list[dict[str, Any]] = []
-        self._probe_indices: list[int] | None = None
         self._failures = 0
         # resolved at setup
-        self._adapter: DetectorAdapter | None = None
         self._engines: dict[str, Any] = {}
-        self._probes: ProbeSet | None = None
         self._counterfactuals: torch.Tensor | None = None
-        self._writer = None
 
     @property
     @override
@@ -153,19 +154,12 @@ class SaliencyGate(ScheduledCallback):
 
     # ---------------------------------------------------------------------------------------------- setup
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
+    def _setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         from xaiwatch.explain import get_engine
 
         name = type(self).__name__
-        self._adapter = self._connect(trainer, pl_module)
         self._engines = {m: get_engine(m, self._adapter, layer=self.layer, seed=self.seed) for m in self.methods}
-        dataset = validation_dataset(trainer, name)
-        if self._probe_indices is None:
-            self._probe_indices = self.probe_indices or choose_probe_indices(dataset, self.num_probe, self.seed, name)
-        self._probes = load_probes(dataset, self._probe_indices, name)
-        empty = [i for i, b in zip(self._probe_indices, self._probes.boxes) if not len(b)]
+        empty = [i for i, b in zip(self._indices, self.probes.boxes) if not len(b)]
         if empty:
             raise ConfigurationError(
                 f"{name}: probe images {empty} (validation indices) have no ground-truth boxes; the saliency checks "
@@ -177,7 +171,7 @@ class SaliencyGate(ScheduledCallback):
             self._writer.custom_scalars(self._layout())
 
     def _load_counterfactuals(self, source: Counterfactual | str | Path, name: str) -> torch.Tensor:
-        probes = self._probes
+        probes = self.probes
         if callable(source):
             out = source(
                 probes.images.clone(), [b.clone() for b in probes.boxes], [lab.clone() for lab in probes.labels]
@@ -188,7 +182,7 @@ class SaliencyGate(ScheduledCallback):
                     f"{getattr(out, 'shape', type(out).__name__)}."
                 )
             return out.detach().float()
-        from xaiwatch.data.yolo import YoloDataset, _read_dataset_yaml
+        from xaiwatch.data import YoloDataset, read_dataset_yaml
 
         path = Path(source)
         yaml_path = path / "dataset.yaml" if path.is_dir() else path
@@ -196,9 +190,9 @@ class SaliencyGate(ScheduledCallback):
             raise ConfigurationError(
                 f"{name}: `counterfactual` {str(source)!r} is neither a function nor a dataset.yaml."
             )
-        names, splits = _read_dataset_yaml(yaml_path)
+        names, splits = read_dataset_yaml(yaml_path)
         dataset = YoloDataset(splits["val"], names=names, imgsz=probes.images.shape[-1])
-        cf = load_probes(dataset, self._probe_indices, name)
+        cf = load_probes(dataset, self._indices, name)
         if cf.images.shape != probes.images.shape or any(not torch.equal(a, b) for a, b in zip(cf.boxes, probes.boxes)):
             raise ConfigurationError(
                 f"{name}: the counterfactual set {str(yaml_path)!r} does not match the validation set (other images "
@@ -214,17 +208,21 @@ class SaliencyGate(ScheduledCallback):
         charts["gate_pass"] = ["Multiline", [Tags.GATE_PASS]]
         return {"xaiwatch saliency gate": charts}
 
-    # ---------------------------------------------------------------------------------------------- hooks
+    # ------------------------------------------------------------------------------------------------ run
+    #: every rank evaluates every probe (the checks' means are not yet mergeable across shares), so every rank
+    #: holds the same record and decides alike with no broadcast
     @override
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._should_skip(trainer):
-            return
-        step = trainer.current_epoch + 1
-        if step % self.every_n_epochs:
-            return
-        record = self._run(pl_module, step) if trainer.is_global_zero else None
-        record = trainer.strategy.broadcast(record, src=0)
-        self._record(trainer, pl_module, record)
+    def _run(self, share: list[int], ctx: RunContext) -> dict[str, Any]:
+        return self._evaluate_safely(ctx.epoch, ctx.step)
+
+    @override
+    def _on_record(self, trainer: pl.Trainer, record: dict[str, Any], ctx: RunContext) -> None:
+        self._record(trainer, record)
+
+    @override
+    def _on_failure(self, trainer: pl.Trainer, reasons: list[str], ctx: RunContext) -> None:
+        record = {"step": ctx.epoch, "global_step": ctx.step, "passed": False, "values": {}, "seconds": 0.0}
+        self._record(trainer, {**record, "reasons": [f"the checks failed with {r}" for r in reasons]})
 
     def _evaluate_safely(self, pl_module: pl.LightningModule, step: int, global_step: int) -> dict[str, Any]:
         start = time.perf_counter()
@@ -251,9 +249,9 @@ class SaliencyGate(ScheduledCallback):
 
     def evaluate(self, pl_module: pl.LightningModule | None = None) -> dict[str, float]:
         """Run the checks now on the probe set: the mean value of each check (keys as in the rules)."""
-        self._require_setup(self._adapter, self._probes)
+        self._require_setup()
         device = next(self._adapter.model.parameters()).device
-        probes = self._probes.to(device)
+        probes = self.probes.to(device)
         tracked = [largest_objects(b, lab, 1)[0] for b, lab in zip(probes.boxes, probes.labels)]
         targets = [MatchedBoxTarget(t[:4], int(t[4]), conf=self._adapter.conf) for t in tracked]
         boxes = torch.tensor([t[:4] for t in tracked], device=device)
@@ -263,20 +261,20 @@ class SaliencyGate(ScheduledCallback):
         )
         return values
 
-    def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: dict[str, Any]) -> None:
+    def _record(self, trainer: pl.Trainer, record: dict[str, Any]) -> None:
         self.history.append(record)
         passed = record["passed"]
         self._failures = 0 if passed else self._failures + 1
         trainer.callback_metrics[Tags.GATE_PASS] = torch.tensor(float(passed))
         if self._writer is not None:
-            step = record["step"]
+            step = record["global_step"]
             for key, value in record["values"].items():
                 if value == value:
                     self._writer.scalar(Tags.check(key), value, step)
             self._writer.scalar(Tags.GATE_PASS, float(passed), step)
             self._writer.scalar(Tags.GATE_SECONDS, record["seconds"], step)
             text = "passed" if passed else "failed:\n\n" + "\n".join(f"- {r}" for r in record["reasons"])
-            self._writer.text(Tags.GATE_REASON, f"epoch {step}: {text}", step)
+            self._writer.text(Tags.GATE_REASON, f"epoch {record['step']} | step {step}: {text}", step)
             self._writer.flush()
         if not passed:
             reasons = "; ".join(record["reasons"])
@@ -287,10 +285,6 @@ class SaliencyGate(ScheduledCallback):
                 rank_zero_warn(
                     f"SaliencyGate: stopping training after {self._failures} failing validation(s): {reasons}."
                 )
-
-    def _run(self, pl_module: pl.LightningModule, step: int) -> dict[str, Any]:
-        """Evaluate on this rank (rank zero); the hook broadcasts the record so that every rank decides alike."""
-        return self._evaluate_safely(pl_module, step, pl_module.trainer.global_step)
 
     # ------------------------------------------------------------------------------------------- decisions
     @property
@@ -311,16 +305,12 @@ class SaliencyGate(ScheduledCallback):
     # ---------------------------------------------------------------------------------------------- state
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "history": [dict(r) for r in self.history],
-            "probe_indices": list(self._probe_indices or []),
-            "failures": self._failures,
-        }
+        return {**self._base_state(), "history": [dict(r) for r in self.history], "failures": self._failures}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._load_base_state(state_dict)
         self.history = [dict(r) for r in state_dict.get("history", [])]
-        self._probe_indices = list(state_dict.get("probe_indices", [])) or None
         self._failures = int(state_dict.get("failures", 0))
 
 
@@ -339,6 +329,11 @@ class GatedModelCheckpoint(ModelCheckpoint):
     Raises:
         ConfigurationError: for ``every_n_train_steps`` or ``train_time_interval`` (gate decisions exist only at
             validation), and at ``setup()`` when the trainer has no :class:`SaliencyGate`.
+
+    Example:
+        >>> ckpt = GatedModelCheckpoint(monitor="val/map50", mode="max", save_top_k=2)
+        >>> ckpt.monitor, ckpt.save_top_k
+        ('val/map50', 2)
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

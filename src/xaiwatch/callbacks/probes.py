@@ -15,6 +15,7 @@ from xaiwatch.core.types import ProbeSet
 __all__ = [
     "tensorboard_writer",
     "validation_dataset",
+    "stage_dataset",
     "choose_probe_indices",
     "load_probes",
     "probe_item",
@@ -28,7 +29,23 @@ def validation_dataset(trainer: pl.Trainer, owner: str) -> Any:
     Raises:
         ConfigurationError: when the trainer has no validation dataloader, or it has no indexable dataset.
     """
-    source = trainer.fit_loop.epoch_loop.val_loop._data_source
+    return stage_dataset(trainer, "fit", owner)
+
+
+def stage_dataset(trainer: pl.Trainer, stage: str, owner: str) -> Any:
+    """The dataset of the first dataloader that ``stage`` evaluates on (``fit``/``validate``: validation data,
+    ``test``: test data), resolved at ``setup()`` before Lightning loads the loaders.
+
+    This reads Lightning's loop data sources (``_data_source``: the only place that knows loaders passed to
+    ``trainer.fit(model, train, val)`` before they are loaded); ``setup.cfg`` pins Lightning below 3.
+
+    Raises:
+        ConfigurationError: when the trainer has no such dataloader, or it has no indexable dataset.
+    """
+    loop = {"test": trainer.test_loop, "validate": trainer.validate_loop}.get(
+        stage, trainer.fit_loop.epoch_loop.val_loop
+    )
+    source = loop._data_source
     loader = source.dataloader() if source.is_defined() else None
     if isinstance(loader, (list, tuple)):
         loader = loader[0] if loader else None
@@ -72,6 +89,9 @@ def probe_item(item: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def choose_probe_indices(dataset: Any, num_probe: int, seed: int, owner: str) -> list[int]:
     """Deterministic probe indices: a seeded permutation, images with ground-truth boxes first.
 
+    The order is the permutation's, not sorted, so a smaller ``num_probe`` with the same seed chooses a prefix:
+    ``probe_<NN>`` names the same validation image in every callback (explain probe 3 is boundary probe 3).
+
     Raises:
         ConfigurationError: when the dataset has fewer than ``num_probe`` images.
     """
@@ -86,7 +106,7 @@ def choose_probe_indices(dataset: Any, num_probe: int, seed: int, owner: str) ->
         if len(with_boxes) >= num_probe:
             break
         (with_boxes if len(probe_item(dataset[i])[1]) else without).append(i)
-    return sorted((with_boxes + without)[:num_probe])
+    return (with_boxes + without)[:num_probe]
 
 
 def load_probes(dataset: Any, indices: Sequence[int], owner: str) -> ProbeSet:

@@ -9,14 +9,13 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_warn
 from typing_extensions import override
 
 from xaiwatch.adapters import DetectorAdapter
-from xaiwatch.callbacks.probes import probe_item, validation_dataset
-from xaiwatch.callbacks.scheduled import ScheduledCallback
-from xaiwatch.callbacks.validation import validate_positive
+from xaiwatch.callbacks.base import ProbeCallback, RunContext, ShareRecord
+from xaiwatch.callbacks.probes import probe_item
 from xaiwatch.core.errors import ConfigurationError
+from xaiwatch.core.validation import in_range, positive_int
 from xaiwatch.features import (
     LEVELS,
     METADATA_HEADER,
@@ -29,7 +28,6 @@ from xaiwatch.features import (
     separability,
     validate_projection,
 )
-from xaiwatch.logging import XaiWriter
 from xaiwatch.render.projection import projection_scatter
 
 __all__ = ["ProjectionCallback"]
@@ -37,7 +35,7 @@ __all__ = ["ProjectionCallback"]
 _SPRITE_SIDE = 8192  # TensorBoard's projector refuses larger sprite images
 
 
-class ProjectionCallback(ScheduledCallback):
+class ProjectionCallback(ProbeCallback):
     """Project per-object (or per-image) embeddings of named layers to 2-D at every scheduled epoch.
 
     A fixed, seeded subset of the validation images is embedded each time: for ``level="box"`` every
@@ -56,7 +54,9 @@ class ProjectionCallback(ScheduledCallback):
             ``neck.*`` alias). Default: the adapter's neck layers.
         level: ``"box"`` (per object) or ``"image"`` (per image).
         method: ``"pca"``, ``"tsne"`` or ``"umap"`` (extra ``xaiwatch[umap]``).
-        every_n_epochs: project after every n-th training epoch's validation.
+        every_n_epochs: project after every n-th training epoch's validation (``None``: not by epoch).
+        every_n_train_steps: project after every n-th optimiser step too.
+        outside_fit: also project at the end of ``trainer.validate`` / ``trainer.test``.
         max_points: most points per epoch; for ``"box"`` the image subset holds at most half as many
             ground-truth boxes, the rest is for predictions (highest scores kept).
         project_at_start: also project the model before training (step 0).
@@ -76,6 +76,11 @@ class ProjectionCallback(ScheduledCallback):
             below the number of classes, a perplexity not below the number of ground-truth points, missing
             validation data or a missing TensorBoard logger.
         MissingDependencyError: for ``method="umap"`` without ``umap-learn`` (``pip install 'xaiwatch[umap]'``).
+
+    Example:
+        >>> cb = ProjectionCallback(layers=["neck"], method="pca", max_points=500, every_n_epochs=2)
+        >>> cb.layers, cb.max_points, cb.every_n_epochs
+        (['neck'], 500, 2)
     """
 
     def __init__(
@@ -83,7 +88,7 @@ class ProjectionCallback(ScheduledCallback):
         layers: Sequence[str] | str | None = None,
         level: str = "box",
         method: str = "pca",
-        every_n_epochs: int = 1,
+        every_n_epochs: int | None = 1,
         max_points: int = 1000,
         project_at_start: bool = True,
         batch_size: int = 16,
@@ -96,6 +101,8 @@ class ProjectionCallback(ScheduledCallback):
         adapter: DetectorAdapter | None = None,
         on_error: str = "warn",
         seed: int = 0,
+        every_n_train_steps: int | None = None,
+        outside_fit: bool = True,
     ) -> None:
         layers = [layers] if isinstance(layers, str) else (list(layers) if layers is not None else None)
         if layers is not None and (not layers or len(set(layers)) != len(layers)):
@@ -103,29 +110,32 @@ class ProjectionCallback(ScheduledCallback):
         if level not in LEVELS:
             raise ConfigurationError(f"`level` can be {' or '.join(LEVELS)}, got {level!r}.")
         validate_projection(method, max_points, float(perplexity), int(n_neighbors))
-        validate_positive(batch_size=batch_size, knn_k=knn_k, thumbnail=thumbnail)
-        if not 0.0 < iou_threshold <= 1.0:
-            raise ConfigurationError(f"`iou_threshold` must be in (0, 1], got {iou_threshold}.")
+        for name, value in (("batch_size", batch_size), ("knn_k", knn_k), ("thumbnail", thumbnail)):
+            positive_int(name, value)
+        in_range("iou_threshold", iou_threshold, 0.0, 1.0, low_open=True)
         if max_points * thumbnail**2 > _SPRITE_SIDE**2:
             raise ConfigurationError(
                 f"{max_points} thumbnails of {thumbnail} px exceed TensorBoard's {_SPRITE_SIDE} px sprite; "
                 "lower `thumbnail` or `max_points`."
             )
-        super().__init__(every_n_epochs=every_n_epochs, run_at_start=project_at_start, on_error=on_error)
+        super().__init__(
+            every_n_epochs=every_n_epochs,
+            every_n_train_steps=every_n_train_steps,
+            run_at_start=project_at_start,
+            on_error=on_error,
+            adapter=adapter,
+            seed=seed,
+            outside_fit=outside_fit,
+        )
         self.layers, self.level, self.method = layers, level, method
         self.max_points, self.batch_size = int(max_points), int(batch_size)
         self.projector = bool(projector)
         self.perplexity, self.n_neighbors, self.knn_k = float(perplexity), int(n_neighbors), int(knn_k)
         self.iou_threshold, self.thumbnail = float(iou_threshold), int(thumbnail)
-        self.adapter, self.seed = adapter, int(seed)
         # state (state_dict)
-        self._image_indices: list[int] | None = None
         self._layouts: dict[str, dict[str, list[float]]] = {}  # layer -> point key -> last (x, y)
         # resolved at setup
-        self._adapter: DetectorAdapter | None = None
         self._layer_names: list[str] = []
-        self._dataset: Any = None
-        self._writer: XaiWriter | None = None
         self.history: dict[str, dict[int, dict[str, float]]] = {}  # layer -> step -> scalars (rank zero computes)
 
     @property
@@ -135,11 +145,8 @@ class ProjectionCallback(ScheduledCallback):
 
     # ---------------------------------------------------------------------------------------------- setup
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
+    def _setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         name = type(self).__name__
-        self._adapter = self._connect(trainer, pl_module)
         self._layer_names = self._resolve_layers(self._adapter)
         num_classes = self._adapter.num_classes
         if self.max_points < num_classes:
@@ -147,12 +154,7 @@ class ProjectionCallback(ScheduledCallback):
                 f"{name}: `max_points={self.max_points}` is below the number of classes ({num_classes}); "
                 "every class needs points. Raise `max_points`."
             )
-        self._dataset = validation_dataset(trainer, name)
-        if self._image_indices is None:  # not restored from a checkpoint
-            self._image_indices = self._choose_images(self._dataset)
         validate_projection(self.method, self._known_points(), self.perplexity, self.n_neighbors)
-        if trainer.limit_val_batches == 0:
-            rank_zero_warn(f"{name}: `limit_val_batches=0`, validation never runs, so only step 0 is projected.")
 
     def _resolve_layers(self, adapter: DetectorAdapter) -> list[str]:
         aliases = list(adapter.layer_names())
@@ -168,7 +170,8 @@ class ProjectionCallback(ScheduledCallback):
                     names.append(n)
         return names
 
-    def _choose_images(self, dataset: Any) -> list[int]:
+    @override
+    def _choose(self, dataset: Any) -> list[int]:
         """Seeded order; an image joins while its ground-truth boxes fit the budget (``max_points // 2`` boxes)."""
         chosen, used = [], 0
         budget = self.max_points if self.level == "image" else self.max_points // 2
@@ -183,15 +186,15 @@ class ProjectionCallback(ScheduledCallback):
 
     def _known_points(self) -> int:
         """Points every epoch has for sure: the chosen images, or their ground-truth boxes."""
-        indices = self._image_indices or []
+        indices = self._indices or []
         if self.level == "image":
             return len(indices)
         return sum(len(probe_item(self._dataset[i])[1]) for i in indices)
 
-    def _batches(self, device: torch.device) -> Iterator[tuple]:
+    def _batches(self, device: torch.device, indices: list[int] | None = None) -> Iterator[tuple]:
         """The chosen images in batches of one size (consecutive images of another size start a new batch)."""
         batch: list[tuple] = []
-        for i in self._image_indices or []:
+        for i in self._indices if indices is None else indices:
             image, boxes, labels = probe_item(self._dataset[i])
             if batch and (len(batch) == self.batch_size or batch[0][0].shape != image.shape):
                 yield _collate(batch, device)
@@ -206,27 +209,42 @@ class ProjectionCallback(ScheduledCallback):
         """Whether the model is also projected before training (step 0)."""
         return self.run_at_start
 
-    def _run(self, pl_module: pl.LightningModule, step: int) -> None:
-        self.run(pl_module.device, step)
-
-    # ------------------------------------------------------------------------------------------------ run
-    def run(self, device: torch.device | str, step: int) -> dict[str, dict[str, float]]:
-        """Embed, project, align and write one epoch; returns the scalars written per layer."""
-        if self._adapter is None or self._image_indices is None:
-            raise ConfigurationError(f"{type(self).__name__} was not set up; it runs inside `Trainer.fit`.")
+    @override
+    def _run(self, share: list[int], ctx: RunContext) -> ShareRecord:
+        """Embed this rank's images (one forward per batch); rank zero projects every rank's points."""
         start = time.perf_counter()
-        points = embed(
+        points = self._embed(ctx.device, [self._indices[p] for p in share], ctx.epoch)
+        return ShareRecord([(share[0] if share else 0, points)], time.perf_counter() - start)
+
+    @override
+    def _write(self, record: ShareRecord, ctx: RunContext) -> None:
+        start = time.perf_counter()
+        self._project(Embeddings.cat([points for _, points in record.items]), ctx.step)
+        self._writer.projection_seconds(record.seconds + time.perf_counter() - start, ctx.step)
+        self._writer.flush()
+
+    def _embed(self, device: torch.device | str, indices: list[int], epoch: int) -> Embeddings:
+        return embed(
             self._adapter,
-            self._batches(torch.device(device)),
+            self._batches(torch.device(device), indices),
             self._layer_names,
             level=self.level,
-            epoch=step,
+            epoch=epoch,
             iou_threshold=self.iou_threshold,
             thumbnail=self.thumbnail,
             seed=self.seed,
         )
+
+    def _project(self, points: Embeddings, step: int) -> dict[str, dict[str, float]]:
         points = self._cap(points)
-        results = {layer: self._project_layer(points, layer, step) for layer in self._layer_names}
+        return {layer: self._project_layer(points, layer, step) for layer in self._layer_names}
+
+    # ------------------------------------------------------------------------------------------------ run
+    def run(self, device: torch.device | str, step: int) -> dict[str, dict[str, float]]:
+        """Embed, project, align and write one step in this process (all images); returns the scalars per layer."""
+        self._require_setup()
+        start = time.perf_counter()
+        results = self._project(self._embed(device, list(self._indices), step), step)
         if self._writer is not None:
             self._writer.projection_seconds(time.perf_counter() - start, step)
             self._writer.flush()
@@ -254,7 +272,7 @@ class ProjectionCallback(ScheduledCallback):
         self.history.setdefault(layer, {})[step] = values
         if self._writer is not None:
             outcomes = [row[2] for row in points.metadata]
-            title = f"{layer} | {self.method} | {self.level} | epoch {step} | silhouette {values['silhouette']:.2f}"
+            title = f"{layer} | {self.method} | {self.level} | step {step} | silhouette {values['silhouette']:.2f}"
             names = self._adapter.names if self._adapter is not None else None
             picture = projection_scatter(layout, points.labels.tolist(), outcomes, names, title)
             self._writer.projection(layer, picture, step)
@@ -266,17 +284,12 @@ class ProjectionCallback(ScheduledCallback):
     # ---------------------------------------------------------------------------------------------- state
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "image_indices": list(self._image_indices or []),
-            "layouts": {layer: dict(points) for layer, points in self._layouts.items()},
-            "last_step": self._last_step,
-        }
+        return {**self._base_state(), "layouts": {layer: dict(points) for layer, points in self._layouts.items()}}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._image_indices = list(state_dict.get("image_indices", [])) or None
+        self._load_base_state(state_dict, index_key="image_indices")
         self._layouts = {k: dict(v) for k, v in state_dict.get("layouts", {}).items()}
-        self._last_step = int(state_dict.get("last_step", -1))
 
 
 def _collate(items: list[tuple], device: torch.device) -> tuple:

@@ -1,18 +1,24 @@
-"""Argument checks shared by xaiwatch callbacks (raised in ``__init__``, showing the value)."""
+"""Argument checks of callback arguments that need the method registry (the rest is
+:mod:`xaiwatch.core.validation`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from xaiwatch.core.errors import ConfigurationError
+from xaiwatch.core.validation import distinct_indices
 from xaiwatch.explain import engine_class
 
-__all__ = ["validate_methods", "validate_probe_indices", "validate_positive", "validate_choices"]
-
-_ON_ERROR = ("warn", "raise")
+__all__ = ["validate_methods", "validate_method_options", "validate_probe_indices"]
 
 
 def validate_methods(methods: Sequence[str]) -> None:
+    """Every name is a registered method, at least one, no duplicates.
+
+    Raises:
+        ConfigurationError: otherwise (an unknown name lists the valid ones).
+    """
     if not methods:
         raise ConfigurationError("`methods` must name at least one explanation method.")
     for m in methods:
@@ -21,22 +27,24 @@ def validate_methods(methods: Sequence[str]) -> None:
         raise ConfigurationError(f"`methods` has duplicates: {list(methods)}.")
 
 
+def validate_method_options(
+    method_options: Mapping[str, Mapping[str, Any]] | None, methods: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """A copy of ``method_options`` whose keys are among ``methods``.
+
+    Raises:
+        ConfigurationError: for options of a method that is not in ``methods``, or options that are not a dict.
+    """
+    options = dict(method_options or {})
+    unknown = sorted(set(options) - set(methods))
+    if unknown:
+        raise ConfigurationError(f"`method_options` names methods not in `methods`: {unknown}.")
+    bad = sorted(k for k, v in options.items() if not isinstance(v, Mapping))
+    if bad:
+        raise ConfigurationError(f"`method_options` must map each method to a dict of options; not a dict for {bad}.")
+    return {k: dict(v) for k, v in options.items()}
+
+
 def validate_probe_indices(probe_indices: Sequence[int]) -> list[int]:
-    indices = [int(i) for i in probe_indices]
-    if not indices or len(set(indices)) != len(indices) or min(indices) < 0:
-        raise ConfigurationError(f"`probe_indices` must be distinct indices >= 0, got {indices}.")
-    return indices
-
-
-def validate_positive(**values: int) -> None:
-    for name, value in values.items():
-        if int(value) < 1:
-            raise ConfigurationError(f"`{name}` must be >= 1, got {value}.")
-
-
-def validate_choices(normalize: str | None = None, on_error: str | None = None) -> None:
-    """Check the choices given (``None`` = not given)."""
-    if normalize is not None and normalize not in ("per_map", "fixed"):
-        raise ConfigurationError(f"`normalize` can be per_map or fixed, got {normalize!r}.")
-    if on_error is not None and on_error not in _ON_ERROR:
-        raise ConfigurationError(f"`on_error` can be warn or raise, got {on_error!r}.")
+    """Distinct indices ``>= 0`` (see :func:`~xaiwatch.core.validation.distinct_indices`)."""
+    return distinct_indices("probe_indices", probe_indices)

@@ -17,7 +17,15 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["eval_state", "grad_enabled", "fork_rng", "hooks_restored", "explaining", "reset_caches"]
+__all__ = [
+    "eval_state",
+    "grad_enabled",
+    "fork_rng",
+    "hooks_restored",
+    "explaining",
+    "reset_caches",
+    "register_cache_reset",
+]
 
 _HOOK_DICTS = (
     "_forward_hooks",
@@ -110,22 +118,29 @@ def hooks_restored(module: nn.Module) -> Iterator[None]:
                 del d[k]
 
 
+#: functions ``fn(submodule)`` that invalidate one model family's head caches, registered by the adapters
+#: (core knows no model family); see :func:`register_cache_reset`
+_CACHE_RESETS: list[Callable[[nn.Module], None]] = []
+
+
+def register_cache_reset(fn: Callable[[nn.Module], None]) -> Callable[[nn.Module], None]:
+    """Register ``fn(submodule)``, called by :func:`reset_caches` on every submodule (adapters do, at import)."""
+    if fn not in _CACHE_RESETS:
+        _CACHE_RESETS.append(fn)
+    return fn
+
+
 def reset_caches(module: nn.Module) -> None:
     """Invalidate tensors that detection heads cache between calls.
 
-    ultralytics' ``Detect`` keeps ``anchors``/``strides`` for the last input shape (``shape``); DAMO-YOLO's
-    ``ZeroHead`` keeps ``mlvl_priors`` keyed on ``feat_size[0]`` (both are reset: clearing the priors alone makes
-    its next call of the same shape fail). A cache built under ``inference_mode`` cannot be saved for backward
-    ("Inference tensors cannot be saved for backward"), and one built with autograd must not leak into
-    inference either, so they are reset on entry and exit.
+    Each adapter registers what its family caches (:func:`register_cache_reset`: ultralytics' ``Detect`` anchors,
+    DAMO-YOLO's ``ZeroHead`` priors); a module may also define ``_xaiwatch_reset_caches()``. A cache built under
+    ``inference_mode`` cannot be saved for backward ("Inference tensors cannot be saved for backward"), and one
+    built with autograd must not leak into inference either, so they are reset on entry and exit.
     """
     for m in module.modules():
-        if hasattr(m, "anchors") and hasattr(m, "shape") and hasattr(m, "stride") and hasattr(m, "dynamic"):
-            m.shape = None
-        if hasattr(m, "mlvl_priors"):  # ZeroHead rebuilds it only when the feature shape differs from feat_size[0]
-            m.mlvl_priors = None
-            if isinstance(getattr(m, "feat_size", None), list) and m.feat_size:
-                m.feat_size[0] = torch.zeros(4)
+        for fn in _CACHE_RESETS:
+            fn(m)
         if hasattr(m, "_xaiwatch_reset_caches"):
             m._xaiwatch_reset_caches()
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
-__all__ = ["Detections", "RawOutput", "ProbeSet"]
+__all__ = ["Detections", "RawOutput", "ProbeSet", "Match", "Explanation"]
 
 
 @dataclass
@@ -96,4 +97,63 @@ class ProbeSet:
             [b.to(device) for b in self.boxes],
             [lab.to(device) for lab in self.labels],
             list(self.indices),
+        )
+
+
+@dataclass(frozen=True)
+class Match:
+    """The candidate a box target resolved to on one image.
+
+    Attributes:
+        candidate: index of the raw candidate explained.
+        iou: its IoU with the reference box.
+        score: its score for the target's class.
+        detected: whether it is the object at the detector's threshold (IoU and score high enough).
+        box: its box ``x1, y1, x2, y2``.
+    """
+
+    candidate: int
+    iou: float
+    score: float
+    detected: bool
+    box: tuple[float, float, float, float]
+
+
+@dataclass
+class Explanation:
+    """What an engine found for ``K`` targets of one image: returned, never written into the targets.
+
+    Attributes:
+        method: the engine's registered name.
+        maps: :math:`(K, 1, H, W)` maps, one per target.
+        matches: per target, the :class:`Match` it resolved to (``None`` for targets that name no box).
+        extras: method-specific results for drawing, e.g. ``"channels"`` (feature maps' top channels) or
+            ``"class_scores"`` (a box's per-class scores, for decision panels).
+
+    Example:
+        >>> e = Explanation("saliency", torch.zeros(2, 1, 8, 8), [None, None])
+        >>> len(e), e.maps.shape
+        (2, torch.Size([2, 1, 8, 8]))
+    """
+
+    method: str
+    maps: torch.Tensor
+    matches: list[Match | None]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.maps.shape[0])
+
+    def cpu(self) -> Explanation:
+        """The same record with tensors on the CPU (to gather or draw)."""
+
+        def move(v: Any) -> Any:
+            if isinstance(v, torch.Tensor):
+                return v.detach().cpu()
+            if isinstance(v, (list, tuple)):
+                return type(v)(move(x) for x in v)
+            return v
+
+        return Explanation(
+            self.method, self.maps.detach().cpu(), list(self.matches), {k: move(v) for k, v in self.extras.items()}
         )

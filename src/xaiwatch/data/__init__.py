@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from xaiwatch.data.classification import ClassificationDataModule, ClassificationDataset, generate_classification
 from xaiwatch.data.shapes import generate, object_masks, read_specs, render, write_counterfactual
-from xaiwatch.data.yolo import YoloDataModule, YoloDataset, collate_detection, letterbox
+from xaiwatch.data.yolo import YoloDataModule, YoloDataset, collate_detection, letterbox, read_dataset_yaml
 
 __all__ = [
     "ClassificationDataModule",
@@ -20,6 +20,7 @@ __all__ = [
     "generate",
     "letterbox",
     "object_masks",
+    "read_dataset_yaml",
     "read_specs",
     "render",
     "write_counterfactual",

@@ -22,7 +22,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from xaiwatch.core.errors import ConfigurationError, DatasetFormatError
 
-__all__ = ["IMAGE_EXTENSIONS", "YoloDataModule", "YoloDataset", "collate_detection", "label_path", "letterbox"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "YoloDataModule",
+    "YoloDataset",
+    "collate_detection",
+    "label_path",
+    "letterbox",
+    "read_dataset_yaml",
+]
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 PAD_VALUE = 114 / 255
@@ -334,7 +342,7 @@ def _resolve_split(dataset_yaml: Path, key: str, value: Any, root: Path) -> list
     return resolved
 
 
-def _read_dataset_yaml(dataset_yaml: Path) -> tuple[list[str], dict[str, list[Path]]]:
+def read_dataset_yaml(dataset_yaml: Path) -> tuple[list[str], dict[str, list[Path]]]:
     """Validate a dataset yaml; return the names and the resolved image sources of ``train`` and ``val``."""
     data = _load_dataset_yaml(dataset_yaml)
     names = _parse_names(dataset_yaml, data)
@@ -381,7 +389,7 @@ class YoloDataModule(pl.LightningDataModule):
                 raise ConfigurationError(f"`{name}` must be an integer >= {lo}, got {value!r}")
         self.save_hyperparameters()
         self.dataset_yaml = Path(dataset_yaml)
-        self._names, self._sources = _read_dataset_yaml(self.dataset_yaml)
+        self._names, self._sources = read_dataset_yaml(self.dataset_yaml)
         self.train_dataset: YoloDataset | None = None
         self.val_dataset: YoloDataset | None = None
 

@@ -15,7 +15,8 @@ from torch import nn
 from xaiwatch.adapters.base import DetectorAdapter
 from xaiwatch.core.context import explaining
 from xaiwatch.core.errors import ConfigurationError, check_shape
-from xaiwatch.targets import Target
+from xaiwatch.core.types import Explanation, Match, RawOutput
+from xaiwatch.targets import MatchedBoxTarget, Target
 
 __all__ = ["Engine", "register", "available_methods", "get_engine"]
 
@@ -43,9 +44,6 @@ class Engine(ABC):
     name: ClassVar[str] = ""
     needs_layer: ClassVar[bool] = False
     signed: ClassVar[bool] = False
-    #: how a callback draws the result: "map" (heat map over the image), "grid" (feature-map channels),
-    #: "panel" (per-box decision view)
-    kind: ClassVar[str] = "map"
 
     def __init__(
         self, adapter: DetectorAdapter, layer: str | None = None, seed: int = 0, max_memory_mb: float = 2048
@@ -73,7 +71,7 @@ class Engine(ABC):
         return functools.partial(self.adapter.score, targets=targets)
 
     def attribute(self, images: torch.Tensor, targets: Target | Sequence[Target]) -> torch.Tensor:
-        """Explain ``targets`` on ``images``.
+        """Explain ``targets`` on ``images`` (Captum's convention: maps shaped like the input, one channel).
 
         Args:
             images: :math:`(B, 3, H, W)` float images in ``[0, 1]``.
@@ -109,6 +107,45 @@ class Engine(ABC):
             if targets
             else image.new_zeros(0, 1, *image.shape[-2:])
         )
+
+    def explain_boxes(self, image: torch.Tensor, targets: Sequence[Target]) -> Explanation:
+        """Explain ``K`` targets of one image and say what each resolved to.
+
+        Args:
+            image: :math:`(1, 3, H, W)` image.
+            targets: ``K`` targets.
+
+        Returns:
+            An :class:`~xaiwatch.core.types.Explanation`: the :math:`(K, 1, H, W)` maps of
+            :meth:`attribute_boxes`, the :class:`~xaiwatch.core.types.Match` of each box target on this image
+            (``None`` for other targets) and the method's extras. The targets are not changed.
+
+        Example:
+            >>> from xaiwatch.adapters import ClassifierAdapter
+            >>> from xaiwatch.targets import MatchedBoxTarget
+            >>> net = nn.Sequential(nn.Conv2d(3, 2, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            >>> engine = get_engine("saliency", ClassifierAdapter(net))
+            >>> e = engine.explain_boxes(torch.rand(1, 3, 16, 16), [MatchedBoxTarget([0, 0, 16, 16], 1)])
+            >>> e.maps.shape, e.matches[0].candidate, e.method
+            (torch.Size([1, 1, 16, 16]), 0, 'saliency')
+        """
+        targets = list(targets)
+        maps = self.attribute_boxes(image, targets)
+        raw = None
+        if self.needs_raw or any(isinstance(t, MatchedBoxTarget) for t in targets):
+            with explaining(self.adapter.model, seed=self.seed), torch.no_grad():
+                raw = self.adapter.raw(image.detach())
+        matches: list[Match | None] = [t.match(raw)[0] if isinstance(t, MatchedBoxTarget) else None for t in targets]
+        return Explanation(self.name, maps.detach(), matches, self._extras(image, targets, matches, raw))
+
+    #: whether :meth:`_extras` needs the image's raw output
+    needs_raw: ClassVar[bool] = False
+
+    def _extras(
+        self, image: torch.Tensor, targets: list[Target], matches: list[Match | None], raw: RawOutput | None
+    ) -> dict:
+        """Method-specific results of :meth:`explain_boxes` (default: none)."""
+        return {}
 
     @abstractmethod
     def _attribute(self, images: torch.Tensor, targets: Target | Sequence[Target]) -> torch.Tensor:
@@ -150,5 +187,17 @@ def engine_class(name: str) -> type[Engine]:
 
 
 def get_engine(name: str, adapter: DetectorAdapter, **options: object) -> Engine:
-    """Build the engine registered as ``name`` for ``adapter``."""
+    """Build the engine registered as ``name`` for ``adapter`` (options are the engine's keyword arguments).
+
+    Raises:
+        ConfigurationError: for an unknown name (the message lists the valid ones) or a bad option.
+        UnsupportedModelError: when the method cannot be right on this model.
+
+    Example:
+        >>> from xaiwatch.adapters import ClassifierAdapter
+        >>> net = nn.Sequential(nn.Conv2d(3, 2, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        >>> engine = get_engine("integrated_gradients", ClassifierAdapter(net), n_steps=8)
+        >>> engine.name, engine.n_steps
+        ('integrated_gradients', 8)
+    """
     return engine_class(name)(adapter, **options)

@@ -5,7 +5,7 @@ GradientShap samples, occlusion windows) take their internal batch size from
 :class:`~xaiwatch.explain.budget.BatchBudget`: a measured pass of one image and ``max_memory_mb``.
 
 Their targets are *frozen* on the clean image first: a :class:`~xaiwatch.targets.MatchedBoxTarget` chooses
-its candidate on the image being explained (and records that choice in ``last_match``), and the perturbed,
+its candidate on the image being explained (the engine returns that choice in its ``Explanation``), and the perturbed,
 noisy or interpolated images are then scored on that same candidate. Re-matching on a half-black
 interpolation or an occluded image would explain a different box at each step.
 """
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from xaiwatch.adapters.base import DetectorAdapter
 from xaiwatch.core.errors import ConfigurationError, ShapeError
+from xaiwatch.core.validation import positive_float, positive_int
 from xaiwatch.explain.base import Engine, register
 from xaiwatch.explain.budget import BatchBudget
 from xaiwatch.targets import BoxTarget, MatchedBoxTarget, Target
@@ -94,18 +95,6 @@ def make_baseline(images: torch.Tensor, baseline: str | float) -> torch.Tensor:
     return torch.full_like(images.detach(), float(value))
 
 
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"`{name}` must be an integer >= 1, got {value!r}.")
-    return value
-
-
-def _positive_float(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
-        raise ConfigurationError(f"`{name}` must be a number > 0, got {value!r}.")
-    return float(value)
-
-
 def _layer_map(attr: torch.Tensor | tuple, size: Sequence[int]) -> torch.Tensor:
     """A layer attribution :math:`(B, C, h, w)` summed over channels and upsampled to ``size``."""
     attr = attr[0] if isinstance(attr, tuple) else attr
@@ -123,7 +112,7 @@ def freeze_targets(
 
     A single target that is not a :class:`MatchedBoxTarget` covers the whole batch. Otherwise each image
     gets its own target, and a ``MatchedBoxTarget`` is replaced by a :class:`BoxTarget` on the candidate
-    it matches on the clean image (its ``last_match`` records those matches, one per image).
+    it matches on the clean image.
 
     Returns:
         ``(slice of the batch, target)`` pairs covering the batch in order.
@@ -135,13 +124,10 @@ def freeze_targets(
     if len(per_image) != batch:
         raise ShapeError("targets", (len(per_image),), [batch])
     groups: list[tuple[slice, Target]] = []
-    matched: dict[int, list] = {}
     with torch.no_grad():
         for i, target in enumerate(per_image):
             if isinstance(target, MatchedBoxTarget):
                 match = target.match(engine.adapter.raw(images[i : i + 1].detach()))
-                matched.setdefault(id(target), []).extend(match)
-                target.last_match = matched[id(target)]
                 target = BoxTarget(match[0].candidate, target.label)
             groups.append((slice(i, i + 1), target))
     return groups
@@ -213,7 +199,7 @@ class _PathEngine(BudgetedEngine):
         baseline: str | float = "black",
         method: str = "gausslegendre",
     ) -> None:
-        self.n_steps = _positive_int("n_steps", n_steps)
+        self.n_steps = positive_int("n_steps", n_steps)
         self.baseline = check_baseline(baseline)
         methods = ("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle")
         if method not in methods:
@@ -298,8 +284,8 @@ class SmoothGradEngine(BudgetedEngine):
         nt_samples: int = 16,
         noise_level: float = 0.15,
     ) -> None:
-        self.nt_samples = _positive_int("nt_samples", nt_samples)
-        self.noise_level = _positive_float("noise_level", noise_level)
+        self.nt_samples = positive_int("nt_samples", nt_samples)
+        self.noise_level = positive_float("noise_level", noise_level)
         super().__init__(adapter, layer=layer, seed=seed, max_memory_mb=max_memory_mb)
 
     def evaluations(self, images: torch.Tensor) -> int:
@@ -350,7 +336,7 @@ class GradientShapEngine(BudgetedEngine):
         n_samples: int = 16,
         stdevs: float = 0.09,
     ) -> None:
-        self.n_samples = _positive_int("n_samples", n_samples)
+        self.n_samples = positive_int("n_samples", n_samples)
         if isinstance(stdevs, bool) or not isinstance(stdevs, (int, float)) or not 0 <= stdevs < math.inf:
             raise ConfigurationError(f"`stdevs` must be a number >= 0, got {stdevs!r}.")
         self.stdevs = float(stdevs)
@@ -408,8 +394,8 @@ class OcclusionEngine(BudgetedEngine):
         stride: int | None = None,
         fill: float = 0.5,
     ) -> None:
-        self.window = None if window is None else _positive_int("window", window)
-        self.stride = None if stride is None else _positive_int("stride", stride)
+        self.window = None if window is None else positive_int("window", window)
+        self.stride = None if stride is None else positive_int("stride", stride)
         if isinstance(fill, bool) or not isinstance(fill, (int, float)) or not math.isfinite(fill):
             raise ConfigurationError(f"`fill` must be a number, got {fill!r}.")
         self.fill = float(fill)

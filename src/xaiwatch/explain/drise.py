@@ -34,6 +34,7 @@ from xaiwatch.adapters.base import DetectorAdapter
 from xaiwatch.core.context import explaining
 from xaiwatch.core.errors import ConfigurationError, ShapeError, check_shape
 from xaiwatch.core.types import Detections, RawOutput
+from xaiwatch.core.validation import in_range, positive_int, probability
 from xaiwatch.explain.base import Engine, register
 from xaiwatch.explain.budget import MAX_SAMPLES_PER_BATCH
 from xaiwatch.targets import BoxTarget, ClassTarget, MatchedBoxTarget, Target
@@ -124,7 +125,7 @@ def _best_of_class(target: ClassTarget, raw: RawOutput) -> list[int]:
 def target_reference(target: Target, raw: RawOutput) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The detection D-RISE explains, read from the clean image's raw output: one per image.
 
-    - :class:`~xaiwatch.targets.MatchedBoxTarget`: the candidate it matches (its ``last_match`` records it);
+    - :class:`~xaiwatch.targets.MatchedBoxTarget`: the candidate it matches;
     - :class:`~xaiwatch.targets.BoxTarget`: its candidate;
     - :class:`~xaiwatch.targets.ClassTarget`: the candidate with the highest score of its class.
 
@@ -144,9 +145,9 @@ def target_reference(target: Target, raw: RawOutput) -> list[tuple[torch.Tensor,
             f"D-RISE explains one detection: use a MatchedBoxTarget, BoxTarget or ClassTarget, got {target!r}."
         )
     with torch.no_grad():
-        target(raw)  # validates candidate and label; a MatchedBoxTarget records its match in last_match
+        target(raw)  # validates candidate and label
     if isinstance(target, MatchedBoxTarget):
-        cands = [m.candidate for m in target.last_match]
+        cands = [m.candidate for m in target.match(raw)]
     elif isinstance(target, BoxTarget):
         cands = [target.candidate] * raw.scores.shape[0]
     else:
@@ -206,15 +207,12 @@ def _tensor_bytes(out: object) -> int:
 
 
 def _check_options(num_masks: object, grid_size: object, p: object, fill: object, conf: object) -> None:
-    for name, value in (("num_masks", num_masks), ("grid_size", grid_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigurationError(f"`{name}` must be an integer >= 1, got {value!r}.")
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
-        raise ConfigurationError(f"`p` (keep probability of a cell) must be in (0, 1], got {p!r}.")
-    if isinstance(fill, bool) or not isinstance(fill, (int, float)) or not 0.0 <= fill <= 1.0:
-        raise ConfigurationError(f"`fill` (grey level of masked pixels) must be in [0, 1], got {fill!r}.")
-    if conf is not None and (isinstance(conf, bool) or not isinstance(conf, (int, float)) or not 0.0 <= conf <= 1.0):
-        raise ConfigurationError(f"`conf` must be None (the adapter's) or in [0, 1], got {conf!r}.")
+    positive_int("num_masks", num_masks)
+    positive_int("grid_size", grid_size)
+    in_range("p", p, 0.0, 1.0, low_open=True)  # keep probability of a cell
+    probability("fill", fill)  # grey level of masked pixels
+    if conf is not None:  # None: the adapter's threshold
+        probability("conf", conf)
 
 
 @register
@@ -347,13 +345,9 @@ class DRiseEngine(Engine):
     def _per_image_references(self, targets: list[Target], raw: RawOutput) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if len(targets) != raw.scores.shape[0]:
             raise ShapeError("targets", (len(targets),), [raw.scores.shape[0]])
-        refs, matches = [], {}
+        refs = []
         for i, target in enumerate(targets):
             refs.extend(self._reference(target, raw[i]))
-            if isinstance(target, MatchedBoxTarget):  # one target object over several images keeps every match
-                matches.setdefault(id(target), (target, []))[1].extend(target.last_match)
-        for target, found in matches.values():
-            target.last_match = found
         return refs
 
     def _low_conf_adapter(self) -> DetectorAdapter:

@@ -18,6 +18,7 @@ from xaiwatch.adapters.base import DetectorAdapter
 from xaiwatch.core.context import explaining
 from xaiwatch.core.errors import ConfigurationError, ShapeError, check_shape
 from xaiwatch.core.types import Detections
+from xaiwatch.core.validation import positive_int
 from xaiwatch.explain.base import Engine, register
 from xaiwatch.targets import Target
 
@@ -41,18 +42,11 @@ def top_channels(activation: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
         ConfigurationError: if ``k`` is not a positive integer.
     """
     check_shape(activation, ["B", "C", "h", "w"], "activation")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConfigurationError(f"`k` must be an integer >= 1, got {k!r}.")
+    k = positive_int("k", k)
     energy = activation.detach().float().pow(2).mean(dim=(2, 3))
     indices = energy.topk(min(k, activation.shape[1]), dim=1).indices
     values = activation.detach().gather(1, indices[:, :, None, None].expand(-1, -1, *activation.shape[-2:]))
     return values, indices
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"`{name}` must be an integer >= 1, got {value!r}.")
-    return value
 
 
 @register
@@ -72,7 +66,6 @@ class FeatureMapsEngine(Engine):
 
     name = "feature_maps"
     needs_layer = True
-    kind = "grid"
 
     def __init__(
         self,
@@ -83,7 +76,7 @@ class FeatureMapsEngine(Engine):
         *,
         top_k: int = 16,
     ) -> None:
-        self.top_k = _positive_int("top_k", top_k)
+        self.top_k = positive_int("top_k", top_k)
         super().__init__(adapter, layer=layer, seed=seed, max_memory_mb=max_memory_mb)
 
     def channels(self, images: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,6 +116,10 @@ class FeatureMapsEngine(Engine):
                 f"Feature maps need a convolutional layer with a (B, C, h, w) output; {self.layer_name!r} gave {got}."
             )
         return out.detach()
+
+    def _extras(self, image, targets, matches, raw) -> dict:
+        """``"channels"``: the image's ``(values (1, k, h, w), indices (1, k))`` for a channel grid."""
+        return {"channels": self.channels(image)}
 
     def _attribute(self, images: torch.Tensor, targets: Target | Sequence[Target]) -> torch.Tensor:
         values, _ = top_channels(self._activation(images), self.top_k)

@@ -9,7 +9,6 @@ repository). Nothing is downloaded and no configuration file is executed.
 from __future__ import annotations
 
 import copy
-import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -22,6 +21,8 @@ from torch import nn
 from xaiwatch.adapters.damo import DamoYoloAdapter, damo_input
 from xaiwatch.core.errors import ConfigurationError
 from xaiwatch.core.imports import require
+from xaiwatch.models.common import DetectionValidationMixin, detection_optimizer
+from xaiwatch.models.damo_loading import load_damo_weights, read_damo_directory
 
 __all__ = ["DAMO_ARCHITECTURES", "DamoYoloModule", "build_damo_detector", "damo_architecture", "to_damo_targets"]
 
@@ -240,7 +241,7 @@ def _set_bn_momentum(net: nn.Module, momentum: float | None) -> None:
             m.momentum = momentum
 
 
-class DamoYoloModule(pl.LightningModule):
+class DamoYoloModule(DetectionValidationMixin, pl.LightningModule):
     """A LightningModule that fine-tunes DAMO-YOLO with ZeroHead's own loss (AlignOTA, QFL + GIoU + DFL).
 
     Batches are those of :class:`~xaiwatch.data.YoloDataModule` (the same as :class:`YOLOv8Module`'s):
@@ -305,8 +306,6 @@ class DamoYoloModule(pl.LightningModule):
             _set_bn_momentum(self.net, bn_momentum)
         self.weights_report: dict[str, list[str]] | None = None
         if weights:
-            from xaiwatch.models.damo_loading import load_damo_weights
-
             self.weights_report = load_damo_weights(self.net, weights, strict=False)
             r = self.weights_report
             rank_zero_info(
@@ -349,15 +348,6 @@ class DamoYoloModule(pl.LightningModule):
         return losses["total_loss"]
 
     # ------------------------------------------------------------------------------------------- validation
-    @property
-    def map_metric(self) -> Any:
-        """torchmetrics ``MeanAveragePrecision`` (xyxy boxes), created on first use."""
-        if self._map is None:
-            from torchmetrics.detection import MeanAveragePrecision
-
-            self._map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox").to(self.device)
-        return self._map
-
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Loss and detections of one validation batch (the model is in eval mode here)."""
         images = batch["images"]
@@ -372,42 +362,47 @@ class DamoYoloModule(pl.LightningModule):
         finally:
             head.training = flag
         self.log("val/loss", losses["total_loss"], batch_size=images.shape[0], sync_dist=True)
-        self.map_metric.update(
-            [{"boxes": d.boxes, "scores": d.scores, "labels": d.labels} for d in dets],
-            [
-                {"boxes": b.to(images.device), "labels": lab.to(images.device)}
-                for b, lab in zip(batch["boxes"], batch["labels"])
-            ],
-        )
-
-    def on_validation_epoch_end(self) -> None:
-        """Log ``val/map50`` and ``val/map``."""
-        result = self.map_metric.compute()
-        self.map_metric.reset()
-        self.log("val/map50", result["map_50"].float(), prog_bar=True, sync_dist=True)
-        self.log("val/map", result["map"].float(), sync_dist=True)
+        self._update_map(dets, batch)
 
     # -------------------------------------------------------------------------------------------- optimiser
     def configure_optimizers(self) -> Any:
-        """AdamW (decay on conv weights only) with linear warm-up then cosine decay to 5%."""
-        decay, no_decay = [], []
-        for module in self.net.modules():
-            for name, p in module.named_parameters(recurse=False):
-                is_norm = isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm))
-                (no_decay if name != "weight" or is_norm or p.ndim < 2 else decay).append(p)
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.hparams.lr,
-            betas=(0.9, 0.999),
+        """AdamW (decay on conv / linear weights only) with linear warm-up then cosine decay to 5%."""
+        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else None
+        return detection_optimizer(
+            self.net, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_steps, total
         )
-        total = max(int(self.trainer.estimated_stepping_batches), 1) if self._trainer is not None else 1000
-        warm = min(self.hparams.warmup_steps, max(total // 5, 1))
 
-        def factor(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            t = min((step - warm) / max(total - warm, 1), 1.0)
-            return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
 
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+def load_damo_directory(
+    path: str | os.PathLike, names: list[str] | None = None, pad_background: bool = False, **module_kwargs: Any
+) -> DamoYoloModule:
+    """A :class:`DamoYoloModule` from an official (modelscope) DAMO-YOLO model directory.
+
+    Reads ``damoyolo.py`` with :mod:`ast` (literal values only, never executed), the TinyNAS structure file it
+    names as a literal, the weights it names with ``torch.load(weights_only=True)`` (all tensors must match), and
+    takes the class names from ``names`` or from a literal ``class_names`` in ``damoyolo.py`` / ``configuration.json``
+    (see :func:`~xaiwatch.models.damo_loading.read_damo_directory`). ``label_map.pkl`` is never read: it is a
+    pickle, and unpickling can run code.
+
+    Args:
+        path: the model directory.
+        names: class names, one per class of the head; required unless the config carries them.
+        pad_background: accept a checkpoint whose head has no background channel (newer DAMO-YOLO): the
+            channel modelscope's ZeroHead expects is added with zero weights; its score is never used.
+        module_kwargs: more arguments of :class:`DamoYoloModule` (``lr``, ``bn_momentum``, ...).
+
+    Returns:
+        the module, with the checkpoint loaded.
+
+    Raises:
+        ConfigurationError: for a missing directory, config, structure file or weights file; a config value that is
+            not a literal; a checkpoint that does not match the architecture; a class-count mismatch; a head without
+            background channel (unless ``pad_background``); missing or mis-counted class names. Each message says
+            which file and what to do.
+    """
+    architecture, names, weights = read_damo_directory(path, names)
+    module_kwargs.setdefault("bn_momentum", None)  # a trained model keeps DAMO-YOLO's own BatchNorm momentum
+    num_classes = int(architecture["head"]["num_classes"])
+    module = DamoYoloModule(num_classes=num_classes, names=names, architecture=architecture, **module_kwargs)
+    module.weights_report = load_damo_weights(module.net, weights, strict=True, pad_background=pad_background)
+    return module

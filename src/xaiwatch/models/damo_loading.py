@@ -22,7 +22,7 @@ from torch import nn
 
 from xaiwatch.core.errors import ConfigurationError
 
-__all__ = ["load_damo_directory", "load_damo_weights", "read_checkpoint", "read_literal_config"]
+__all__ = ["read_damo_directory", "load_damo_weights", "read_checkpoint", "read_literal_config"]
 
 _PRIOR_BIAS = -4.59511985013459  # ZeroHead's class-bias initialisation, log(0.01 / 0.99)
 _BINOPS = {
@@ -370,10 +370,9 @@ def _check_preprocessing(scope: dict[str, Any], config: Path) -> None:
         raise ConfigurationError(f"{config.name} sets size_divisibility={div}; xaiwatch pads to multiples of 32.")
 
 
-def load_damo_directory(
-    path: str | os.PathLike, names: list[str] | None = None, pad_background: bool = False, **module_kwargs: Any
-) -> Any:
-    """A :class:`~xaiwatch.models.DamoYoloModule` from an official (modelscope) DAMO-YOLO model directory.
+def read_damo_directory(path: str | os.PathLike, names: list[str] | None = None) -> tuple[dict, list[str], Path]:
+    """The architecture, class names and weights file of an official (modelscope) DAMO-YOLO model directory
+    (:func:`xaiwatch.models.load_damo_directory` builds the module from them).
 
     Reads ``damoyolo.py`` with :mod:`ast` (literal values only, never executed), the TinyNAS structure file it
     names as a literal, the weights it names with ``torch.load(weights_only=True)`` (all tensors must match), and
@@ -383,12 +382,9 @@ def load_damo_directory(
     Args:
         path: the model directory.
         names: class names, one per class of the head; required unless the config carries them.
-        pad_background: accept a checkpoint whose head has no background channel (newer DAMO-YOLO): the
-            channel modelscope's ZeroHead expects is added with zero weights; its score is never used.
-        module_kwargs: more arguments of :class:`~xaiwatch.models.DamoYoloModule` (``lr``, ``bn_momentum``, ...).
 
     Returns:
-        the module, with the checkpoint loaded.
+        ``(architecture, names, weights_path)``.
 
     Raises:
         ConfigurationError: for a missing directory, config, structure file or weights file; a config value that is
@@ -396,8 +392,6 @@ def load_damo_directory(
             background channel (unless ``pad_background``); missing or mis-counted class names. Each message says
             which file and what to do.
     """
-    from xaiwatch.models.damo import DamoYoloModule
-
     root = Path(path)
     if not root.is_dir():
         raise ConfigurationError(f"DAMO-YOLO model directory {str(root)!r} does not exist.")
@@ -445,8 +439,4 @@ def load_damo_directory(
                 f"Weights file missing from {str(root)!r}: the config names {named}; .pth/.pt files present: "
                 f"{found}. Put the checkpoint in the directory under that name."
             )
-    architecture = {"backbone": backbone, "neck": dict(neck), "head": head}
-    module_kwargs.setdefault("bn_momentum", None)  # a trained model keeps DAMO-YOLO's own BatchNorm momentum
-    module = DamoYoloModule(num_classes=num_classes, names=list(names), architecture=architecture, **module_kwargs)
-    module.weights_report = load_damo_weights(module.net, weights, strict=True, pad_background=pad_background)
-    return module
+    return {"backbone": backbone, "neck": dict(neck), "head": head}, list(names), weights

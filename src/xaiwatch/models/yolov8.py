@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,11 +16,12 @@ from torch import nn
 from xaiwatch.adapters.yolov8 import YOLOv8Adapter
 from xaiwatch.core.errors import ConfigurationError
 from xaiwatch.core.imports import require
+from xaiwatch.models.common import DetectionValidationMixin, detection_optimizer
 
-__all__ = ["YOLOv8Module", "load_matching_weights", "to_ultralytics_batch"]
+__all__ = ["YOLOv8Module", "build_detection_model", "load_matching_weights", "to_ultralytics_batch"]
 
 
-def _build_detection_model(cfg: str | dict, num_classes: int) -> nn.Module:
+def build_detection_model(cfg: str | dict, num_classes: int) -> nn.Module:
     require("ultralytics", extra="yolo")
     os.environ.setdefault("YOLO_OFFLINE", "1")
     from ultralytics.nn.tasks import DetectionModel
@@ -124,7 +124,7 @@ def to_ultralytics_batch(boxes: Sequence[torch.Tensor], labels: Sequence[torch.T
     return {"batch_idx": idx, "cls": cls[:, None], "bboxes": cxcywh}
 
 
-class YOLOv8Module(pl.LightningModule):
+class YOLOv8Module(DetectionValidationMixin, pl.LightningModule):
     """A LightningModule that fine-tunes an ultralytics ``DetectionModel`` with ultralytics' own loss.
 
     Batches are those of :class:`~xaiwatch.data.YoloDataModule`: ``images`` :math:`(B, 3, H, W)` in
@@ -170,7 +170,7 @@ class YOLOv8Module(pl.LightningModule):
             raise ConfigurationError(f"`lr` must be > 0, got {lr}.")
         self.save_hyperparameters()
         self.names = list(names) if names is not None else [str(i) for i in range(num_classes)]
-        self.net = _build_detection_model(model, num_classes)
+        self.net = build_detection_model(model, num_classes)
         self.net.names = dict(enumerate(self.names))
         self.net.args = SimpleNamespace(box=box, cls=cls, dfl=dfl)
         self.weights_report: dict[str, list[str]] | None = None
@@ -222,15 +222,6 @@ class YOLOv8Module(pl.LightningModule):
         return loss
 
     # ------------------------------------------------------------------------------------------- validation
-    @property
-    def map_metric(self) -> Any:
-        """torchmetrics ``MeanAveragePrecision`` (xyxy boxes), created on first use."""
-        if self._map is None:
-            from torchmetrics.detection import MeanAveragePrecision
-
-            self._map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox").to(self.device)
-        return self._map
-
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Loss and detections of one validation batch (the model is in eval mode here)."""
         images = batch["images"]
@@ -239,42 +230,12 @@ class YOLOv8Module(pl.LightningModule):
         self.log("val/loss", loss / images.shape[0], batch_size=images.shape[0], sync_dist=True)
         adapter = YOLOv8Adapter(self.net, names=self.names, conf=self.hparams.val_conf, iou=self.hparams.val_iou)
         dets = adapter.postprocess(adapter.raw_from_output(out))
-        self.map_metric.update(
-            [{"boxes": d.boxes, "scores": d.scores, "labels": d.labels} for d in dets],
-            [
-                {"boxes": b.to(images.device), "labels": lab.to(images.device)}
-                for b, lab in zip(batch["boxes"], batch["labels"])
-            ],
-        )
-
-    def on_validation_epoch_end(self) -> None:
-        """Log ``val/map50`` and ``val/map``."""
-        result = self.map_metric.compute()
-        self.map_metric.reset()
-        self.log("val/map50", result["map_50"].float(), prog_bar=True, sync_dist=True)
-        self.log("val/map", result["map"].float(), sync_dist=True)
+        self._update_map(dets, batch)
 
     # -------------------------------------------------------------------------------------------- optimiser
     def configure_optimizers(self) -> Any:
-        """AdamW (decay on weights only, as ultralytics) with linear warm-up then cosine decay to 5%."""
-        decay, no_decay = [], []
-        for module in self.net.modules():
-            for name, p in module.named_parameters(recurse=False):
-                is_norm = isinstance(module, nn.modules.batchnorm._NormBase) or isinstance(module, nn.GroupNorm)
-                (no_decay if name == "bias" or is_norm else decay).append(p)
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.hparams.lr,
-            betas=(0.9, 0.999),
+        """AdamW (decay on conv / linear weights only) with linear warm-up then cosine decay to 5%."""
+        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else None
+        return detection_optimizer(
+            self.net, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_steps, total
         )
-        total = max(int(self.trainer.estimated_stepping_batches), 1) if self._trainer is not None else 1000
-        warm = min(self.hparams.warmup_steps, max(total // 5, 1))
-
-        def factor(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            t = min((step - warm) / max(total - warm, 1), 1.0)
-            return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -9,10 +9,11 @@ import numpy as np
 
 from xaiwatch.render.filmstrip import filmstrip, stack_vertical, write_gif
 
-__all__ = ["PictureHistory"]
+__all__ = ["PictureHistory", "encode", "decode"]
 
 
-def _encode(picture: np.ndarray) -> bytes:
+def encode(picture: np.ndarray) -> bytes:
+    """PNG bytes of an :math:`(H, W, 3)` uint8 picture (what travels between ranks and is kept in history)."""
     from PIL import Image
 
     buffer = io.BytesIO()
@@ -20,7 +21,8 @@ def _encode(picture: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _decode(data: bytes) -> np.ndarray:
+def decode(data: bytes) -> np.ndarray:
+    """The :math:`(H, W, 3)` uint8 picture of PNG bytes."""
     from PIL import Image
 
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
@@ -37,7 +39,11 @@ class PictureHistory:
 
     def add(self, subject: str, method: str, step: int, picture: np.ndarray) -> None:
         """Remember one picture."""
-        self._store.setdefault(subject, {}).setdefault(method, {})[int(step)] = _encode(picture)
+        self._store.setdefault(subject, {}).setdefault(method, {})[int(step)] = encode(picture)
+
+    def has(self, subject: str, method: str, step: int) -> bool:
+        """Whether a picture of ``subject`` by ``method`` at ``step`` is kept."""
+        return int(step) in self._store.get(subject, {}).get(method, {})
 
     def subjects(self) -> list[str]:
         """Subjects with at least one picture."""
@@ -53,14 +59,14 @@ class PictureHistory:
         steps = self.steps(subject)
         rows = {}
         for method, pictures in self._store[subject].items():
-            frames = [_decode(pictures[s]) for s in steps]
+            frames = [decode(pictures[s]) for s in steps]
             rows[method] = [f[:, f.shape[1] // 2 :] if crop_right_half else f for f in frames]
         return filmstrip(rows, steps, title=subject)
 
     def animation_frames(self, subject: str) -> list[np.ndarray]:
         """One frame per step: every method's full panel stacked top to bottom."""
         return [
-            stack_vertical([_decode(pictures[s]) for pictures in self._store[subject].values()])
+            stack_vertical([decode(pictures[s]) for pictures in self._store[subject].values()])
             for s in self.steps(subject)
         ]
 

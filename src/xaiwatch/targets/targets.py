@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torchvision.ops import box_iou
 
 from xaiwatch.core.errors import ConfigurationError
-from xaiwatch.core.types import RawOutput
+from xaiwatch.core.types import Match, RawOutput
+from xaiwatch.core.validation import in_range
 
 __all__ = ["Target", "ClassTarget", "BoxTarget", "MatchedBoxTarget", "MissedTarget", "Match"]
 
@@ -98,26 +98,15 @@ class BoxTarget(Target):
         return f"BoxTarget({self.candidate}, label={self.label})"
 
 
-@dataclass
-class Match:
-    """Which candidate a :class:`MatchedBoxTarget` explained for one image."""
-
-    candidate: int
-    iou: float
-    score: float
-    detected: bool
-    box: tuple[float, float, float, float]
-
-
 class MatchedBoxTarget(Target):
     """Follows one object across epochs: the candidate that best matches a reference box and class.
 
     Among candidates whose box overlaps ``box`` with IoU >= ``iou_threshold``, the one with the highest score
     for ``label`` is explained; the object counts as *detected* when that score is at least ``conf``. When no
     candidate overlaps that much (the model does not see the object), the candidate maximising
-    ``IoU x score`` among those that overlap at all is explained and ``detected`` is False; the choice is
-    recorded in :attr:`last_match` so that a figure can say so. The choice is made without gradients;
-    the returned score is differentiable.
+    ``IoU x score`` among those that overlap at all is explained and ``detected`` is False. The choice is made
+    without gradients (:meth:`match`; engines return it in their :class:`~xaiwatch.core.types.Explanation`, the
+    target itself is never changed); the returned score is differentiable.
 
     Args:
         box: reference box ``x1, y1, x2, y2`` in input pixels (a ground-truth box, or an earlier detection).
@@ -130,15 +119,13 @@ class MatchedBoxTarget(Target):
         box_t = torch.as_tensor(box, dtype=torch.float32).flatten()
         if box_t.numel() != 4 or not bool((box_t[2:] > box_t[:2]).all()):
             raise ConfigurationError(f"`box` must be x1, y1, x2, y2 with x2 > x1 and y2 > y1, got {box_t.tolist()}.")
-        if not 0.0 < iou_threshold <= 1.0:
-            raise ConfigurationError(f"`iou_threshold` must be in (0, 1], got {iou_threshold}.")
+        iou_threshold = in_range("iou_threshold", iou_threshold, 0.0, 1.0, low_open=True)
         if int(label) < 0:
             raise ConfigurationError(f"`label` must be >= 0, got {label}.")
         self.box = box_t
         self.label = int(label)
         self.iou_threshold = float(iou_threshold)
         self.conf = float(conf)
-        self.last_match: list[Match] = []
 
     def match(self, raw: RawOutput) -> list[Match]:
         """Choose the candidate to explain in each image of ``raw`` (no gradients)."""
@@ -158,13 +145,11 @@ class MatchedBoxTarget(Target):
         return matches
 
     def resolve(self, raw: RawOutput) -> tuple[int, int] | None:
-        """The matched candidate on the one image of ``raw`` and the label; records :attr:`last_match` as a call does."""
-        self.last_match = self.match(raw[:1])
-        return self.last_match[0].candidate, self.label
+        """The matched candidate on the one image of ``raw`` and the label."""
+        return self.match(raw[:1])[0].candidate, self.label
 
     def __call__(self, raw: RawOutput) -> torch.Tensor:
-        self.last_match = self.match(raw)
-        idx = torch.tensor([m.candidate for m in self.last_match], device=raw.scores.device)
+        idx = torch.tensor([m.candidate for m in self.match(raw)], device=raw.scores.device)
         return raw.scores[torch.arange(len(idx), device=idx.device), idx, self.label]
 
     def __repr__(self) -> str:
@@ -177,19 +162,19 @@ class MissedTarget(MatchedBoxTarget):
     Explains what the model saw at a missed object and why the score stayed low. The candidate is chosen as
     in :class:`MatchedBoxTarget`: among candidates whose box overlaps ``gt_box`` with IoU >= ``iou_threshold``,
     the one with the highest score for ``label`` (the candidate that came closest to detecting the object);
-    when none overlaps that much, the candidate maximising ``IoU x score``. :attr:`last_match` records it.
+    when none overlaps that much, the candidate maximising ``IoU x score`` (:meth:`match` says which).
 
     Args:
         gt_box: the missed ground-truth box ``x1, y1, x2, y2`` in input pixels.
         label: its class.
         iou_threshold: minimum IoU of a candidate on the object (the matching threshold of the error analysis).
-        conf: detection threshold (``detected`` in :attr:`last_match` says whether the object is now found).
+        conf: detection threshold (``detected`` of the :class:`Match` says whether the object is now found).
 
     Example:
         >>> raw = RawOutput(torch.tensor([[[0.0, 0, 10, 10], [0, 0, 9, 10], [20, 20, 30, 30]]]),
         ...                 torch.tensor([[[0.1, 0.0], [0.2, 0.0], [0.9, 0.0]]]))
         >>> target = MissedTarget([0, 0, 10, 10], label=0)
-        >>> target(raw), target.last_match[0].candidate
+        >>> target(raw), target.match(raw)[0].candidate
         (tensor([0.2000]), 1)
     """
 

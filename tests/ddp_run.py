@@ -1,0 +1,76 @@
+"""A 2-rank gloo fit with every probe callback, run by ``test_distributed.py`` in a subprocess (hard timeout).
+
+Each rank writes ``rank<R>.json``: the probe positions it explained, the gate's history and the tracked objects,
+so the test can check that the work was shared, that the ranks agree and that only rank zero wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
+from helpers import tiny_module  # noqa: E402
+from pytorch_lightning.loggers import TensorBoardLogger  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from conftest import SquaresDataset, collate  # noqa: E402
+from xaiwatch.callbacks import ExplainCallback, SaliencyGate  # noqa: E402
+from xaiwatch.callbacks.explain import ExplainCallback as _Explain  # noqa: E402
+from xaiwatch.checks import CheckOptions  # noqa: E402
+
+
+class Recording(_Explain):
+    """ExplainCallback that remembers which probe positions this rank explained."""
+
+    seen: list[int] = []
+
+    def _run(self, share, ctx):
+        type(self).seen = sorted({*type(self).seen, *share})
+        return super()._run(share, ctx)
+
+
+def main(out: str, strategy: str, devices: int) -> None:
+    torch.set_num_threads(1)
+    explain = Recording(methods=["saliency"], num_probe=4, on_error="raise")
+    gate = SaliencyGate(
+        checks={"energy_in_box": None, "pointing_game": None}, num_probe=4, options=CheckOptions(batch_size=2)
+    )
+    trainer = pl.Trainer(
+        max_epochs=2,
+        limit_train_batches=2,
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        logger=TensorBoardLogger(out, name="tb"),
+        callbacks=[explain, gate],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    train = DataLoader(SquaresDataset(16, 0), batch_size=4, collate_fn=collate)
+    val = DataLoader(SquaresDataset(8, 1), batch_size=4, collate_fn=collate)
+    trainer.fit(tiny_module(), train, val)
+    cb = next(c for c in trainer.callbacks if isinstance(c, ExplainCallback))
+    g = next(c for c in trainer.callbacks if isinstance(c, SaliencyGate))
+    report = {
+        "rank": trainer.global_rank,
+        "seen": Recording.seen,
+        "gate": [{k: r[k] for k in ("global_step", "passed", "values")} for r in g.history],
+        "tracked": cb._tracked,
+        "wrote": cb._writer is not None,
+        "log_dir": str(cb.log_dir),
+    }
+    Path(out, f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
