@@ -300,6 +300,20 @@ def test_tensorboard_keeps_every_step_of_every_picture(run, tensorboard):
         assert expected[tag] == list(range(EPOCHS + 1))  # step 0 (before training) and 11 more: > 10 kept
 
 
+_DEEP_INPUTS = """(() => {
+  const out = [];
+  const walk = (root) => {
+    root.querySelectorAll('*').forEach((el) => {
+      if ((el.tagName === 'INPUT' || el.tagName === 'PAPER-INPUT') && el.value) out.push(el.value);
+      if (el.shadowRoot) walk(el.shadowRoot);
+      if (el.tagName === 'IFRAME' && el.contentDocument) walk(el.contentDocument);
+    });
+  };
+  walk(document);
+  return out;
+})()"""
+
+
 def test_tensorboard_dashboards_load_without_errors(tensorboard, browser):
     base, _ = tensorboard
     for dashboard in DASHBOARDS:
@@ -307,6 +321,8 @@ def test_tensorboard_dashboards_load_without_errors(tensorboard, browser):
         shot = page.screenshot(ARTIFACTS / f"tensorboard_{dashboard}.png")
         assert shot.stat().st_size > 10_000
         assert page.errors() == [], dashboard
+        if dashboard == "projector":  # it opens on the last epoch
+            assert f"projection/neck.p3 (last: epoch {EPOCHS})" in page.evaluate(_DEEP_INPUTS)
 
 
 def test_report_opens_with_every_picture_loaded(run, browser, tmp_path):

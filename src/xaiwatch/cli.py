@@ -77,7 +77,12 @@ def run_demo(
             refused = getattr(cb, "refused", None)
             extra = f"; epochs refused by the saliency gate: {[e + 1 for e in refused]}" if refused else ""
             print(f"[xaiwatch] checkpoints in {cb.dirpath}: {saved or 'none'}{extra}")
-    print(f"[xaiwatch] open the explanations with:\n\n    tensorboard --logdir {out.resolve()}\n")
+    from xaiwatch.logging import write_tensorboard_command
+    from xaiwatch.report import write_report
+
+    command = write_tensorboard_command(logger.log_dir, epochs, logdir=out).read_text().strip()
+    print(f"[xaiwatch] open the explanations (every epoch's pictures kept) with:\n\n    {command}\n")
+    print(f"[xaiwatch] the run on one page: {write_report(logger.log_dir, out / 'report.html')}")
     print(
         "IMAGES: explain/<method>/probe_<NN> (slide the step = epochs trained), projection/<layer>, errors/confusion, "
         "boundary/picture/...; PROJECTOR; SCALARS: val/map50, projection/.../silhouette, errors/..., boundary/min_eps/..."

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import shlex
 from pathlib import Path
 from typing import Any
@@ -371,13 +370,24 @@ def write_tensorboard_command(
     return path
 
 
-def _projector_step(tensor_name: str) -> int:
-    match = re.search(r":(\d+)$", tensor_name)
-    return int(match.group(1)) if match else -1
+def _projector_entry(embedding) -> tuple[str, int]:
+    """``(tag, step)`` of an entry torch's writer made: its tensors live in ``<step:05d>/<quoted tag>/``."""
+    from urllib.parse import unquote
+
+    parts = embedding.tensor_path.split("/")
+    if len(parts) >= 3 and parts[0].isdigit():
+        return unquote(parts[1]), int(parts[0])
+    name, _, step = embedding.tensor_name.rpartition(":")
+    return (name, int(step)) if step.isdigit() else (embedding.tensor_name, -1)
 
 
 def order_projector_config(run_dir: str | Path) -> Path | None:
-    """Rewrite ``projector_config.pbtxt`` with the last epoch first (TensorBoard's PROJECTOR opens the first).
+    """Make TensorBoard's PROJECTOR open on the last epoch.
+
+    The PROJECTOR lists tensors sorted (metadata first, more points first, then by name) and opens the first, so
+    ``tag:00000`` wins over ``tag:00011``. This rewrites ``projector_config.pbtxt`` with the last epoch of each tag
+    first and named ``<tag> (last: epoch N)`` (a space sorts before ``:``); the other epochs keep ``<tag>:<step>``.
+    With box-level embeddings an older epoch with more points can still be listed first.
 
     Args:
         run_dir: the folder holding the config (the writer's log directory).
@@ -392,10 +402,17 @@ def order_projector_config(run_dir: str | Path) -> Path | None:
     if not path.is_file():
         return None
     config = text_format.Parse(path.read_text(), ProjectorConfig())
-    ordered = sorted(config.embeddings, key=lambda e: (-_projector_step(e.tensor_name), e.tensor_name))
-    copies = [type(e)() for e in ordered]
-    for copy, e in zip(copies, ordered):
+    entries = [(_projector_entry(e), e) for e in config.embeddings]
+    last = {}
+    for (tag, step), _ in entries:
+        last[tag] = max(step, last.get(tag, step))
+    entries.sort(key=lambda item: (-item[0][1], item[0][0]))
+    copies = []
+    for (tag, step), e in entries:
+        copy = type(e)()
         copy.CopyFrom(e)
+        copy.tensor_name = f"{tag} (last: epoch {step})" if step == last[tag] else f"{tag}:{step:05d}"
+        copies.append(copy)
     del config.embeddings[:]
     config.embeddings.extend(copies)
     path.write_text(text_format.MessageToString(config))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from xaiwatch.core.errors import ConfigurationError
 from xaiwatch.logging.tensorboard import Tags
@@ -54,13 +55,18 @@ def _picture(run: RunData, tag: str, event: tuple) -> str:
     return _img(event[1], f"{tag} at step {step}", tag=tag, step=step)
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], classes: Sequence[Sequence[str]] | None = None) -> str:
-    head = "".join(f'<th class="{"l" if i == 0 else ""}">{_e(h)}</th>' for i, h in enumerate(header))
+def _table(
+    header: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    classes: Sequence[Sequence[str]] | None = None,
+    left: int = 1,
+) -> str:
+    head = "".join(f'<th class="{"l" if i < left else ""}">{_e(h)}</th>' for i, h in enumerate(header))
     body = []
     for r, row in enumerate(rows):
         cells = []
         for i, cell in enumerate(row):
-            cls = "l" if i == 0 else (classes[r][i] if classes else "")
+            cls = "l" if i < left else (classes[r][i] if classes else "")
             cells.append(f'<td class="{cls}">{_e(cell)}</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
@@ -114,7 +120,7 @@ def _settings(run: RunData) -> str:
     if not run.hparams:
         return '<p class="note">No hparams.yaml in the run directory.</p>'
     rows = [[str(k), str(v)[:200]] for k, v in sorted(run.hparams.items(), key=lambda kv: str(kv[0]))]
-    return _table(["setting", "value"], rows)
+    return _table(["setting", "value"], rows, left=2)
 
 
 def _curves(run: RunData) -> str:
@@ -145,6 +151,7 @@ def _curves(run: RunData) -> str:
                 label=name,
             )
     ax.set_xlabel("epochs trained", fontsize=11)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("detection quality and the gate's verdict", fontsize=12)
     ax.legend(fontsize=10)
     ax.tick_params(labelsize=10)
@@ -205,6 +212,7 @@ def _score_plot(run: RunData, subject: str) -> str:
         hit = detected.get(step, 0.0) >= 0.5
         ax.scatter([step], [score], marker="o" if hit else "X", s=60, color="#34c759" if hit else "#ff3b30", zorder=3)
     ax.set_ylim(0, 1.02)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epochs trained (o detected, X missed)", fontsize=11)
     ax.set_title(f"{subject}: class score of the tracked object", fontsize=12)
     ax.tick_params(labelsize=10)
@@ -297,8 +305,7 @@ def _run_section(run: RunData, all_pictures: bool) -> str:
         [
             f"<h1>Run {_e(run.path)}</h1>",
             _summary(run),
-            "<h2>Settings</h2>",
-            _settings(run),
+            f"<details><summary>the run's settings</summary>{_settings(run)}</details>",
             "<h2>Detection quality, losses and the gate's verdict per epoch</h2>",
             _curves(run),
             "<h2>The saliency gate's checks</h2>",
