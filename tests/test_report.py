@@ -57,7 +57,9 @@ def run_dir(tmp_path_factory):
 
 
 def _images(text):
-    return re.findall(r'<img alt="[^"]*"((?: data-[a-z]+="[^"]*")*) src="data:image/png;base64,([^"]+)">', text)
+    return re.findall(
+        r'<img alt="[^"]*"((?: data-[a-z]+="[^"]*")*) src="data:image/(?:png|jpeg);base64,([^"]+)">', text
+    )
 
 
 def test_report_holds_every_picture_curve_and_gate_value(run_dir, tmp_path):
