@@ -157,7 +157,7 @@ def test_box_decision_panel_picture():
     saliency = torch.zeros(1, 64, 64)
     saliency[0, 20:30, 20:30] = 1.0
     pic = box_decision_panel(image, saliency, [10.0, 12.0, 40.0, 50.0], [0.1, 0.7, 0.4], ["a", "b", "c"], "box 0")
-    assert _not_blank(pic) and pic.shape == (240, 640, 3)
+    assert _not_blank(pic) and pic.shape == (480, 1280, 3)  # 2x the first version (readable text)
     red = (pic[..., 0] > 230) & (pic[..., 1] < 80) & (pic[..., 2] < 80)  # the highlighted bar (#ff3b30)
     assert red.sum() > 50
     with pytest.raises(ConfigurationError, match="empty"):

@@ -1,4 +1,4 @@
-"""The ``xaiwatch`` command: ``xaiwatch demo`` and ``xaiwatch fit`` (LightningCLI)."""
+"""The ``xaiwatch`` command: ``xaiwatch demo``, ``xaiwatch fit`` (LightningCLI) and ``xaiwatch report``."""
 
 from __future__ import annotations
 
@@ -77,7 +77,12 @@ def run_demo(
             refused = getattr(cb, "refused", None)
             extra = f"; epochs refused by the saliency gate: {[e + 1 for e in refused]}" if refused else ""
             print(f"[xaiwatch] checkpoints in {cb.dirpath}: {saved or 'none'}{extra}")
-    print(f"[xaiwatch] open the explanations with:\n\n    tensorboard --logdir {out.resolve()}\n")
+    from xaiwatch.logging import write_tensorboard_command
+    from xaiwatch.report import write_report
+
+    command = write_tensorboard_command(logger.log_dir, epochs, logdir=out).read_text().strip()
+    print(f"[xaiwatch] open the explanations (every epoch's pictures kept) with:\n\n    {command}\n")
+    print(f"[xaiwatch] the run on one page: {write_report(logger.log_dir, out / 'report.html')}")
     print(
         "IMAGES: explain/<method>/probe_<NN> (slide the step = epochs trained), projection/<layer>, errors/confusion, "
         "boundary/picture/...; PROJECTOR; SCALARS: val/map50, projection/.../silhouette, errors/..., boundary/min_eps/..."
@@ -133,7 +138,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--callbacks", default=None, help=f"callback preset YAML (default callbacks/{DEFAULT_PRESET})")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--accelerator", default="auto")
+    report = sub.add_parser("report", help="one self-contained HTML page of a run (read from its TensorBoard logs)")
+    report.add_argument("logdir", help="a run directory or a folder of runs, e.g. lightning_logs/version_0")
+    report.add_argument("-o", "--out", default="report.html", help="the HTML file (never replaces a file of yours)")
+    report.add_argument("--all-pictures", action="store_true", help="every epoch's explanation pictures, too")
     args = parser.parse_args(argv)
+    if args.command == "report":
+        from xaiwatch.report import write_report
+
+        print(f"[xaiwatch] report written to {write_report(args.logdir, args.out, args.all_pictures)}")
+        return 0
     if args.epochs < 1:
         parser.error(f"--epochs must be >= 1, got {args.epochs}")
     run_demo(

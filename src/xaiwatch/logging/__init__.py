@@ -2,6 +2,28 @@
 
 from __future__ import annotations
 
-from xaiwatch.logging.tensorboard import Tags, XaiWriter
+from xaiwatch.logging.tensorboard import (
+    COMMAND_FILE,
+    STORY,
+    Tags,
+    XaiWriter,
+    gate_reason_text,
+    merge_layouts,
+    order_projector_config,
+    story_layout,
+    tensorboard_command,
+    write_tensorboard_command,
+)
 
-__all__ = ["Tags", "XaiWriter"]
+__all__ = [
+    "COMMAND_FILE",
+    "STORY",
+    "Tags",
+    "XaiWriter",
+    "gate_reason_text",
+    "merge_layouts",
+    "order_projector_config",
+    "story_layout",
+    "tensorboard_command",
+    "write_tensorboard_command",
+]

@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+import shlex
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Tags", "XaiWriter"]
+from xaiwatch.core.errors import ConfigurationError
+
+__all__ = [
+    "Tags",
+    "XaiWriter",
+    "COMMAND_FILE",
+    "STORY",
+    "story_layout",
+    "merge_layouts",
+    "tensorboard_command",
+    "write_tensorboard_command",
+    "order_projector_config",
+    "gate_reason_text",
+]
+
+#: the file, in the run's log directory, holding the command that opens the run with every picture kept
+COMMAND_FILE = "tensorboard_command.txt"
+#: the first CUSTOM SCALARS category: what a person should see first
+STORY = "xaiwatch: the story"
+_SAMPLED_PLUGINS = ("images", "text", "tensors")  # TensorBoard keeps 10 of each per tag by default
 
 
 class Tags:
@@ -55,6 +76,11 @@ class Tags:
     GATE_PASS = "saliency/gate_pass"
     GATE_REASON = "saliency/gate_reason"
     GATE_SECONDS = "saliency/seconds"
+
+    #: 0/1 series: TensorBoard's default smoothing (0.6) bends them into ramps; read them with smoothing 0
+    BINARY_PATTERNS = (r"^saliency/gate_pass$", r"^explain_tracked/detected_.*", r"^boundary/flipped/.*")
+    #: the cost of each callback, seconds per run
+    SECONDS_PATTERNS = (r"^xaiwatch/.*_seconds$", r"^saliency/seconds$", r"^errors/seconds$", r"^boundary/seconds$")
 
     @staticmethod
     def check(key: str) -> str:
@@ -133,6 +159,9 @@ class XaiWriter:
             tag=Tags.projection(layer),
             metadata_header=header,
         )
+        run_dir = self.log_dir()
+        if run_dir is not None:
+            order_projector_config(run_dir)
 
     def projection_metrics(self, layer: str, values: dict[str, float], step: int) -> None:
         """Write per-layer scalars (separability, displacement); ``nan`` values are skipped."""
@@ -156,16 +185,235 @@ class XaiWriter:
         """Write one :math:`(H, W, 3)` uint8 picture under a tag built by :class:`Tags`."""
         self.writer.add_image(tag, picture, global_step=step, dataformats="HWC")
 
+    def gate_decision(self, step: int, values: dict[str, float], rules: list, passed: bool, seconds: float) -> None:
+        """Write one gate decision: each check's value, ``gate_pass``, the seconds, and the reason table (always).
+
+        Args:
+            step: the step.
+            values: check key (``energy_in_box/saliency``) to its value.
+            rules: the gate's :class:`~xaiwatch.checks.rule.Rule` objects (key, threshold, direction).
+            passed: the verdict.
+            seconds: time the checks took.
+        """
+        for key, value in values.items():
+            if value == value:
+                self.writer.add_scalar(Tags.check(key), float(value), global_step=step)
+        self.writer.add_scalar(Tags.GATE_PASS, float(passed), global_step=step)
+        self.writer.add_scalar(Tags.GATE_SECONDS, float(seconds), global_step=step)
+        self.writer.add_text(Tags.GATE_REASON, gate_reason_text(step, values, rules, passed), global_step=step)
+
     def text(self, tag: str, text: str, step: int) -> None:
         """Write markdown text under a tag built by :class:`Tags`."""
         self.writer.add_text(tag, text, global_step=step)
 
-    def custom_scalars(self, layout: dict) -> None:
-        """Register a custom-scalars layout (the CUSTOM SCALARS dashboard), once."""
-        if callable(getattr(self.writer, "add_custom_scalars", None)):
-            self.writer.add_custom_scalars(layout)
+    def custom_scalars(self, layout: dict | None = None) -> None:
+        """Register a CUSTOM SCALARS layout, merged with every layout registered before on the same writer.
+
+        TensorBoard shows only the last layout a run wrote, so each call writes the union: the story category
+        (:func:`story_layout`) first, then the categories of every callback in the order they registered.
+
+        Args:
+            layout: ``{category: {chart title: ["Multiline" | "Margin", [tag regexes]]}}`` (torch's format).
+        """
+        if not callable(getattr(self.writer, "add_custom_scalars", None)):
+            return
+        known = getattr(self.writer, "_xaiwatch_layout", None) or story_layout()
+        merged = merge_layouts(known, layout or {})
+        try:
+            self.writer._xaiwatch_layout = merged
+        except AttributeError:  # a writer with __slots__: nothing to merge with next time
+            pass
+        self.writer.add_custom_scalars(merged)
+
+    def log_dir(self) -> Path | None:
+        """The directory the underlying writer writes to (``None`` when it does not say)."""
+        get = getattr(self.writer, "get_logdir", None)
+        return Path(get()) if callable(get) else None
+
+    def setup_run(self, max_epochs: int | None, logdir: str | Path | None = None) -> Path | None:
+        """Once per run, at setup: the story layout and the ``tensorboard`` command file (:func:`write_tensorboard_command`).
+
+        Args:
+            max_epochs: ``trainer.max_epochs`` (``None`` or ``-1``: unknown, a generous number of samples is kept).
+            logdir: the folder the command opens (default: this run's log directory).
+
+        Returns:
+            The command file, or ``None`` when the writer does not say where it writes.
+        """
+        self.custom_scalars()
+        run_dir = self.log_dir()
+        if run_dir is None:
+            return None
+        return write_tensorboard_command(run_dir, max_epochs, logdir=logdir)
 
     def flush(self) -> None:
         """Flush the underlying writer."""
         if callable(getattr(self.writer, "flush", None)):
             self.writer.flush()
+
+
+def gate_reason_text(step: int, values: dict[str, float], rules: list, passed: bool) -> str:
+    """The gate's verdict as a markdown table: every check with its value, threshold and result.
+
+    Args:
+        step: the step.
+        values: check key to value.
+        rules: objects with ``key``, ``threshold`` and ``direction`` (``"min"``: value >= threshold passes).
+        passed: the verdict.
+
+    Returns:
+        Markdown; checks without a rule are listed with threshold ``-`` (logged only).
+
+    Example:
+        >>> from xaiwatch.checks.rule import Rule
+        >>> print(gate_reason_text(2, {"energy_in_box/saliency": 0.5}, [Rule("energy_in_box/saliency", "energy_in_box", 0.45, "min")], True))
+        epoch 2: passed
+        <BLANKLINE>
+        | check | value | threshold | result |
+        |---|---|---|---|
+        | energy_in_box/saliency | 0.500 | >= 0.45 | pass |
+    """
+    by_key = {r.key: r for r in rules}
+    lines = [f"epoch {step}: {'passed' if passed else 'failed'}", "", "| check | value | threshold | result |"]
+    lines.append("|---|---|---|---|")
+    for key in sorted(set(values) | set(by_key)):
+        value = values.get(key)
+        shown = "n/a" if value is None or value != value else f"{value:.3f}"
+        rule = by_key.get(key)
+        if rule is None:
+            lines.append(f"| {key} | {shown} | - | logged |")
+            continue
+        sign = ">=" if rule.direction == "min" else "<="
+        ok = rule.passes(value) if hasattr(rule, "passes") else None
+        lines.append(f"| {key} | {shown} | {sign} {rule.threshold:g} | {'pass' if ok else 'FAIL'} |")
+    return "\n".join(lines)
+
+
+def story_layout() -> dict:
+    """The first CUSTOM SCALARS category: detection quality, the gate, the tracked objects, the cost.
+
+    Returns:
+        ``{STORY: {chart: ["Multiline", [regexes]]}}``. 0/1 series (gate verdict, detected) have their own charts,
+        titled so that a reader sets smoothing to 0 (TensorBoard smooths every chart by 0.6 by default).
+
+    Example:
+        >>> list(story_layout()[STORY])[0]
+        'detection: val/map50, val/map'
+    """
+    return {
+        STORY: {
+            "detection: val/map50, val/map": ["Multiline", [r"^val/map50$", r"^val/map$"]],
+            "losses": ["Multiline", [r"^train/loss$", r"^val/loss$"]],
+            "saliency checks (mean over probes)": ["Multiline", [r"^saliency/(?!gate_pass$|seconds$|gate_reason).+"]],
+            "gate verdict, 1 = passed (0/1: smoothing 0)": ["Multiline", [r"^saliency/gate_pass$"]],
+            "tracked objects: class score": ["Multiline", [r"^explain_tracked/score_.*"]],
+            "tracked objects: detected (0/1: smoothing 0)": ["Multiline", [r"^explain_tracked/detected_.*"]],
+            "cost of each callback, seconds": ["Multiline", list(Tags.SECONDS_PATTERNS)],
+        }
+    }
+
+
+def merge_layouts(first: dict, second: dict) -> dict:
+    """Categories of ``first`` then the new ones of ``second``; charts of a shared category are merged.
+
+    Example:
+        >>> merge_layouts({"a": {"x": 1}}, {"b": {"y": 2}, "a": {"z": 3}})
+        {'a': {'x': 1, 'z': 3}, 'b': {'y': 2}}
+    """
+    out = {category: dict(charts) for category, charts in first.items()}
+    for category, charts in second.items():
+        out.setdefault(category, {}).update(charts)
+    return out
+
+
+def tensorboard_command(logdir: str | Path, samples: int) -> str:
+    """The command that opens ``logdir`` keeping ``samples`` pictures (and texts) per tag.
+
+    Example:
+        >>> tensorboard_command("/runs/demo", 13)
+        'tensorboard --logdir /runs/demo --samples_per_plugin images=13,text=13,tensors=13'
+    """
+    keep = ",".join(f"{plugin}={int(samples)}" for plugin in _SAMPLED_PLUGINS)
+    return f"tensorboard --logdir {shlex.quote(str(logdir))} --samples_per_plugin {keep}"
+
+
+def write_tensorboard_command(
+    run_dir: str | Path, max_epochs: int | None, logdir: str | Path | None = None, margin: int = 2
+) -> Path:
+    """Write :data:`COMMAND_FILE` into ``run_dir``: the exact ``tensorboard`` command that keeps every step.
+
+    TensorBoard keeps 10 pictures per tag unless told otherwise, so the "before training" picture (step 0) and
+    others disappear. The command asks for ``max_epochs + 1 + margin`` samples (step 0 and one per epoch, plus
+    a margin for end-of-fit pictures); 10000 when ``max_epochs`` is unknown.
+
+    Args:
+        run_dir: the run's log directory (``trainer.log_dir``).
+        max_epochs: epochs the run will train (``None`` / ``-1``: unknown).
+        logdir: the folder the command opens (default ``run_dir``; the parent shows several runs side by side).
+        margin: extra samples.
+
+    Returns:
+        The file written.
+
+    Raises:
+        ConfigurationError: if a file of that name exists and was not written by xaiwatch (it is never replaced).
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / COMMAND_FILE
+    if path.exists() and not path.read_text(errors="replace").startswith("tensorboard --logdir "):
+        raise ConfigurationError(
+            f"{path} exists and was not written by xaiwatch; it is left as it is. Move it away or log to another folder."
+        )
+    samples = 10000 if max_epochs is None or int(max_epochs) < 0 else int(max_epochs) + 1 + int(margin)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(tensorboard_command(Path(logdir or run_dir).resolve(), samples) + "\n")
+    return path
+
+
+def _projector_entry(embedding) -> tuple[str, int]:
+    """``(tag, step)`` of an entry torch's writer made: its tensors live in ``<step:05d>/<quoted tag>/``."""
+    from urllib.parse import unquote
+
+    parts = embedding.tensor_path.split("/")
+    if len(parts) >= 3 and parts[0].isdigit():
+        return unquote(parts[1]), int(parts[0])
+    name, _, step = embedding.tensor_name.rpartition(":")
+    return (name, int(step)) if step.isdigit() else (embedding.tensor_name, -1)
+
+
+def order_projector_config(run_dir: str | Path) -> Path | None:
+    """Make TensorBoard's PROJECTOR open on the last epoch.
+
+    The PROJECTOR lists tensors sorted (metadata first, more points first, then by name) and opens the first, so
+    ``tag:00000`` wins over ``tag:00011``. This rewrites ``projector_config.pbtxt`` with the last epoch of each tag
+    first and named ``<tag> (last: epoch N)`` (a space sorts before ``:``); the other epochs keep ``<tag>:<step>``.
+    With box-level embeddings an older epoch with more points can still be listed first.
+
+    Args:
+        run_dir: the folder holding the config (the writer's log directory).
+
+    Returns:
+        The config's path, or ``None`` when there is none.
+    """
+    from google.protobuf import text_format
+    from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
+
+    path = Path(run_dir) / "projector_config.pbtxt"
+    if not path.is_file():
+        return None
+    config = text_format.Parse(path.read_text(), ProjectorConfig())
+    entries = [(_projector_entry(e), e) for e in config.embeddings]
+    last = {}
+    for (tag, step), _ in entries:
+        last[tag] = max(step, last.get(tag, step))
+    entries.sort(key=lambda item: (-item[0][1], item[0][0]))
+    copies = []
+    for (tag, step), e in entries:
+        copy = type(e)()
+        copy.CopyFrom(e)
+        copy.tensor_name = f"{tag} (last: epoch {step})" if step == last[tag] else f"{tag}:{step:05d}"
+        copies.append(copy)
+    del config.embeddings[:]
+    config.embeddings.extend(copies)
+    path.write_text(text_format.MessageToString(config))
+    return path

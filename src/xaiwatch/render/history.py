@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from xaiwatch.render.filmstrip import filmstrip, stack_vertical, write_gif
+from xaiwatch.render.overlay import map_region
 
 __all__ = ["PictureHistory", "encode", "decode"]
 
@@ -29,17 +30,43 @@ def decode(data: bytes) -> np.ndarray:
 
 
 class PictureHistory:
-    """Pictures by subject (e.g. ``"probe_03"``), method and step.
+    """Pictures by subject (e.g. ``"probe_03"``), method and step, with the tracked object's score per step.
 
-    About 50 kB per picture: 8 probes x 2 methods x 30 epochs stay under 25 MB.
+    About 60 kB per picture and tile: 8 probes x 2 methods x 30 epochs stay under 30 MB.
     """
 
     def __init__(self) -> None:
         self._store: dict[str, dict[str, dict[int, bytes]]] = {}
+        self._tiles: dict[str, dict[str, dict[int, bytes]]] = {}
+        self._scores: dict[str, dict[int, float | str]] = {}
 
-    def add(self, subject: str, method: str, step: int, picture: np.ndarray) -> None:
-        """Remember one picture."""
-        self._store.setdefault(subject, {}).setdefault(method, {})[int(step)] = encode(picture)
+    def add(
+        self,
+        subject: str,
+        method: str,
+        step: int,
+        picture: np.ndarray,
+        *,
+        tile: np.ndarray | None = None,
+        score: float | str | None = None,
+    ) -> None:
+        """Remember one picture.
+
+        Args:
+            subject: e.g. ``"probe_03"``.
+            method: explanation method.
+            step: epoch.
+            picture: the full picture (a frame of the animation).
+            tile: the filmstrip tile; by default the map panel of an
+                :func:`~xaiwatch.render.overlay.explanation_panel` picture (:func:`~xaiwatch.render.overlay.map_region`).
+            score: the tracked object's score at this step, written under the tile.
+        """
+        step = int(step)
+        self._store.setdefault(subject, {}).setdefault(method, {})[step] = encode(picture)
+        tile = map_region(picture) if tile is None else tile
+        self._tiles.setdefault(subject, {}).setdefault(method, {})[step] = encode(tile)
+        if score is not None:
+            self._scores.setdefault(subject, {})[step] = score
 
     def has(self, subject: str, method: str, step: int) -> bool:
         """Whether a picture of ``subject`` by ``method`` at ``step`` is kept."""
@@ -54,14 +81,31 @@ class PictureHistory:
         per_method = [set(steps) for steps in self._store[subject].values()]
         return sorted(set.intersection(*per_method)) if per_method else []
 
-    def filmstrip(self, subject: str, crop_right_half: bool = True) -> np.ndarray:
-        """Rows = methods, columns = steps (the heat-map half of each explanation panel)."""
+    def scores(self, subject: str) -> list[float | str | None]:
+        """The score of ``subject`` at each of :meth:`steps` (``None`` where none was given)."""
+        known = self._scores.get(subject, {})
+        return [known.get(s) for s in self.steps(subject)]
+
+    def filmstrip(self, subject: str, crop_right_half: bool = True, max_columns: int = 6) -> np.ndarray:
+        """Columns = steps, rows = methods: the map tile of each step with the score under it.
+
+        Args:
+            subject: the tracked object.
+            crop_right_half: use the tiles (the map panels); ``False`` uses the full pictures.
+            max_columns: steps per row of tiles before wrapping.
+        """
         steps = self.steps(subject)
-        rows = {}
-        for method, pictures in self._store[subject].items():
-            frames = [decode(pictures[s]) for s in steps]
-            rows[method] = [f[:, f.shape[1] // 2 :] if crop_right_half else f for f in frames]
-        return filmstrip(rows, steps, title=subject)
+        source = self._tiles if crop_right_half else self._store
+        rows = {method: [decode(pictures[s]) for s in steps] for method, pictures in source[subject].items()}
+        scores = self.scores(subject)
+        title = subject.replace("_", " ") + ": the map of each epoch, the tracked object's score under it"
+        return filmstrip(
+            rows,
+            steps,
+            title=title,
+            scores=scores if any(s is not None for s in scores) else None,
+            max_columns=max_columns,
+        )
 
     def animation_frames(self, subject: str) -> list[np.ndarray]:
         """One frame per step: every method's full panel stacked top to bottom."""

@@ -2,21 +2,42 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from xaiwatch.core.errors import ConfigurationError
 from xaiwatch.core.types import Detections
+from xaiwatch.render.layout import FONT, LabelPlacer, add_colorbar, picture_title
 
-__all__ = ["normalize_map", "figure_to_array", "explanation_panel", "NORMALIZATIONS"]
+__all__ = [
+    "normalize_map",
+    "display_range",
+    "heat_rgba",
+    "figure_to_array",
+    "explanation_figure",
+    "explanation_panel",
+    "explanation_tile",
+    "map_region",
+    "NORMALIZATIONS",
+    "PANEL_SIZE",
+]
 
 NORMALIZATIONS = ("per_map", "fixed", "signed")
 _PALETTE = ["#ff3b30", "#007aff", "#ffcc00", "#af52de", "#ff9500", "#5ac8fa", "#ff2d55", "#34c759"]
+#: explanation panel size in inches (pixels = inches x dpi: 1160 x 630 at 100 dpi)
+PANEL_SIZE = (11.6, 6.3)
+_IMAGE_RECT = (0.01, 0.015, 0.43, 0.794)  # left, bottom, width, height (figure fractions): 499 x 500 px
+_MAP_RECT = (0.46, 0.015, 0.43, 0.794)
+_BAR_RECT = (0.905, 0.06, 0.016, 0.68)
+_MAX_ALPHA = 0.75
+_GT_COLOR = "#34c759"
 
 
 def normalize_map(saliency: torch.Tensor, mode: str = "per_map", scale: float | None = None) -> np.ndarray:
@@ -35,17 +56,68 @@ def normalize_map(saliency: torch.Tensor, mode: str = "per_map", scale: float | 
     if mode not in NORMALIZATIONS:
         raise ConfigurationError(f"`normalize` must be one of {NORMALIZATIONS}, got {mode!r}.")
     m = saliency.detach().float().cpu().reshape(saliency.shape[-2:]).numpy()
+    s = _divisor(m, mode, scale)
     if mode == "signed":
-        s = scale if scale else float(np.abs(m).max())
         return np.clip(m / s, -1, 1) if s > 0 else np.zeros_like(m)
-    m = np.abs(m)
-    s = float(m.max()) if mode == "per_map" else float(scale or 0.0)
-    return np.clip(m / s, 0, 1) if s > 0 else np.zeros_like(m)
+    return np.clip(np.abs(m) / s, 0, 1) if s > 0 else np.zeros_like(m)
+
+
+def _divisor(m: np.ndarray, mode: str, scale: float | None) -> float:
+    if mode == "fixed":
+        return float(scale or 0.0)
+    if mode == "signed" and scale:
+        return float(scale)
+    return float(np.abs(m).max())
+
+
+def display_range(saliency: torch.Tensor, mode: str = "per_map", scale: float | None = None) -> tuple[float, float]:
+    """The map values that the ends of the colour scale stand for (see :func:`normalize_map`).
+
+    Args:
+        saliency: the map.
+        mode: ``"per_map"``, ``"fixed"`` or ``"signed"``.
+        scale: the divisor of ``"fixed"``/``"signed"``.
+
+    Returns:
+        ``(0, s)`` for unsigned modes, ``(-s, s)`` for ``"signed"``, ``s`` the divisor (``0`` for a zero map).
+
+    Example:
+        >>> display_range(torch.tensor([[0.0, -2.0], [1.0, 0.5]]))
+        (0.0, 2.0)
+    """
+    if mode not in NORMALIZATIONS:
+        raise ConfigurationError(f"`normalize` must be one of {NORMALIZATIONS}, got {mode!r}.")
+    s = _divisor(saliency.detach().float().cpu().numpy(), mode, scale)
+    return (-s, s) if mode == "signed" else (0.0, s)
+
+
+def heat_rgba(heat: np.ndarray, signed: bool = False, cmap: str = "jet", max_alpha: float = _MAX_ALPHA) -> np.ndarray:
+    """Colour a normalised map with an opacity proportional to its magnitude (zero = fully transparent).
+
+    Args:
+        heat: :math:`(H, W)` map in ``[0, 1]`` (``[-1, 1]`` when ``signed``).
+        signed: use the diverging ``bwr`` colormap.
+        cmap: colormap of unsigned maps.
+        max_alpha: opacity where ``|heat| = 1``.
+
+    Returns:
+        :math:`(H, W, 4)` float RGBA array.
+
+    Example:
+        >>> heat_rgba(np.array([[0.0, 1.0]]))[..., 3].tolist()
+        [[0.0, 0.75]]
+    """
+    if signed:
+        rgba = colormaps["bwr"]((np.clip(heat, -1, 1) + 1) / 2)
+    else:
+        rgba = colormaps[cmap](np.clip(heat, 0, 1))
+    rgba[..., 3] = max_alpha * np.clip(np.abs(heat), 0, 1)
+    return rgba
 
 
 def figure_to_array(fig: Figure) -> np.ndarray:
     """Render a Figure to an :math:`(H, W, 3)` uint8 array with the Agg backend."""
-    canvas = FigureCanvasAgg(fig)
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
@@ -54,22 +126,103 @@ def _image_hwc(image: torch.Tensor) -> np.ndarray:
     return image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
 
 
-def _draw_boxes(ax, boxes, labels, names, style: str, scores=None, color=None, lw: float = 1.2) -> None:
+def _name(names: Sequence[str] | None, label: int) -> str:
+    return names[int(label)] if names and int(label) < len(names) else str(int(label))
+
+
+def _draw_boxes(
+    ax, boxes, labels, names, style: str, scores=None, color=None, lw: float = 1.6, placer: LabelPlacer | None = None
+) -> None:
+    """Draw boxes with a label each; labels go through ``placer`` (no overlaps, inside the axes)."""
+    placer = placer or LabelPlacer(ax)
     for i, (box, lab) in enumerate(zip(boxes.tolist(), labels.tolist())):
         c = color or _PALETTE[int(lab) % len(_PALETTE)]
         x1, y1, x2, y2 = box
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=c, linewidth=lw, linestyle=style))
-        name = names[int(lab)] if names and int(lab) < len(names) else str(int(lab))
-        text = name if scores is None else f"{name} {float(scores[i]):.2f}"
-        ax.text(
-            x1,
-            y1 - 1,
-            text,
-            color="white",
-            fontsize=6,
-            va="bottom",
-            bbox={"facecolor": c, "alpha": 0.8, "pad": 0.5, "linewidth": 0},
+        text = _name(names, lab) if scores is None else f"{_name(names, lab)} {float(scores[i]):.2f}"
+        placer.add(box, text, c, text_color="black" if c in ("#ffcc00", "#5ac8fa", _GT_COLOR) else "white")
+
+
+def _wrap(text: str, width: int, lines: int = 2) -> str:
+    wrapped = textwrap.wrap(text, width=width) or [""]
+    if len(wrapped) > lines:
+        wrapped = wrapped[:lines]
+        wrapped[-1] = wrapped[-1][: width - 1] + "…"
+    return "\n".join(wrapped)
+
+
+def _show_image(ax, img: np.ndarray) -> None:
+    h, w = img.shape[:2]
+    ax.imshow(img, extent=(0, w, h, 0), interpolation="nearest")
+    ax.set_xlim(0, w)
+    ax.set_ylim(h, 0)
+    ax.axis("off")
+
+
+def explanation_figure(
+    image: torch.Tensor,
+    saliency: torch.Tensor,
+    *,
+    gt_boxes: torch.Tensor | None = None,
+    gt_labels: torch.Tensor | None = None,
+    detections: Detections | None = None,
+    tracked_box: Sequence[float] | None = None,
+    tracked_label: str | None = None,
+    names: Sequence[str] | None = None,
+    title: str = "",
+    subtitle: str = "",
+    normalize: str = "per_map",
+    scale: float | None = None,
+    cmap: str = "jet",
+    dpi: int = 100,
+    method: str | None = None,
+    probe: int | str | None = None,
+    epoch: int | None = None,
+    step: int | None = None,
+    max_boxes: int = 10,
+    colorbar: bool = True,
+) -> Figure:
+    """The Figure of :func:`explanation_panel` (for callers that add to it or measure its text)."""
+    img = _image_hwc(image)
+    heat = normalize_map(saliency, normalize, scale)
+    signed = normalize == "signed"
+    fig = Figure(figsize=PANEL_SIZE, dpi=dpi)
+    FigureCanvasAgg(fig)
+    ax_img, ax_map = fig.add_axes(_IMAGE_RECT), fig.add_axes(_MAP_RECT)
+    for ax in (ax_img, ax_map):
+        _show_image(ax, img)
+    h, w = img.shape[:2]
+    ax_map.imshow(heat_rgba(heat, signed, cmap), extent=(0, w, h, 0), interpolation="bilinear")
+    if colorbar:
+        vmin, vmax = display_range(saliency, normalize, scale)
+        what = {"per_map": "|map|, own max", "fixed": "|map|, fixed scale", "signed": "map, signed"}[normalize]
+        add_colorbar(fig, fig.add_axes(_BAR_RECT), "bwr" if signed else cmap, vmin, vmax, what)
+    placer = LabelPlacer(ax_img)
+    if gt_boxes is not None and gt_labels is not None and len(gt_boxes):
+        _draw_boxes(ax_img, gt_boxes.cpu(), gt_labels.cpu(), names, "--", color=_GT_COLOR, placer=placer)
+    if detections is not None and len(detections):
+        top = detections.scores.cpu().argsort(descending=True)[:max_boxes]
+        _draw_boxes(
+            ax_img,
+            detections.boxes.cpu()[top],
+            detections.labels.cpu()[top],
+            names,
+            "-",
+            scores=detections.scores.cpu()[top],
+            placer=placer,
         )
+    if tracked_box is not None:
+        x1, y1, x2, y2 = [float(v) for v in tracked_box]
+        for ax in (ax_img, ax_map):
+            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="white", linewidth=2.4))
+            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="black", linewidth=0.8))
+        if tracked_label:
+            LabelPlacer(ax_map).add((x1, y1, x2, y2), tracked_label, "white", text_color="black")
+    ax_img.set_title(_wrap("ground truth (green, dashed) / predictions (solid)", 70), fontsize=FONT["axes"])
+    ax_map.set_title(_wrap(subtitle, 70), fontsize=FONT["axes"])
+    full = picture_title(title, method=method, probe=probe, epoch=epoch, step=step)
+    fig.suptitle(_wrap(full, 120), fontsize=FONT["title"], y=0.99, va="top")
+    return fig
 
 
 def explanation_panel(
@@ -80,6 +233,7 @@ def explanation_panel(
     gt_labels: torch.Tensor | None = None,
     detections: Detections | None = None,
     tracked_box: Sequence[float] | None = None,
+    tracked_label: str | None = None,
     names: Sequence[str] | None = None,
     title: str = "",
     subtitle: str = "",
@@ -87,11 +241,19 @@ def explanation_panel(
     scale: float | None = None,
     cmap: str = "jet",
     dpi: int = 100,
+    method: str | None = None,
+    probe: int | str | None = None,
+    epoch: int | None = None,
+    step: int | None = None,
+    max_boxes: int = 10,
+    colorbar: bool = True,
 ) -> np.ndarray:
     """Two panels side by side: the image with ground truth and predictions, and the map over the image.
 
-    Ground-truth boxes are dashed, predictions solid with class and score, the explained (tracked) box is
-    white and thick on the heatmap panel.
+    Ground-truth boxes are green and dashed, predictions solid with class and score (the ``max_boxes`` highest);
+    labels never overlap and stay inside the panel (a label without a free place is left out). The explained
+    (tracked) box is white on both panels. The map is drawn with an opacity proportional to its value, so the
+    image is untouched where the map is zero; the colour bar gives the map values of the colour scale.
 
     Args:
         image: :math:`(3, H, W)` image in ``[0, 1]``.
@@ -99,40 +261,102 @@ def explanation_panel(
         gt_boxes, gt_labels: ground truth, :math:`(n, 4)` ``xyxy`` and :math:`(n,)`.
         detections: the model's detections on this image.
         tracked_box: the box whose score is explained.
+        tracked_label: text drawn at the tracked box on the map panel (e.g. ``"false positive circle 0.41"``).
         names: class names.
-        title, subtitle: text above the panels.
+        title: free text of the title line (after method, probe, epoch and step).
+        subtitle: text above the map panel.
         normalize, scale: see :func:`normalize_map`; ``"signed"`` uses a diverging colormap.
         cmap: colormap of unsigned maps.
-        dpi: resolution; the figure is about 2 x 256 pixels wide at 100 dpi.
+        dpi: resolution; the picture is :data:`PANEL_SIZE` x ``dpi`` pixels (1160 x 630 at 100 dpi).
+        method, probe, epoch, step: the title's standard parts (see :func:`~xaiwatch.render.layout.picture_title`).
+        max_boxes: predictions drawn, highest scores first.
+        colorbar: draw the colour bar.
 
     Returns:
         :math:`(H', W', 3)` uint8 picture.
+
+    Example:
+        >>> pic = explanation_panel(torch.rand(3, 32, 32), torch.rand(1, 32, 32), method="saliency", epoch=1)
+        >>> pic.shape
+        (630, 1160, 3)
+    """
+    return figure_to_array(
+        explanation_figure(
+            image,
+            saliency,
+            gt_boxes=gt_boxes,
+            gt_labels=gt_labels,
+            detections=detections,
+            tracked_box=tracked_box,
+            tracked_label=tracked_label,
+            names=names,
+            title=title,
+            subtitle=subtitle,
+            normalize=normalize,
+            scale=scale,
+            cmap=cmap,
+            dpi=dpi,
+            method=method,
+            probe=probe,
+            epoch=epoch,
+            step=step,
+            max_boxes=max_boxes,
+            colorbar=colorbar,
+        )
+    )
+
+
+def map_region(picture: np.ndarray) -> np.ndarray:
+    """The map half of an :func:`explanation_panel` picture (the filmstrip tile), without titles and colour bar.
+
+    Args:
+        picture: :math:`(H, W, 3)` picture of :func:`explanation_panel` (any dpi).
+
+    Returns:
+        The crop of the map panel; other pictures (not of the panel's aspect) are returned whole.
+    """
+    h, w = picture.shape[:2]
+    if abs(w / h - PANEL_SIZE[0] / PANEL_SIZE[1]) > 0.01:
+        return picture
+    left, bottom, width, height = _MAP_RECT
+    x0, x1 = round(left * w), round((left + width) * w)
+    y0, y1 = round((1 - bottom - height) * h), round((1 - bottom) * h)
+    crop = picture[y0:y1, x0:x1]
+    keep = np.where((crop < 250).any(axis=2))  # trim the white margins around the image
+    if not len(keep[0]):
+        return crop
+    return crop[keep[0].min() : keep[0].max() + 1, keep[1].min() : keep[1].max() + 1]
+
+
+def explanation_tile(
+    image: torch.Tensor,
+    saliency: torch.Tensor,
+    *,
+    tracked_box: Sequence[float] | None = None,
+    normalize: str = "per_map",
+    scale: float | None = None,
+    cmap: str = "jet",
+    size: int = 256,
+) -> np.ndarray:
+    """The map over the image alone, ``size`` pixels on its long side (a filmstrip tile).
+
+    Args:
+        image: :math:`(3, H, W)` image in ``[0, 1]``.
+        saliency: the map.
+        tracked_box: drawn white.
+        normalize, scale, cmap: as in :func:`explanation_panel`.
+        size: pixels of the long side.
+
+    Returns:
+        :math:`(h, w, 3)` uint8 picture.
     """
     img = _image_hwc(image)
-    heat = normalize_map(saliency, normalize, scale)
     h, w = img.shape[:2]
-    fig = Figure(figsize=(5.6, 3.1), dpi=dpi)
-    axes = fig.subplots(1, 2)
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.84, wspace=0.03)
-    for ax in axes:
-        ax.imshow(img, extent=(0, w, h, 0))
-        ax.set_xlim(0, w)
-        ax.set_ylim(h, 0)
-        ax.axis("off")
-    if normalize == "signed":
-        axes[1].imshow(heat, cmap="bwr", vmin=-1, vmax=1, alpha=0.55, extent=(0, w, h, 0))
-    else:
-        axes[1].imshow(heat, cmap=cmap, vmin=0, vmax=1, alpha=0.5, extent=(0, w, h, 0))
-    if gt_boxes is not None and gt_labels is not None and len(gt_boxes):
-        _draw_boxes(axes[0], gt_boxes.cpu(), gt_labels.cpu(), names, "--", color="#34c759")
-    if detections is not None and len(detections):
-        _draw_boxes(
-            axes[0], detections.boxes.cpu(), detections.labels.cpu(), names, "-", scores=detections.scores.cpu()
-        )
+    fig = Figure(figsize=(size * w / max(h, w) / 100, size * h / max(h, w) / 100), dpi=100)
+    ax = fig.add_axes((0, 0, 1, 1))
+    _show_image(ax, img)
+    ax.imshow(heat_rgba(normalize_map(saliency, normalize, scale), normalize == "signed", cmap), extent=(0, w, h, 0))
     if tracked_box is not None:
         x1, y1, x2, y2 = [float(v) for v in tracked_box]
-        axes[1].add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="white", linewidth=1.8))
-    axes[0].set_title("ground truth (dashed) / predictions", fontsize=7)
-    axes[1].set_title(subtitle, fontsize=7)
-    fig.suptitle(title, fontsize=8)
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="white", linewidth=2))
     return figure_to_array(fig)

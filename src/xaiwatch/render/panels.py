@@ -10,7 +10,8 @@ import torch
 from matplotlib.figure import Figure
 
 from xaiwatch.core.errors import ConfigurationError, check_shape
-from xaiwatch.render.overlay import figure_to_array, normalize_map
+from xaiwatch.render.layout import FONT, add_colorbar, picture_title
+from xaiwatch.render.overlay import display_range, figure_to_array, heat_rgba, normalize_map
 
 __all__ = ["feature_grid", "box_decision_panel", "decision_margin", "crop_box"]
 
@@ -69,7 +70,7 @@ def feature_grid(
             :meth:`~xaiwatch.explain.feature_maps.FeatureMapsEngine.channels`).
         indices: :math:`(k,)` channel indices.
         title: text above the grid.
-        dpi: resolution; each cell is about 1.1 inch.
+        dpi: resolution; each cell is about 1.8 inch.
 
     Returns:
         :math:`(H', W', 3)` uint8 picture.
@@ -85,11 +86,9 @@ def feature_grid(
         raise ConfigurationError(f"`indices` must have one entry per map ({k}), got {len(idx)}.")
     cols = max(1, math.ceil(math.sqrt(k)))
     rows = max(1, math.ceil(k / cols))
-    fig = Figure(figsize=(1.1 * cols, 1.1 * rows + 0.35), dpi=dpi)
+    fig = Figure(figsize=(1.8 * cols, 1.8 * rows + 0.5), dpi=dpi)
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
-    fig.subplots_adjust(
-        left=0.01, right=0.99, bottom=0.01, top=1 - 0.35 / (1.1 * rows + 0.35), wspace=0.05, hspace=0.25
-    )
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.55 / (1.8 * rows + 0.5), wspace=0.05, hspace=0.25)
     maps = values.detach().float().cpu().numpy()
     for j, ax in enumerate(axes):
         ax.axis("off")
@@ -98,8 +97,8 @@ def feature_grid(
         m = maps[j]
         lo, hi = float(m.min()), float(m.max())
         ax.imshow((m - lo) / (hi - lo) if hi > lo else np.zeros_like(m), cmap="viridis", vmin=0, vmax=1)
-        ax.set_title(f"ch {idx[j]}", fontsize=6, pad=1.5)
-    fig.suptitle(title, fontsize=8)
+        ax.set_title(f"ch {idx[j]}", fontsize=FONT["tick"], pad=1.5)
+    fig.suptitle(title, fontsize=FONT["axes"])
     return figure_to_array(fig)
 
 
@@ -109,12 +108,12 @@ def _score_bars(ax, scores: torch.Tensor, names: Sequence[str] | None, decision:
     labels = [names[i] if names and i < len(names) else str(i) for i in range(c)]
     ys = np.arange(c)
     ax.barh(ys, scores.numpy(), color=[_HIGHLIGHT if i == top else _OTHER for i in range(c)], height=0.7)
-    ax.set_yticks(ys, labels, fontsize=6)
+    ax.set_yticks(ys, labels, fontsize=FONT["tick"])
     ax.invert_yaxis()
     ax.set_xlim(0, max(1.0, float(scores.max()) * 1.05))
-    ax.tick_params(axis="x", labelsize=6)
+    ax.tick_params(axis="x", labelsize=FONT["tick"])
     over = "" if runner_up is None else f" over {labels[runner_up]}"
-    ax.set_title(f"{labels[top]} {float(scores[top]):.2f}: margin {margin:.3f}{over}", fontsize=7)
+    ax.set_title(f"{labels[top]} {float(scores[top]):.2f}: margin {margin:.3f}{over}", fontsize=FONT["axes"])
 
 
 def box_decision_panel(
@@ -129,6 +128,10 @@ def box_decision_panel(
     scale: float | None = None,
     cmap: str = "jet",
     dpi: int = 100,
+    method: str | None = None,
+    probe: int | str | None = None,
+    epoch: int | None = None,
+    step: int | None = None,
 ) -> np.ndarray:
     """Decision analysis of one box: the crop, its map over the crop, and the class scores with the margin.
 
@@ -145,7 +148,8 @@ def box_decision_panel(
         title: text above the panels.
         normalize, scale: see :func:`~xaiwatch.render.overlay.normalize_map`.
         cmap: colormap of unsigned maps (``"signed"`` uses a diverging one).
-        dpi: resolution; the figure is about 6.4 x 2.4 inches.
+        dpi: resolution; the figure is 12.8 x 4.8 inches.
+        method, probe, epoch, step: the title's standard parts (:func:`~xaiwatch.render.layout.picture_title`).
 
     Returns:
         :math:`(H', W', 3)` uint8 picture.
@@ -160,23 +164,18 @@ def box_decision_panel(
     heat = normalize_map(saliency, normalize, scale)
     c1, r1, c2, r2 = crop_box(box, image.shape[-2:])
     crop = image.detach().float().clamp(0, 1)[:, r1:r2, c1:c2].permute(1, 2, 0).cpu().numpy()
-    fig = Figure(figsize=(6.4, 2.4), dpi=dpi)
-    axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1, 1.3]})
-    fig.subplots_adjust(left=0.01, right=0.98, bottom=0.12, top=0.80, wspace=0.35)
+    fig = Figure(figsize=(12.8, 4.8), dpi=dpi)
+    axes = [fig.add_axes(r) for r in ((0.01, 0.04, 0.28, 0.76), (0.31, 0.04, 0.28, 0.76), (0.72, 0.12, 0.26, 0.66))]
     for ax in axes[:2]:
         ax.imshow(crop, interpolation="nearest")
         ax.axis("off")
     signed = normalize == "signed"
-    axes[1].imshow(
-        heat[r1:r2, c1:c2],
-        cmap="bwr" if signed else cmap,
-        vmin=-1 if signed else 0,
-        vmax=1,
-        alpha=0.55 if signed else 0.5,
-        interpolation="nearest",
-    )
-    axes[0].set_title(f"box {c1},{r1} - {c2},{r2}", fontsize=7)
-    axes[1].set_title("map over the box", fontsize=7)
+    axes[1].imshow(heat_rgba(heat[r1:r2, c1:c2], signed, cmap), interpolation="nearest")
+    vmin, vmax = display_range(saliency, normalize, scale)
+    add_colorbar(fig, fig.add_axes((0.6, 0.08, 0.012, 0.62)), "bwr" if signed else cmap, vmin, vmax, "map")
+    axes[0].set_title(f"box {c1},{r1} - {c2},{r2}", fontsize=FONT["axes"])
+    axes[1].set_title("map over the box", fontsize=FONT["axes"])
     _score_bars(axes[2], scores, names, decision)
-    fig.suptitle(title, fontsize=8)
+    full = picture_title(title, method=method, probe=probe, epoch=epoch, step=step)
+    fig.suptitle(full, fontsize=FONT["title"], y=0.99, va="top")
     return figure_to_array(fig)

@@ -8,6 +8,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from xaiwatch.core.errors import ShapeError
+from xaiwatch.render.layout import FONT, picture_title
 from xaiwatch.render.overlay import _PALETTE, figure_to_array
 
 __all__ = ["projection_scatter", "MARKERS"]
@@ -24,8 +25,11 @@ def projection_scatter(
     names: Sequence[str] | None = None,
     title: str = "",
     limits: tuple[float, float, float, float] | None = None,
-    size: tuple[float, float] = (6.0, 5.0),
+    size: tuple[float, float] = (10.0, 7.0),
     dpi: int = 100,
+    *,
+    epoch: int | None = None,
+    step: int | None = None,
 ) -> np.ndarray:
     """Scatter of projected points, coloured by class, one marker per outcome (see :data:`MARKERS`).
 
@@ -34,10 +38,11 @@ def projection_scatter(
         labels: class of each point (``-1``: no class, drawn grey).
         outcomes: ``"GT detected"``, ``"GT missed"``, ``"TP"``, ``"FP"``; any other value (images) is a circle.
         names: class names for the legend.
-        title: figure title.
+        title: figure title (after epoch and step).
         limits: ``(xmin, xmax, ymin, ymax)``; fixed limits keep aligned epochs comparable frame to frame.
         size: figure size in inches.
         dpi: resolution.
+        epoch, step: the title's standard parts.
 
     Returns:
         :math:`(H, W, 3)` uint8 picture.
@@ -60,7 +65,7 @@ def projection_scatter(
             ax.scatter(
                 coords[rows, 0],
                 coords[rows, 1],
-                s=22,
+                s=40,
                 marker=MARKERS.get(outcome, _IMAGE_MARKER),
                 linewidths=0.9,
                 alpha=0.85,
@@ -72,8 +77,8 @@ def projection_scatter(
         ax.set_ylim(limits[2], limits[3])
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(title, fontsize=9)
+    ax.set_title(picture_title(title, epoch=epoch, step=step), fontsize=FONT["axes"])
     if len(coords):
-        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+        ax.legend(fontsize=FONT["tick"], loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.tight_layout()
     return figure_to_array(fig)
