@@ -248,6 +248,8 @@ class ProbeCallback(Callback):
             return
         self._disabled = False
         self._writer = XaiWriter(tensorboard_writer(trainer, name)) if trainer.is_global_zero else None
+        if self._writer is not None:  # the story layout and the `tensorboard` command keeping every picture
+            self._writer.setup_run(self._samples_expected(trainer))
         self._adapter = resolve_adapter(pl_module, self.adapter)
         self._dataset = stage_dataset(trainer, stage, name)
         if self._indices is None:  # a fresh run (a resumed one restored them)
@@ -267,6 +269,12 @@ class ProbeCallback(Callback):
         self._setup(trainer, pl_module, stage)
         if stage == "fit":
             self._warn_schedule(trainer, name)
+
+    def _samples_expected(self, trainer: pl.Trainer) -> int | None:
+        """Pictures per tag this run may write (TensorBoard must keep them all); ``None`` when unknown."""
+        if self.every_n_train_steps is not None or trainer.max_epochs is None or trainer.max_epochs < 0:
+            return None
+        return int(trainer.max_epochs)
 
     def _key(self, index: int) -> str:
         image, boxes, _ = probe_item(self._dataset[index])

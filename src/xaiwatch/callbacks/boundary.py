@@ -207,7 +207,11 @@ class DecisionBoundaryCallback(ProbeCallback):
             min_eps=result.min_eps,
             conf=self._adapter.conf,
             names=names,
-            title=f"{self.attack} | {subject} (val #{probes.indices[p]}) | {ctx.label} | {names[label]}: {state}",
+            title=f"val #{probes.indices[p]} | {names[label]}: {state}",
+            method=self.attack,
+            probe=subject,
+            epoch=ctx.epoch,
+            step=ctx.step,
         )
 
     @override

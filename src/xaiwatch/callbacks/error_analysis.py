@@ -258,8 +258,12 @@ class ErrorAnalysisCallback(ProbeCallback):
                     detections=dets,
                     tracked_box=box,
                     names=names,
-                    title=f"{self.explain_method} | {prefix} {k} (val #{idx}) | {ctx.label}",
+                    title=f"{prefix} {k} (val #{idx})",
                     subtitle=text,
+                    method=self.explain_method,
+                    epoch=ctx.epoch,
+                    step=ctx.step,
+                    tracked_label=("FP " if prefix == "fp" else "missed ") + names[label],
                     normalize="signed" if self._engine.signed else "per_map",
                 )
                 pictures.append((f"{prefix}_{k:02d}", draw))
@@ -272,8 +276,9 @@ class ErrorAnalysisCallback(ProbeCallback):
             for c, value in enumerate(counts.counts[kind].tolist()):
                 self._writer.scalar(Tags.errors(kind, names[c]), value, step)
             self._writer.scalar(Tags.errors(kind, "all"), counts.totals()[kind], step)
-        title = f"confusion at IoU {self.iou_threshold:g} | {ctx.label} | {counts.images} images"
-        self._writer.picture(Tags.ERRORS_CONFUSION, confusion_figure(counts.confusion, names, title), step)
+        title = f"confusion at IoU {self.iou_threshold:g} | {counts.images} images"
+        figure = confusion_figure(counts.confusion, names, title, epoch=ctx.epoch, step=step)
+        self._writer.picture(Tags.ERRORS_CONFUSION, figure, step)
         for subject, picture in pictures:
             self._writer.picture(Tags.errors_explain(self.explain_method, subject), picture, step)
 

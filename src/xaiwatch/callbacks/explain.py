@@ -172,20 +172,24 @@ class ExplainCallback(ProbeCallback):
         start = time.perf_counter()
         writer = self._writer
         for p, tracked, found, dets in record.items:
-            for k, match in enumerate(next(iter(found.values())).matches):
+            matches = next(iter(found.values())).matches
+            for k, match in enumerate(matches):
                 if match is not None:
                     writer.tracked(_subject(p, k), match.detected, match.score, ctx.step)
-            for method, subject, picture in self._pictures(p, tracked, found, dets, ctx):
+            for method, k, picture, tile in self._pictures(p, tracked, found, dets, ctx):
+                subject = _subject(p, k)
                 writer.explanation(method, subject, picture, ctx.step)
                 if self.filmstrip and ctx.stage == "fit":
-                    self._history.add(subject, method, ctx.step, picture)
+                    match = matches[k] if k < len(matches) else None
+                    score = match.score if match is not None else None
+                    self._history.add(subject, method, ctx.step, picture, tile=tile, score=score)
         writer.explain_seconds(record.seconds + time.perf_counter() - start, ctx.step)  # compute and drawing
         writer.flush()
 
     def _pictures(self, p: int, tracked: list, found: dict[str, Explanation], dets, ctx: RunContext) -> list:
-        """``(method, subject, picture)`` of one probe."""
+        """``(method, object k, picture, filmstrip tile or None)`` of one probe."""
         probes = self.probes
-        title = f"probe {p:02d} (val #{probes.indices[p]}) | {ctx.label}"
+        title = f"val #{probes.indices[p]}" + ("" if ctx.stage == "fit" else f" | {ctx.stage}")
         pictures = []
         for method, explanation in found.items():
             engine = self._engines[method]
@@ -208,8 +212,11 @@ class ExplainCallback(ProbeCallback):
                     signed=engine.signed,
                     scale=self._scales.get(key),
                     layer=engine.layer_name,
+                    probe=subject,
+                    epoch=ctx.epoch,
+                    step=ctx.step,
                 )
-                pictures.append((method, subject, picture))
+                pictures.append((method, k, *picture))
         return pictures
 
     # ---------------------------------------------------------------------------------------------- end

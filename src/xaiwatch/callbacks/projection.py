@@ -219,7 +219,7 @@ class ProjectionCallback(ProbeCallback):
     @override
     def _write(self, record: ShareRecord, ctx: RunContext) -> None:
         start = time.perf_counter()
-        self._project(Embeddings.cat([points for _, points in record.items]), ctx.step)
+        self._project(Embeddings.cat([points for _, points in record.items]), ctx.step, ctx.epoch)
         self._writer.projection_seconds(record.seconds + time.perf_counter() - start, ctx.step)
         self._writer.flush()
 
@@ -235,9 +235,9 @@ class ProjectionCallback(ProbeCallback):
             seed=self.seed,
         )
 
-    def _project(self, points: Embeddings, step: int) -> dict[str, dict[str, float]]:
+    def _project(self, points: Embeddings, step: int, epoch: int | None = None) -> dict[str, dict[str, float]]:
         points = self._cap(points)
-        return {layer: self._project_layer(points, layer, step) for layer in self._layer_names}
+        return {layer: self._project_layer(points, layer, step, epoch) for layer in self._layer_names}
 
     # ------------------------------------------------------------------------------------------------ run
     def run(self, device: torch.device | str, step: int) -> dict[str, dict[str, float]]:
@@ -259,7 +259,7 @@ class ProjectionCallback(ProbeCallback):
         pred = pred[torch.argsort(points.scores[pred], descending=True, stable=True)][: self.max_points - len(gt)]
         return points.select(torch.cat([gt, pred.sort().values]))
 
-    def _project_layer(self, points: Embeddings, layer: str, step: int) -> dict[str, float]:
+    def _project_layer(self, points: Embeddings, layer: str, step: int, epoch: int | None = None) -> dict[str, float]:
         features = points.features[layer]
         previous = self._layouts.get(layer, {})
         init = aligned_init(features, points.keys, previous) if self.method != "pca" else None
@@ -272,9 +272,9 @@ class ProjectionCallback(ProbeCallback):
         self.history.setdefault(layer, {})[step] = values
         if self._writer is not None:
             outcomes = [row[2] for row in points.metadata]
-            title = f"{layer} | {self.method} | {self.level} | step {step} | silhouette {values['silhouette']:.2f}"
+            title = f"{layer} | {self.method} | {self.level} | silhouette {values['silhouette']:.2f}"
             names = self._adapter.names if self._adapter is not None else None
-            picture = projection_scatter(layout, points.labels.tolist(), outcomes, names, title)
+            picture = projection_scatter(layout, points.labels.tolist(), outcomes, names, title, epoch=epoch, step=step)
             self._writer.projection(layer, picture, step)
             self._writer.projection_metrics(layer, values, step)
             if self.projector:

@@ -63,10 +63,9 @@ class DetectionValidationMixin:
     """``val/map50`` and ``val/map`` of a LightningModule from torchmetrics' ``MeanAveragePrecision``.
 
     The module calls :meth:`_update_map` in ``validation_step``; the epoch end logs and resets the metric. The
-    metric is created lazily on the module's device (it is not a child module, torchmetrics #531).
+    metric is created lazily on the module's device (it is not a child module, torchmetrics #531); the module's
+    ``__init__`` sets ``self._map = None`` (a class attribute would shadow the registered metric).
     """
-
-    _map: Any = None
 
     @property
     def map_metric(self) -> Any:

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from xaiwatch.core.types import Detections, Explanation
-from xaiwatch.render.overlay import explanation_panel
+from xaiwatch.render.layout import picture_title
+from xaiwatch.render.overlay import explanation_panel, explanation_tile
 from xaiwatch.render.panels import box_decision_panel, feature_grid
 
 __all__ = ["draws_heat_map", "per_image", "draw_explanation"]
@@ -53,39 +54,36 @@ def draw_explanation(
     signed: bool = False,
     scale: float | None = None,
     layer: str | None = None,
-) -> np.ndarray:
-    """The picture of target ``k`` of ``explanation`` on its :math:`(3, H, W)` ``image``.
+    probe: str | None = None,
+    epoch: int | None = None,
+    step: int | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The picture of target ``k`` of ``explanation`` on its :math:`(3, H, W)` ``image``, and its filmstrip tile
+    (``None``: the picture's own map panel).
 
-    The subtitle says whether the tracked object is detected (score, IoU) or which nearest candidate of a missed
-    object is explained. ``signed`` methods are drawn with a diverging colour map.
+    Titles say method, probe, epoch and step; the subtitle says whether the tracked object is detected (score,
+    IoU) or which nearest candidate of a missed object is explained. ``signed`` methods are drawn with a
+    diverging colour map.
     """
     method = explanation.method
     normalize = "signed" if signed else normalize
+    where = {"method": method, "probe": probe, "epoch": epoch, "step": step}
     if method in _PER_IMAGE:
         values, indices = explanation.extras["channels"]
-        return feature_grid(values[0].cpu(), indices[0].cpu(), title=f"{method} {layer or ''} | {title}".strip())
+        grid_title = picture_title(f"{layer or ''} {title}".strip(), **where)
+        return feature_grid(values[0].cpu(), indices[0].cpu(), title=grid_title), None
     match = explanation.matches[k] if k < len(explanation.matches) else None
     saliency = explanation.maps[k].cpu()
     scores: Any = explanation.extras.get("class_scores")
     if method in _PANELS and match is not None and scores is not None:
-        return box_decision_panel(
-            image,
-            saliency,
-            match.box,
-            scores[k],
-            names=names,
-            title=f"{method} | {title}",
-            normalize=normalize,
-            scale=scale,
+        panel = box_decision_panel(
+            image, saliency, match.box, scores[k], names=names, title=title, normalize=normalize, scale=scale, **where
         )
-    name = (
-        (names[label] if names and label is not None and label < len(names) else str(label))
-        if label is not None
-        else ""
-    )
+        return panel, explanation_tile(image, saliency, tracked_box=match.box, normalize=normalize, scale=scale)
+    name = "" if label is None else names[label] if names and label < len(names) else str(label)
     state = "" if match is None else "detected" if match.detected else "missed, nearest candidate"
     subtitle = "" if match is None else f"{name}: {state} (score {match.score:.2f}, IoU {match.iou:.2f})"
-    return explanation_panel(
+    panel = explanation_panel(
         image,
         saliency,
         gt_boxes=gt_boxes,
@@ -93,8 +91,11 @@ def draw_explanation(
         detections=detections,
         tracked_box=match.box if match else None,
         names=names,
-        title=f"{method} | {title}",
+        title=title,
         subtitle=subtitle,
         normalize=normalize,
         scale=scale,
+        tracked_label=f"{name} {match.score:.2f}" if match is not None else None,
+        **where,
     )
+    return panel, None
