@@ -44,6 +44,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
             "`DetectionModel('yolov8n.yaml', nc=...)` or take `YOLO(path).model`."
         )
     head = model.model[-1]
+    if type(head).__name__ == "RTDETRDecoder":
+        raise UnsupportedModelError("This is an RT-DETR model: explain it with `RTDETRAdapter(model)`.")
     if type(head).__name__ not in _DETECT_HEADS:
         raise UnsupportedModelError(
             f"YOLOv8Adapter supports the plain `Detect` head (and YOLOv10's `v10Detect`), got {type(head).__name__} "

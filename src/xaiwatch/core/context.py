@@ -113,7 +113,8 @@ def hooks_restored(module: nn.Module) -> Iterator[None]:
 def reset_caches(module: nn.Module) -> None:
     """Invalidate tensors that detection heads cache between calls.
 
-    ultralytics' ``Detect`` keeps ``anchors``/``strides`` for the last input shape (``shape``); DAMO-YOLO's
+    ultralytics' ``Detect`` keeps ``anchors``/``strides`` for the last input shape (``shape``), its ``RTDETRDecoder``
+    ``anchors``/``valid_mask`` for the last feature ``shapes``; DAMO-YOLO's
     ``ZeroHead`` keeps ``mlvl_priors`` keyed on ``feat_size[0]`` (both are reset: clearing the priors alone makes
     its next call of the same shape fail). A cache built under ``inference_mode`` cannot be saved for backward
     ("Inference tensors cannot be saved for backward"), and one built with autograd must not leak into
@@ -122,6 +123,8 @@ def reset_caches(module: nn.Module) -> None:
     for m in module.modules():
         if hasattr(m, "anchors") and hasattr(m, "shape") and hasattr(m, "stride") and hasattr(m, "dynamic"):
             m.shape = None
+        if hasattr(m, "anchors") and hasattr(m, "valid_mask") and hasattr(m, "shapes"):  # RT-DETR's RTDETRDecoder
+            m.shapes = []
         if hasattr(m, "mlvl_priors"):  # ZeroHead rebuilds it only when the feature shape differs from feat_size[0]
             m.mlvl_priors = None
             if isinstance(getattr(m, "feat_size", None), list) and m.feat_size:
