@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from xaiwatch.models.damo import DamoYoloModule
 from xaiwatch.models.damo_loading import load_damo_directory
+from xaiwatch.models.rtdetr import RTDETRModule
 from xaiwatch.models.yolov8 import YOLOv8Module, load_matching_weights, to_ultralytics_batch
 from xaiwatch.models.yolov8_cls import YOLOv8ClsModule
 
 __all__ = [
     "DamoYoloModule",
+    "RTDETRModule",
     "YOLOv8ClsModule",
     "YOLOv8Module",
     "load_damo_directory",
