@@ -88,3 +88,20 @@ def test_layer_names_per_family():
         names = adapter.layer_names()
         assert names["neck.p3"] == p3 and names["backbone.p5"] == p5, (cfg, names)
         assert adapter.level_head("neck.p3") is not None
+
+
+def test_yolov8_module_trains_yolov10_with_its_end_to_end_loss():
+    """YOLOv10's dual head trains with ultralytics' E2ELoss, whose one-to-many gain decays once per epoch."""
+    from ultralytics.utils.loss import E2ELoss
+
+    from conftest import SquaresDataset, collate
+    from xaiwatch.models import YOLOv8Module
+
+    module = YOLOv8Module("yolov10n.yaml", num_classes=3)
+    batch = collate([SquaresDataset(2, 0)[i] for i in range(2)])
+    module.net.train()
+    loss = module.training_step(batch, 0)
+    assert isinstance(module.criterion, E2ELoss) and torch.isfinite(loss)
+    before = module.criterion.o2m
+    module.on_train_epoch_end()  # no trainer: one epoch in the schedule
+    assert module.criterion.o2m < before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from types import SimpleNamespace
 from typing import Any
@@ -22,23 +23,28 @@ __all__ = ["RTDETRModule"]
 def _build_rtdetr(cfg: str | dict, num_classes: int) -> nn.Module:
     require("ultralytics", extra="yolo")
     os.environ.setdefault("YOLO_OFFLINE", "1")
-    from ultralytics.nn.tasks import RTDETRDetectionModel
+    from ultralytics.nn.tasks import RTDETRDetectionModel, yaml_model_load
     from ultralytics.utils import LOGGER
 
-    level = LOGGER.level
-    LOGGER.setLevel("ERROR")
     try:
-        net = RTDETRDetectionModel(cfg, nc=num_classes, verbose=False)
+        spec = copy.deepcopy(cfg) if isinstance(cfg, dict) else yaml_model_load(cfg)  # never change the user's dict
     except FileNotFoundError as err:
         raise ConfigurationError(
             f"Cannot find the architecture yaml {cfg!r}. Use a name ultralytics ships ('rtdetr-l.yaml', "
             "'rtdetr-resnet50.yaml') or a path to (or dict of) your own model yaml."
         ) from err
+    last = (spec.get("head") or [[None, None, None]])[-1]
+    if len(last) < 3 or last[2] != "RTDETRDecoder":
+        raise ConfigurationError(
+            f"`model={cfg!r}` does not end in an RTDETRDecoder head, so it is not an RT-DETR architecture "
+            f"(its last module is {last[2] if len(last) > 2 else None!r}). Use 'rtdetr-l.yaml' or YOLOv8Module."
+        )
+    level = LOGGER.level
+    LOGGER.setLevel("ERROR")
+    try:
+        return RTDETRDetectionModel(spec, nc=num_classes, verbose=False)
     finally:
         LOGGER.setLevel(level)
-    if type(net.model[-1]).__name__ != "RTDETRDecoder":
-        raise ConfigurationError(f"{cfg!r} does not end in an RTDETRDecoder head; it is not an RT-DETR architecture.")
-    return net
 
 
 class RTDETRModule(pl.LightningModule):
