@@ -407,15 +407,26 @@ class _AttentionBase(Engine):
         self.layer_name = self.modules[0]
 
     # ------------------------------------------------------------------------------------------------ running
-    def _run(self, image: torch.Tensor, targets: Sequence[Target]) -> torch.Tensor:
-        """:math:`(K, heads, H, W)` maps of ``K`` targets on one image (inside the explaining context)."""
+    def _run(self, image: torch.Tensor, targets: Sequence[Target], mean_heads: bool) -> torch.Tensor:
+        """:math:`(K, heads, H, W)` maps of ``K`` targets on one image (inside the explaining context); with
+        ``mean_heads`` their mean over heads, :math:`(K, 1, H, W)`, averaged before upsampling (linear, so equal)."""
         with capture_attention(self.adapter.model, self.modules) as records, torch.no_grad():
             raw = self.adapter.raw(image)
         candidates = [_candidate(t, raw) for t in targets]
-        return self._maps(records, raw, candidates, image.shape[-2:])
+        return self._maps(records, raw, candidates, image.shape[-2:], mean_heads)
 
-    def _maps(self, records: dict, raw: RawOutput, candidates: list[int], size: Sequence[int]) -> torch.Tensor:
+    def _maps(
+        self, records: dict, raw: RawOutput, candidates: list[int], size: Sequence[int], mean_heads: bool
+    ) -> torch.Tensor:
         raise NotImplementedError
+
+    def _compute(self, image: torch.Tensor, targets: Sequence[Target], mean_heads: bool) -> torch.Tensor:
+        check_shape(image, [1, 3, "H", "W"], "image")
+        targets = list(targets)
+        with explaining(self.adapter.model, seed=self.seed) as prepare:
+            if not targets:
+                return image.new_zeros(0, 1, *image.shape[-2:])
+            return self._run(prepare(image), targets, mean_heads).detach()
 
     def heads(self, image: torch.Tensor, targets: Sequence[Target]) -> torch.Tensor:
         """Per-head maps of ``K`` targets of one image.
@@ -427,16 +438,11 @@ class _AttentionBase(Engine):
         Returns:
             :math:`(K, heads, H, W)`; :meth:`attribute_boxes` is their mean over heads.
         """
-        check_shape(image, [1, 3, "H", "W"], "image")
-        targets = list(targets)
-        with explaining(self.adapter.model, seed=self.seed) as prepare:
-            if not targets:
-                return image.new_zeros(0, 1, *image.shape[-2:])
-            return self._run(prepare(image), targets).detach()
+        return self._compute(image, targets, mean_heads=False)
 
     def attribute_boxes(self, image: torch.Tensor, targets: Sequence[Target]) -> torch.Tensor:
         """The head-averaged maps of ``K`` targets of one image from one forward pass: :math:`(K, 1, H, W)`."""
-        return self.heads(image, targets).mean(dim=1, keepdim=True)
+        return self._compute(image, targets, mean_heads=True)
 
     def attribute(self, images: torch.Tensor, targets: Target | Sequence[Target]) -> torch.Tensor:
         """Head-averaged maps :math:`(B, 1, H, W)`, one target for the batch or one per image."""
@@ -481,11 +487,14 @@ class AttentionEngine(_AttentionBase):
 
     name = "attention"
 
-    def _maps(self, records: dict, raw: RawOutput, candidates: list[int], size: Sequence[int]) -> torch.Tensor:
+    def _maps(
+        self, records: dict, raw: RawOutput, candidates: list[int], size: Sequence[int], mean_heads: bool
+    ) -> torch.Tensor:
         rec: AttentionRecord = records[self.modules[0]][-1]
         h, w = rec.grid
-        rows = [rec.weights[0, :, _token(raw.boxes[0, c], rec.grid, size)] for c in candidates]
-        return _to_image(torch.stack(rows).reshape(len(candidates), -1, h, w), size)
+        rows = torch.stack([rec.weights[0, :, _token(raw.boxes[0, c], rec.grid, size)] for c in candidates])
+        rows = rows.mean(dim=1, keepdim=True) if mean_heads else rows
+        return _to_image(rows.reshape(len(candidates), -1, h, w), size)
 
 
 @register
@@ -549,7 +558,9 @@ class AttentionRolloutEngine(_AttentionBase):
             self.modules = chosen + [p for p, k in self._found.items() if k == "deformable"]
         self.layer_name = chosen[0].rpartition(".")[0] if len(chosen) > 1 else chosen[0]
 
-    def _maps(self, records: dict, raw: RawOutput, candidates: list[int], size: Sequence[int]) -> torch.Tensor:
+    def _maps(
+        self, records: dict, raw: RawOutput, candidates: list[int], size: Sequence[int], mean_heads: bool
+    ) -> torch.Tensor:
         if self.decoder:
             return self._decoder_maps(records, candidates, size)
         recs = [records[p][-1] for p in self.modules]
@@ -571,7 +582,7 @@ class AttentionRolloutEngine(_AttentionBase):
         k, n_q = len(candidates), cross[0].weights.shape[1]
         m = torch.zeros(k, n_q, dtype=cross[0].weights.dtype, device=cross[0].weights.device)
         m[torch.arange(k, device=m.device), torch.tensor(candidates, device=m.device)] = 1.0
-        total = None
+        total: list[torch.Tensor] | None = None  # per level, (K, 1, h, w) summed over layers
         for layer in reversed(range(n_layers)):
             rec = cross[layer]
             heads, lp = rec.weights.shape[2:]
@@ -579,14 +590,13 @@ class AttentionRolloutEngine(_AttentionBase):
             weights = (m[:, :, None, None] * rec.weights[0][None]).permute(0, 2, 1, 3).reshape(k, heads, n_q * lp)
             locations = rec.locations[0].permute(1, 0, 2, 3).reshape(1, heads, n_q * lp, 2).expand(k, -1, -1, -1)
             levels = (torch.arange(lp, device=m.device) // rec.n_points).repeat(n_q)
-            cells = splat_points(locations, weights, rec.shapes, levels)
-            level_maps = sum(_to_image(c, size) for c in cells)  # (K, heads, H, W)
-            total = level_maps if total is None else total + level_maps
+            cells = [c.mean(dim=1, keepdim=True) for c in splat_points(locations, weights, rec.shapes, levels)]
+            total = cells if total is None else [t + c for t, c in zip(total, cells)]
             a = self_attn[layer].weights[0].mean(dim=0)
             eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
             mixed = (1 - self.residual) * a + self.residual * eye
             m = m @ (mixed / mixed.sum(dim=-1, keepdim=True))
-        return total.mean(dim=1, keepdim=True) / n_layers
+        return sum(_to_image(t, size) for t in total) / n_layers
 
 
 @register
@@ -632,9 +642,14 @@ class DeformableAttentionEngine(_AttentionBase):
                 out.append(splat_points(rec.locations[0, idx], rec.weights[0, idx], rec.shapes, levels))
         return out
 
-    def _maps(self, records: dict, raw: RawOutput, candidates: list[int], size: Sequence[int]) -> torch.Tensor:
+    def _maps(
+        self, records: dict, raw: RawOutput, candidates: list[int], size: Sequence[int], mean_heads: bool
+    ) -> torch.Tensor:
         layers = self._cells(records, candidates)
-        return sum(sum(_to_image(c, size) for c in levels) for levels in layers) / len(layers)
+        per_level = [sum(lv[i] for lv in layers) for i in range(len(layers[0]))]  # summed over layers, (K, heads, ...)
+        if mean_heads:
+            per_level = [c.mean(dim=1, keepdim=True) for c in per_level]
+        return sum(_to_image(c, size) for c in per_level) / len(layers)
 
     def levels(self, image: torch.Tensor, targets: Sequence[Target]) -> torch.Tensor:
         """Head- and layer-averaged maps per feature level: :math:`(K, L, H, W)` for ``K`` targets of one image."""
@@ -645,7 +660,7 @@ class DeformableAttentionEngine(_AttentionBase):
                 raw = self.adapter.raw(x)
             layers = self._cells(records, [_candidate(t, raw) for t in targets])
             per_level = [
-                torch.stack([_to_image(lv[i], x.shape[-2:]).mean(dim=1) for lv in layers]).mean(dim=0)
+                _to_image(sum(lv[i] for lv in layers).mean(dim=1, keepdim=True), x.shape[-2:])[:, 0] / len(layers)
                 for i in range(len(layers[0]))
             ]
         return torch.stack(per_level, dim=1)
