@@ -70,7 +70,7 @@ def bench_cost(size: int, repeat: int) -> dict:
                 engine = get_engine(method, adapter)
             except UnsupportedModelError:
                 continue
-            row[f"{method}_s"] = timeit(lambda e=engine: e.attribute_boxes(image, targets), repeat)
+            row[f"{method}_s"] = timeit(lambda e=engine, t=targets: e.attribute_boxes(image, t), repeat)
             row[f"{method}_x_forward"] = row[f"{method}_s"] / row["forward_s"]
         out[name] = row
         print(name, {k: round(v, 4) for k, v in row.items()}, flush=True)
