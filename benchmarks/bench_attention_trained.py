@@ -146,13 +146,13 @@ def _pictures(engine, data, out: Path) -> list[str]:
     return [str(p.relative_to(ROOT)) for p in paths]
 
 
-def run(quick: bool = False, imgsz: int = 128) -> dict:
+def run(quick: bool = False, imgsz: int = 128, steps: int = 400) -> dict:
     """Train, measure specificity and randomisation, write the pictures; returns the numbers."""
     from xaiwatch.explain import get_engine
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        module, data, result = _train(Path(tmp), 60 if quick else 600, imgsz)
+        module, data, result = _train(Path(tmp), 60 if quick else steps, imgsz)
         module.net.eval()
         adapter = module.xai_adapter()
         result["map"] = {}
@@ -170,4 +170,6 @@ def run(quick: bool = False, imgsz: int = 128) -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
-    print(json.dumps(run(parser.parse_args().quick), indent=2))
+    parser.add_argument("--steps", type=int, default=400)
+    cli = parser.parse_args()
+    print(json.dumps(run(cli.quick, steps=cli.steps), indent=2))

@@ -260,13 +260,17 @@ def test_decoder_rollout_equals_hand_computation(rtdetr, image):
     a1 = 0.5 * sa[1] + 0.5 * torch.eye(sa[1].shape[0])
     m0 = a1[i] / a1[i].sum()
 
-    def d(layer, q):  # the head-averaged image map of query q's cross-attention in a layer
+    def d(layer, weights):  # the head-averaged image map of the queries' cross-attention, weighted per query
         r = ca[layer]
         levels = torch.arange(r.weights.shape[-1]) // r.n_points
-        cells = splat_points(r.locations[0, q], r.weights[0, q], r.shapes, levels)
-        return sum(_upsample(c.flatten(1)[None], c.shape[-2:])[0] for c in cells).mean(0)
+        cells = splat_points(r.locations[0], r.weights[0], r.shapes, levels)  # per level (Q, heads, h, w)
+        return sum(
+            _upsample((weights[:, None, None, None] * c).sum(0).flatten(1)[None], c.shape[-2:])[0] for c in cells
+        ).mean(0)
 
-    expected = d(1, i) + sum(float(m0[q]) * d(0, q) for q in range(m0.shape[0]))
+    one_hot = torch.zeros(m0.shape[0])
+    one_hot[i] = 1.0
+    expected = d(1, one_hot) + d(0, m0)
     maps = engine.attribute_boxes(image, [BoxTarget(i, 0)])
     assert torch.allclose(maps[0, 0], expected / 2, atol=1e-6)
 
