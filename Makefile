@@ -16,7 +16,7 @@ export YOLO_OFFLINE = 1
 export HF_HUB_OFFLINE = 1
 export MPLBACKEND = Agg
 
-.PHONY: venv demo test test-fast test-proof bench lint clean
+.PHONY: venv demo test test-fast test-proof test-families bench lint clean
 
 venv: $(STAMP)
 
@@ -34,6 +34,9 @@ test: venv
 
 test-proof: venv
 	$(PY) -m pytest -q -m proof --durations=5
+
+test-families: venv
+	$(PY) -m pytest -q -m families --durations=5
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow"

@@ -137,3 +137,36 @@ def _restore_global_torch_flags():
     yield
     torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
     torch.set_num_threads(threads)
+
+
+def tiny_rtdetr_cfg(width: int = 32, layers: int = 2) -> dict:
+    """An RT-DETR of the official kind (conv backbone, AIFI encoder layer, CCFM fusion with RepC3, RTDETRDecoder with
+    deformable cross-attention over 3 levels) at hidden width ``width``, 4 heads, ``layers`` decoder layers, 300
+    queries: about 0.22 M parameters at width 32 (rtdetr-l: 32.8 M)."""
+    c = width
+    conv = [[-1, 1, "Conv", [16, 3, 2]], [-1, 1, "Conv", [16, 3, 2]], [-1, 1, "C2f", [16, True]]]
+    conv += [
+        [-1, 1, "Conv", [c, 3, 2]],
+        [-1, 1, "C2f", [c, True]],
+        [-1, 1, "Conv", [c, 3, 2]],
+        [-1, 1, "C2f", [c, True]],
+    ]
+    conv += [[-1, 1, "Conv", [2 * c, 3, 2]], [-1, 1, "C2f", [2 * c, True]]]  # 8: P5
+    head = [[-1, 1, "Conv", [c, 1, 1, None, 1, 1, False]], [-1, 1, "AIFI", [2 * c, 4]], [-1, 1, "Conv", [c, 1, 1]]]
+    head += [[-1, 1, "nn.Upsample", [None, 2, "nearest"]], [6, 1, "Conv", [c, 1, 1, None, 1, 1, False]]]
+    head += [[[-2, -1], 1, "Concat", [1]], [-1, 1, "RepC3", [c]], [-1, 1, "Conv", [c, 1, 1]]]  # 16: Y4
+    head += [[-1, 1, "nn.Upsample", [None, 2, "nearest"]], [4, 1, "Conv", [c, 1, 1, None, 1, 1, False]]]
+    head += [[[-2, -1], 1, "Concat", [1]], [-1, 1, "RepC3", [c]]]  # 20: X3
+    head += [[-1, 1, "Conv", [c, 3, 2]], [[-1, 16], 1, "Concat", [1]], [-1, 1, "RepC3", [c]]]  # 23: F4
+    head += [[-1, 1, "Conv", [c, 3, 2]], [[-1, 11], 1, "Concat", [1]], [-1, 1, "RepC3", [c]]]  # 26: F5
+    head += [[[20, 23, 26], 1, "RTDETRDecoder", ["nc", c, 300, 4, 4, layers, 2 * c]]]
+    return {"nc": 3, "scales": {"t": [1.0, 1.0, 1024]}, "scale": "t", "backbone": conv, "head": head}
+
+
+@pytest.fixture
+def tiny_rtdetr_net():
+    """A freshly initialised tiny ultralytics RTDETRDetectionModel (:func:`tiny_rtdetr_cfg`), 3 classes, eval mode."""
+    from ultralytics.nn.tasks import RTDETRDetectionModel
+
+    torch.manual_seed(0)
+    return RTDETRDetectionModel(tiny_rtdetr_cfg(), nc=3, verbose=False).eval()

@@ -36,7 +36,8 @@ def test_method_in_inference_mode_without_side_effects(method, tiny_net, images)
     try:
         engine = _engine(method, adapter)
     except UnsupportedModelError as err:
-        assert len(str(err)) > 40 and ("SiLU" in str(err) or "MaxPool" in str(err) or "reuse" in str(err))
+        reasons = ("SiLU", "MaxPool", "reuse", "no attention module")  # the last: attention methods (YOLOv8 has none)
+        assert len(str(err)) > 40 and any(r in str(err) for r in reasons)
         return
     tiny_net.train()
     tiny_net.model[2].eval()

@@ -3,11 +3,10 @@ TensorBoard, MissedTarget explains the right candidate, no side effects on train
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import io
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from unittest.mock import patch
 
 import numpy as np

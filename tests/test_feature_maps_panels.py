@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xaiwatch.render.dispatch import draws_heat_map, per_image
 from xaiwatch.adapters import YOLOv8Adapter
 from xaiwatch.core.errors import ConfigurationError, ShapeError
 from xaiwatch.core.types import Detections
 from xaiwatch.explain import get_engine
 from xaiwatch.explain.feature_maps import ConfidenceHeatmapEngine, FeatureMapsEngine, confidence_heatmap, top_channels
+from xaiwatch.render.dispatch import draws_heat_map, per_image
 from xaiwatch.render.panels import box_decision_panel, crop_box, decision_margin, feature_grid
 from xaiwatch.targets import BoxTarget, ClassTarget, MatchedBoxTarget
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import logging
 
 import pytest
-
 from helpers import make_trainer, read_events, tiny_module
+
 from xaiwatch.callbacks import ErrorAnalysisCallback, ExplainCallback
 
 
 def test_every_n_train_steps_on_the_global_step_axis(tmp_path, square_loaders):
-    cb = ExplainCallback(methods=["saliency"], num_probe=1, every_n_epochs=None, every_n_train_steps=1, on_error="raise")
+    cb = ExplainCallback(
+        methods=["saliency"], num_probe=1, every_n_epochs=None, every_n_train_steps=1, on_error="raise"
+    )
     trainer = make_trainer(tmp_path, [cb], epochs=2)
     trainer.fit(tiny_module(), *square_loaders)
     acc = read_events(trainer.logger.log_dir)

@@ -7,12 +7,14 @@ from xaiwatch.adapters.classifier import ClassifierAdapter
 from xaiwatch.adapters.damo import DamoYoloAdapter
 from xaiwatch.adapters.postprocess import nms
 from xaiwatch.adapters.resolve import resolve_adapter
+from xaiwatch.adapters.rtdetr import RTDETRAdapter
 from xaiwatch.adapters.yolov8 import YOLOv8Adapter
 
 __all__ = [
     "ClassifierAdapter",
     "DamoYoloAdapter",
     "DetectorAdapter",
+    "RTDETRAdapter",
     "YOLOv8Adapter",
     "apply_targets",
     "nms",

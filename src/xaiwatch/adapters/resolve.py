@@ -14,7 +14,7 @@ def resolve_adapter(module: nn.Module, adapter: DetectorAdapter | None = None) -
     """Return the adapter to explain ``module`` with.
 
     In order: the ``adapter`` given to the callback; ``module.xai_adapter()``; an adapter inferred from the
-    type of a network inside ``module`` (an ultralytics ``DetectionModel``
+    type of a network inside ``module`` (an ultralytics ``DetectionModel``, ``RTDETRDetectionModel``
     or ``ClassificationModel``, a DAMO-YOLO ``Detector`` from modelscope's code).
 
     Raises:
@@ -34,9 +34,12 @@ def resolve_adapter(module: nn.Module, adapter: DetectorAdapter | None = None) -
         return found
     from xaiwatch.adapters.classifier import ClassifierAdapter, is_ultralytics_classification_model
     from xaiwatch.adapters.damo import DamoYoloAdapter, is_damo_detector
+    from xaiwatch.adapters.rtdetr import RTDETRAdapter, is_ultralytics_rtdetr_model
     from xaiwatch.adapters.yolov8 import YOLOv8Adapter, is_ultralytics_detection_model
 
     for sub in module.modules():
+        if is_ultralytics_rtdetr_model(sub):  # before DetectionModel, its base class
+            return RTDETRAdapter(sub, names=_names_of(module))
         if is_ultralytics_detection_model(sub):
             return YOLOv8Adapter(sub, names=_names_of(module))
         if is_ultralytics_classification_model(sub):
@@ -46,7 +49,7 @@ def resolve_adapter(module: nn.Module, adapter: DetectorAdapter | None = None) -
     raise UnsupportedModelError(
         f"Cannot explain {type(module).__name__}: no adapter. Either (1) give the callback one, "
         "`ExplainCallback(adapter=YOLOv8Adapter(net))`; (2) add a method `xai_adapter(self) -> DetectorAdapter` "
-        "to your LightningModule; or (3) hold a supported network (ultralytics DetectionModel or ClassificationModel, DAMO-YOLO Detector) as a submodule so "
+        "to your LightningModule; or (3) hold a supported network (ultralytics DetectionModel, RTDETRDetectionModel or ClassificationModel, DAMO-YOLO Detector) as a submodule so "
         "that it can be inferred."
     )
 

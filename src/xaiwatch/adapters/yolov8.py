@@ -1,4 +1,4 @@
-"""Adapter for ultralytics YOLOv8 (and v5u/v9/v11-style) ``DetectionModel``s."""
+"""Adapter for ultralytics YOLOv8 (and v5u/v9/YOLO11/YOLO12/YOLOv10-style) ``DetectionModel``s."""
 
 from __future__ import annotations
 
@@ -10,14 +10,26 @@ from torch import nn
 from xaiwatch.adapters.base import DetectorAdapter
 from xaiwatch.core.context import register_cache_reset
 from xaiwatch.core.errors import UnsupportedModelError
-from xaiwatch.core.types import RawOutput
+from xaiwatch.core.types import Detections, RawOutput
 
 __all__ = ["YOLOv8Adapter", "is_ultralytics_detection_model"]
+
+
+def _levels(preds: dict | None, device: torch.device) -> torch.Tensor | None:
+    """The level of each candidate, from the head's input feature maps (``preds["feats"]``)."""
+    if not isinstance(preds, dict) or "feats" not in preds:
+        return None
+    sizes = [f.shape[2] * f.shape[3] for f in preds["feats"]]
+    return torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
 
 
 def is_ultralytics_detection_model(module: object) -> bool:
     """True for an ultralytics ``DetectionModel`` (checked by class, without importing ultralytics)."""
     return any(c.__name__ == "DetectionModel" and c.__module__.startswith("ultralytics") for c in type(module).__mro__)
+
+
+#: heads whose candidates this adapter decodes: YOLOv8/YOLO11/YOLO12 ``Detect`` and YOLOv10's ``v10Detect``
+_DETECT_HEADS = frozenset({"Detect", "v10Detect"})
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -33,9 +45,11 @@ def _unwrap(model: nn.Module) -> nn.Module:
             "`DetectionModel('yolov8n.yaml', nc=...)` or take `YOLO(path).model`."
         )
     head = model.model[-1]
-    if type(head).__name__ != "Detect":
+    if type(head).__name__ == "RTDETRDecoder":
+        raise UnsupportedModelError("This is an RT-DETR model: explain it with `RTDETRAdapter(model)`.")
+    if type(head).__name__ not in _DETECT_HEADS:
         raise UnsupportedModelError(
-            f"YOLOv8Adapter supports the plain `Detect` head, got {type(head).__name__} "
+            f"YOLOv8Adapter supports the plain `Detect` head (and YOLOv10's `v10Detect`), got {type(head).__name__} "
             "(segmentation, pose and OBB heads are not supported yet)."
         )
     return model
@@ -48,6 +62,11 @@ class YOLOv8Adapter(DetectorAdapter):
     largest stride (32). Candidates are the head's decoded one-to-many outputs (``(B, 4 + C, N)``): boxes
     converted to ``xyxy`` pixels, class scores after the sigmoid. :meth:`detect` equals ultralytics'
     ``non_max_suppression`` with the same thresholds.
+
+    End-to-end heads (YOLOv10's ``v10Detect`` after ``model.end2end = True``, which ultralytics 8.4 does not set for a
+    model built from its yaml): candidates are the one-to-one branch's outputs and :meth:`detect` is its NMS-free
+    top-k selection (``Detect.postprocess``) followed by the confidence threshold, as ultralytics predicts; otherwise
+    (YOLOv10 by default) the one-to-many branch with NMS, as for YOLOv8.
 
     Layers: ``backbone.p3``/``p4``/``p5`` (last backbone stage at stride 8/16/32) and ``neck.p3``/``p4``/
     ``p5`` (the feature maps the Detect head reads). ``neck.p3`` is the default CAM layer: every level's
@@ -97,19 +116,42 @@ class YOLOv8Adapter(DetectorAdapter):
             )
         y, preds = out if isinstance(out, tuple) else (out, None)
         nc = self.head.nc
+        if isinstance(preds, dict) and "one2one" in preds:  # YOLOv10-style dual head
+            if getattr(self.head, "end2end", False):
+                return self._one2one_raw(preds["one2one"])
+            preds = preds["one2many"]
         xywh = y[:, :4].transpose(1, 2)
         boxes = torch.cat((xywh[..., :2] - xywh[..., 2:] / 2, xywh[..., :2] + xywh[..., 2:] / 2), dim=-1)
         if preds is not None and "scores" in preds:  # the same sigmoid, without a path through the box branch
             scores = preds["scores"].sigmoid().transpose(1, 2)
         else:
             scores = y[:, 4 : 4 + nc].transpose(1, 2)
-        levels = None
-        if preds is not None and "feats" in preds:
-            sizes = [f.shape[2] * f.shape[3] for f in preds["feats"]]
-            levels = torch.repeat_interleave(
-                torch.arange(len(sizes), device=y.device), torch.tensor(sizes, device=y.device)
-            )
-        return RawOutput(boxes, scores, levels)
+        return RawOutput(boxes, scores, _levels(preds, y.device))
+
+    def _one2one_raw(self, preds: dict) -> RawOutput:
+        """Candidates of the one-to-one branch: its boxes decoded as ``Detect`` does (``xyxy`` when end-to-end)."""
+        boxes = self.head._get_decode_boxes(preds).transpose(1, 2)  # dist2bbox(xywh=False) when end-to-end
+        return RawOutput(boxes, preds["scores"].sigmoid().transpose(1, 2), _levels(preds, boxes.device))
+
+    def postprocess(self, raw: RawOutput) -> list[Detections]:
+        """NMS (see :class:`DetectorAdapter`), or for an end-to-end head ultralytics' NMS-free top-k selection.
+
+        The end-to-end selection is ``Detect.get_topk_index``: the ``max_det`` candidates of highest best-class score,
+        then the ``max_det`` highest (candidate, class) scores among them (a candidate may be kept for two classes),
+        then scores not above ``conf`` dropped.
+        """
+        if not getattr(self.head, "end2end", False):
+            return super().postprocess(raw)
+        out = []
+        for boxes, scores in zip(raw.boxes, raw.scores):
+            n, nc = scores.shape
+            k = min(self.max_det, n)
+            first = scores.max(dim=-1).values.topk(k).indices
+            values, flat = scores[first].flatten().topk(k)
+            cand, labels = first[flat // nc], flat % nc
+            keep = values > self.conf
+            out.append(Detections(boxes[cand[keep]], values[keep], labels[keep], cand[keep]))
+        return out
 
     def level_head(self, layer: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """For ``neck.p3``/``p4``/``p5`` (the maps ``Detect`` reads): the level's class branch ``cv3[i]``, sigmoid."""

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from xaiwatch.explain.attention import AttentionEngine, AttentionRolloutEngine, DeformableAttentionEngine
 from xaiwatch.explain.base import Engine, available_methods, engine_class, get_engine, register
 from xaiwatch.explain.gradients import GradCamEngine, SaliencyEngine
 
 __all__ = [
+    "AttentionEngine",
+    "AttentionRolloutEngine",
+    "DeformableAttentionEngine",
     "Engine",
     "GradCamEngine",
     "SaliencyEngine",

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from xaiwatch.models.damo import DamoYoloModule, load_damo_directory
+from xaiwatch.models.rtdetr import RTDETRModule
 from xaiwatch.models.yolov8 import YOLOv8Module, build_detection_model, load_matching_weights, to_ultralytics_batch
 from xaiwatch.models.yolov8_cls import YOLOv8ClsModule
 
 __all__ = [
     "DamoYoloModule",
+    "RTDETRModule",
     "YOLOv8ClsModule",
     "YOLOv8Module",
     "build_detection_model",

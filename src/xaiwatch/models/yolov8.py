@@ -133,7 +133,8 @@ class YOLOv8Module(DetectionValidationMixin, pl.LightningModule):
     exactly as ultralytics validates (conf 0.001, IoU 0.7).
 
     Args:
-        model: architecture yaml (``"yolov8n.yaml"`` or a path).
+        model: architecture yaml (``"yolov8n.yaml"``, ``"yolo11n.yaml"``, ``"yolo12n.yaml"``, ``"yolov10n.yaml"`` or a
+            path or dict).
         num_classes: number of classes of the new head.
         names: class names (default ``"0"``, ``"1"``, …).
         weights: optional local checkpoint; tensors matching by name and shape are copied, the rest reported.
@@ -196,13 +197,20 @@ class YOLOv8Module(DetectionValidationMixin, pl.LightningModule):
     # ------------------------------------------------------------------------------------------------- loss
     @property
     def criterion(self) -> Any:
-        """ultralytics' ``v8DetectionLoss`` for this model, built on first use on the model's device."""
+        """ultralytics' loss for this model (``model.init_criterion()``: ``v8DetectionLoss``, or ``E2ELoss`` for a
+        YOLOv10-style one-to-one + one-to-many head), built on first use on the model's device."""
         device = next(self.net.parameters()).device
-        if self._criterion is None or self._criterion.device != device:
-            from ultralytics.utils.loss import v8DetectionLoss
-
-            self._criterion = v8DetectionLoss(self.net)
+        current = self._criterion
+        current_device = getattr(current, "device", None) or getattr(getattr(current, "one2many", None), "device", None)
+        if current is None or current_device != device:
+            self._criterion = self.net.init_criterion()
         return self._criterion
+
+    def on_train_epoch_end(self) -> None:
+        """Step the one-to-many/one-to-one gain schedule of ``E2ELoss`` once per epoch, as ultralytics' trainer does."""
+        if self._criterion is not None and hasattr(self._criterion, "update"):
+            self.net.args.epochs = int(self.trainer.max_epochs or 1) if self._trainer is not None else 1
+            self._criterion.update()
 
     def _loss(self, preds: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         images = batch["images"]
