@@ -67,7 +67,7 @@ def _specificity(engine, data) -> dict:
         maps = found.maps[:, 0]
         masks = box_masks(boxes, maps.shape[-2:])
         shares = (maps[:, None] * masks[None]).sum(dim=(2, 3)) / maps.sum(dim=(1, 2))[:, None]  # (K obj, K boxes)
-        for k, t in enumerate(targets):
+        for k in range(len(targets)):
             others = torch.cat([shares[k, :k], shares[k, k + 1 :]])
             own.append(float(shares[k, k]))
             other.append(float(others.mean()))
