@@ -27,6 +27,26 @@ from xaiwatch.callbacks.explain import ExplainCallback as _Explain  # noqa: E402
 from xaiwatch.checks import CheckOptions  # noqa: E402
 
 
+class Report(pl.Callback):
+    """Writes ``rank<R>.json`` at the end of fit, in the process that trained (ddp_spawn's workers too)."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        cb = next(c for c in trainer.callbacks if isinstance(c, ExplainCallback))
+        gate = next(c for c in trainer.callbacks if isinstance(c, SaliencyGate))
+        report = {
+            "rank": trainer.global_rank,
+            "seen": Recording.seen,
+            "gate": [{k: r[k] for k in ("global_step", "passed", "values")} for r in gate.history],
+            "tracked": cb._tracked,
+            "wrote": cb._writer is not None,
+            "log_dir": str(cb.log_dir),
+        }
+        Path(self.out, f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
+
+
 class Recording(_Explain):
     """ExplainCallback that remembers which probe positions this rank explained."""
 
@@ -50,7 +70,7 @@ def main(out: str, strategy: str, devices: int) -> None:
         devices=devices,
         strategy=strategy,
         logger=TensorBoardLogger(out, name="tb"),
-        callbacks=[explain, gate],
+        callbacks=[explain, gate, Report(out)],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -59,17 +79,6 @@ def main(out: str, strategy: str, devices: int) -> None:
     train = DataLoader(SquaresDataset(16, 0), batch_size=4, collate_fn=collate)
     val = DataLoader(SquaresDataset(8, 1), batch_size=4, collate_fn=collate)
     trainer.fit(tiny_module(), train, val)
-    cb = next(c for c in trainer.callbacks if isinstance(c, ExplainCallback))
-    g = next(c for c in trainer.callbacks if isinstance(c, SaliencyGate))
-    report = {
-        "rank": trainer.global_rank,
-        "seen": Recording.seen,
-        "gate": [{k: r[k] for k in ("global_step", "passed", "values")} for r in g.history],
-        "tracked": cb._tracked,
-        "wrote": cb._writer is not None,
-        "log_dir": str(cb.log_dir),
-    }
-    Path(out, f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
 
 
 if __name__ == "__main__":

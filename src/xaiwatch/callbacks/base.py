@@ -238,7 +238,10 @@ class ProbeCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         name = type(self).__name__
-        if stage not in self._STAGES or (stage != "fit" and not self.outside_fit):
+        if stage not in self._STAGES:
+            return
+        if stage != "fit" and not self.outside_fit:
+            rank_zero_info(f"{name}: `outside_fit=False`, so `trainer.{stage}` explains nothing.")
             return
         log_dir = trainer.log_dir  # a collective: every rank reads it, here, once
         self._log_dir = Path(log_dir or trainer.default_root_dir)
