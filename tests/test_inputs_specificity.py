@@ -47,7 +47,9 @@ def test_bad_input_shape_still_a_shape_error(tiny_net, images):
 
 
 def test_noisy_inputs_inside_smoothgrad_are_accepted(tiny_net, images):
-    maps = get_engine("smoothgrad", YOLOv8Adapter(tiny_net), nt_samples=4, noise_level=0.5).attribute(images[:1], ClassTarget(0))
+    maps = get_engine("smoothgrad", YOLOv8Adapter(tiny_net), nt_samples=4, noise_level=0.5).attribute(
+        images[:1], ClassTarget(0)
+    )
     assert torch.isfinite(maps).all()
 
 
