@@ -185,6 +185,11 @@ def main() -> None:
 
     results["damo"] = bench_damo.run(args.quick)
     print(json.dumps(results["damo"], indent=1, default=str))
+    print("\n== Our per-box CAMs vs ultralytics' own LayerCAM: YOLOv8n, 1 image, 320 px, K boxes ==")
+    import bench_ultralytics_cam
+
+    results["ultralytics_cam"] = bench_ultralytics_cam.run(args.quick)
+    bench_ultralytics_cam.report(results["ultralytics_cam"])
     print("\n== ExplainCallback share of epoch time, demo configuration ==")
     results["callback_share"] = bench_callback_share(args.quick)
     for name, v in results["callback_share"].items():

@@ -1,4 +1,4 @@
-"""The ``xaiwatch`` command: ``xaiwatch demo``, ``xaiwatch fit`` (LightningCLI) and ``xaiwatch report``."""
+"""The ``xaiwatch`` command: ``demo``, ``fit`` (LightningCLI), ``explain`` (post-hoc) and ``report`` (HTML)."""
 
 from __future__ import annotations
 
@@ -111,6 +111,42 @@ def _fit(argv: Sequence[str]) -> None:
     LightningCLI(YOLOv8Module, YoloDataModule, args=list(argv), save_config_kwargs={"overwrite": True})
 
 
+def _add_explain_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("explain", help="explain the detections of a saved detector on images (post-hoc)")
+    p.add_argument("--weights", required=True, help="ultralytics .pt, Lightning .ckpt, or a DAMO-YOLO directory")
+    p.add_argument("--trust-pickle", action="store_true", help="allow .pt files that store pickled objects")
+    p.add_argument("--model", default=None, help="architecture yaml, for a plain state_dict file")
+    p.add_argument("images", nargs="+", help="image files, folders and/or YOLO dataset yamls (their val split)")
+    p.add_argument("--methods", default="layer_cam,saliency", help="comma-separated methods")
+    p.add_argument("--out", default="xaiwatch_explain", help="output folder (new, empty, or written by xaiwatch)")
+    p.add_argument("--max-objects", type=int, default=None, help="explain at most N detections per image")
+    p.add_argument("--imgsz", type=int, default=640)
+    p.add_argument("--conf", type=float, default=0.25)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events to OUT/tensorboard")
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from xaiwatch.posthoc import explain_images
+
+    result = explain_images(
+        weights=args.weights,
+        images=args.images,
+        methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+        out=args.out,
+        max_objects=args.max_objects,
+        imgsz=args.imgsz,
+        device=args.device,
+        trust_pickle=args.trust_pickle,
+        model=args.model,
+        conf=args.conf,
+        tensorboard=args.tensorboard,
+    )
+    n = sum(len(r.detections) for r in result.images)
+    print(f"[xaiwatch] {n} detections on {len(result.images)} images; {result.json_path}, {result.contact_sheet}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``xaiwatch`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -142,7 +178,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.add_argument("logdir", help="a run directory or a folder of runs, e.g. lightning_logs/version_0")
     report.add_argument("-o", "--out", default="report.html", help="the HTML file (never replaces a file of yours)")
     report.add_argument("--all-pictures", action="store_true", help="every epoch's explanation pictures, too")
+    _add_explain_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "explain":
+        return _explain(args)
     if args.command == "report":
         from xaiwatch.report import write_report
 

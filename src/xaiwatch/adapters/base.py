@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from xaiwatch.core.errors import ConfigurationError, ShapeError, check_shape
+from xaiwatch.core.errors import ConfigurationError, ShapeError
+from xaiwatch.core.inputs import check_images
 from xaiwatch.core.types import Detections, RawOutput
 
 if TYPE_CHECKING:
@@ -70,6 +71,11 @@ class DetectorAdapter(ABC):
     @abstractmethod
     def layer_names(self) -> dict[str, str]:
         """Named feature layers: alias (``"neck.p3"``) to dotted module path in :attr:`model`."""
+
+    @property
+    def input_multiple(self) -> int | None:
+        """Image sides must be a multiple of this (the largest stride) when the family does not pad; ``None``: any."""
+        return None
 
     @property
     def default_cam_layer(self) -> str:
@@ -149,7 +155,7 @@ class DetectorAdapter(ABC):
         """
         from xaiwatch.core.context import eval_state
 
-        check_shape(images, ["B", 3, "H", "W"], "images")
+        check_images(images, "images", self.input_multiple)
         with torch.no_grad(), eval_state(self.model):
             return [d.detach() for d in self.postprocess(self.raw(images))]
 

@@ -183,6 +183,11 @@ class YOLOv8Adapter(DetectorAdapter):
         return self._layers
 
     @property
+    def input_multiple(self) -> int:
+        """The largest stride of the ``Detect`` head (32): ultralytics' ``Concat`` fails on other image sides."""
+        return int(self.head.stride.max())
+
+    @property
     def default_cam_layer(self) -> str:
         """``neck.p3``."""
         return "neck.p3"

@@ -7,6 +7,7 @@ Each check answers one question about an explanation or about the model it expla
 - :func:`randomization_similarity` — does the map change when the model's weights are randomised?
 - :func:`stability` — does the map survive small input noise?
 - :func:`context_reliance` — does the box's score survive the removal of everything around it?
+- :func:`instance_specificity` — does a box's map light its own object rather than the other objects?
 - :func:`flip_rate` — does the predicted class change when only a suspected cue changes?
 """
 
@@ -19,6 +20,7 @@ from xaiwatch.checks.perturbation import FILLS, context_reliance, deletion_inser
 from xaiwatch.checks.randomization import cascading_randomization, randomization_similarity, randomize
 from xaiwatch.checks.rule import CHECKS, Rule, decide, parse_rules
 from xaiwatch.checks.similarity import normalize_magnitude, spearman, ssim
+from xaiwatch.checks.specificity import instance_specificity, specificity_baseline
 
 __all__ = [
     "CHECKS",
@@ -34,6 +36,7 @@ __all__ = [
     "deletion_insertion",
     "energy_in_box",
     "fill_image",
+    "instance_specificity",
     "flip_rate",
     "normalize_magnitude",
     "object_classes",
@@ -42,6 +45,7 @@ __all__ = [
     "randomization_similarity",
     "randomize",
     "spearman",
+    "specificity_baseline",
     "ssim",
     "stability",
 ]

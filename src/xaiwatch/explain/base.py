@@ -14,7 +14,8 @@ from torch import nn
 
 from xaiwatch.adapters.base import DetectorAdapter
 from xaiwatch.core.context import explaining
-from xaiwatch.core.errors import ConfigurationError, check_shape
+from xaiwatch.core.errors import ConfigurationError
+from xaiwatch.core.inputs import check_images
 from xaiwatch.core.types import Explanation, Match, RawOutput
 from xaiwatch.targets import MatchedBoxTarget, Target
 
@@ -83,7 +84,7 @@ class Engine(ABC):
         Raises:
             ShapeError: if ``images`` is not :math:`(B, 3, H, W)`.
         """
-        check_shape(images, ["B", 3, "H", "W"], "images")
+        check_images(images, "images", self.adapter.input_multiple)
         with explaining(self.adapter.model, seed=self.seed) as prepare:
             maps = self._attribute(prepare(images).requires_grad_(), targets)
         return maps.detach()
@@ -101,7 +102,7 @@ class Engine(ABC):
         Returns:
             :math:`(K, 1, H, W)` maps.
         """
-        check_shape(image, [1, 3, "H", "W"], "image")
+        check_images(image, "image", self.adapter.input_multiple, batch=1)
         return (
             torch.cat([self.attribute(image, t) for t in targets])
             if targets

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from xaiwatch.adapters.base import apply_targets
 from xaiwatch.core.context import explaining
-from xaiwatch.core.errors import UnsupportedModelError, check_shape
+from xaiwatch.core.errors import UnsupportedModelError
+from xaiwatch.core.inputs import check_images
 from xaiwatch.core.types import RawOutput
 from xaiwatch.explain.base import Engine, register
 from xaiwatch.targets import Target
@@ -95,7 +96,7 @@ class _CamEngine(Engine):
         class branch only (:meth:`_level_gradients`): the same gradients, without K backward passes through the
         other levels and the box branch (whose gradients are zero for these scores).
         """
-        check_shape(image, [1, 3, "H", "W"], "image")
+        check_images(image, "image", self.adapter.input_multiple, batch=1)
         targets = list(targets)
         if not targets:
             return image.new_zeros(0, 1, *image.shape[-2:])

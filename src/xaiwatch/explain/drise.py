@@ -33,6 +33,7 @@ from torchvision.ops import box_iou
 from xaiwatch.adapters.base import DetectorAdapter
 from xaiwatch.core.context import explaining
 from xaiwatch.core.errors import ConfigurationError, ShapeError, check_shape
+from xaiwatch.core.inputs import check_images
 from xaiwatch.core.types import Detections, RawOutput
 from xaiwatch.core.validation import in_range, positive_int, probability
 from xaiwatch.explain.base import Engine, register
@@ -279,7 +280,7 @@ class DRiseEngine(Engine):
         Returns:
             :math:`(K, 1, H, W)` maps, equal to ``attribute`` called once per target.
         """
-        check_shape(image, [1, 3, "H", "W"], "image")
+        check_images(image, "image", self.adapter.input_multiple, batch=1)
         targets = list(targets)
         if not targets:
             return image.new_zeros(0, 1, *image.shape[-2:])

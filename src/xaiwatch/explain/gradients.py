@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from xaiwatch.core.context import explaining
-from xaiwatch.core.errors import check_shape
+from xaiwatch.core.inputs import check_images
 from xaiwatch.explain.base import Engine, register
 from xaiwatch.explain.cam_methods import _CamEngine
 from xaiwatch.targets import Target
@@ -34,7 +34,7 @@ class SaliencyEngine(Engine):
 
     def attribute_boxes(self, image: torch.Tensor, targets: Sequence[Target]) -> torch.Tensor:
         """The K objects of one image: one forward, one batched backward (``is_grads_batched``) to the input."""
-        check_shape(image, [1, 3, "H", "W"], "image")
+        check_images(image, "image", self.adapter.input_multiple, batch=1)
         targets = list(targets)
         if not targets:
             return image.new_zeros(0, 1, *image.shape[-2:])

@@ -18,7 +18,13 @@ from xaiwatch.core.errors import ConfigurationError
 from xaiwatch.core.imports import require
 from xaiwatch.models.common import DetectionValidationMixin, detection_optimizer
 
-__all__ = ["YOLOv8Module", "build_detection_model", "load_matching_weights", "to_ultralytics_batch"]
+__all__ = [
+    "YOLOv8Module",
+    "build_detection_model",
+    "load_matching_weights",
+    "read_weights_file",
+    "to_ultralytics_batch",
+]
 
 
 def build_detection_model(cfg: str | dict, num_classes: int) -> nn.Module:
@@ -40,6 +46,63 @@ def build_detection_model(cfg: str | dict, num_classes: int) -> nn.Module:
         LOGGER.setLevel(level)
 
 
+def read_weights_file(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
+    """Read a PyTorch weights file (``torch.save`` output), refusing a file that is not one.
+
+    The file is read with ``torch.load(weights_only=True)`` (tensors and plain containers only). A file that stores
+    pickled Python objects, as ultralytics ``.pt`` checkpoints do, runs code from the file when loaded: it is read
+    only when ``trust_pickle=True``.
+
+    Args:
+        path: the file.
+        trust_pickle: allow unpickling arbitrary objects.
+
+    Returns:
+        whatever the file holds (a state dict, a checkpoint dict, a module).
+
+    Raises:
+        ConfigurationError: if the file does not exist, is not a PyTorch file ("not a checkpoint"), is damaged, or
+            needs ``trust_pickle``.
+    """
+    import pickle
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigurationError(f"`weights` file {str(path)!r} does not exist. Pass a local .pt/.pth/.ckpt file.")
+    with path.open("rb") as f:
+        head = f.read(2)
+    not_a_checkpoint = (
+        f"`weights` file {str(path)!r} is not a checkpoint: PyTorch checkpoints are zip archives written by "
+        "`torch.save` (or legacy pickles), this file is {what}. Pass the .pt/.pth/.ckpt file itself."
+    )
+    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":
+        what = "a damaged or truncated zip archive" if head == b"PK" else f"neither (it starts with {head!r})"
+        raise ConfigurationError(not_a_checkpoint.format(what=what))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only" not in str(err).lower():
+            raise ConfigurationError(not_a_checkpoint.format(what=f"unreadable ({err})")) from err
+        if not trust_pickle:
+            raise ConfigurationError(
+                f"{str(path)!r} is not a plain state_dict: it stores pickled Python objects (as ultralytics '.pt' "
+                "checkpoints do), and loading it would run code from the file. If you trust the file, pass "
+                "`trust_pickle=True`; or save `YOLO(path).model.state_dict()` with torch.save once and pass that."
+            ) from err
+    except Exception as err:  # noqa: BLE001 - a damaged archive raises RuntimeError, EOFError, ...
+        raise ConfigurationError(not_a_checkpoint.format(what=f"damaged or truncated ({err})")) from err
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (ModuleNotFoundError, AttributeError) as err:
+        raise ConfigurationError(
+            f"{str(path)!r} pickles objects of a library that is not installed or of another version ({err}). "
+            "Install the library that wrote it (ultralytics for YOLO .pt files)."
+        ) from err
+    except Exception as err:  # noqa: BLE001
+        raise ConfigurationError(not_a_checkpoint.format(what=f"unreadable ({err})")) from err
+
+
 def load_matching_weights(net: nn.Module, path: str | os.PathLike, trust_pickle: bool = False) -> dict[str, list[str]]:
     """Copy every tensor of a checkpoint whose name and shape match ``net``'s; report the rest.
 
@@ -53,21 +116,10 @@ def load_matching_weights(net: nn.Module, path: str | os.PathLike, trust_pickle:
         names of ``net`` the file did not provide.
 
     Raises:
-        ConfigurationError: if the file is missing, unreadable, needs ``trust_pickle`` or matches nothing.
+        ConfigurationError: if the file is missing, is not a checkpoint, needs ``trust_pickle`` or matches nothing.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigurationError(f"`weights` file {str(path)!r} does not exist. Pass a local .pt/.pth/.ckpt file.")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises several types for a pickled model
-        if not trust_pickle:
-            raise ConfigurationError(
-                f"{str(path)!r} is not a plain state_dict: it stores pickled Python objects (as ultralytics '.pt' "
-                "checkpoints do), and loading it would run code from the file. If you trust the file, pass "
-                "`trust_pickle=True`; or save `YOLO(path).model.state_dict()` with torch.save once and pass that."
-            ) from err
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = read_weights_file(path, trust_pickle=trust_pickle)
     state = _state_dict_of(ckpt, path)
     own = net.state_dict()
     loaded = [k for k, v in state.items() if k in own and own[k].shape == v.shape]

@@ -1,0 +1,95 @@
+"""Our per-box CAMs next to ultralytics' own LayerCAM (``predict(visualize=True)``), measured (not asserted).
+
+ultralytics 8.4's ``ultralytics.utils.plotting.class_activation_map`` explains the ``topk`` strongest predictions of
+an image with one backward pass each to the three Detect-head inputs, normalises each level and max-merges
+everything into one picture (it also writes that picture as a JPEG, a few ms). Ours explains the same K boxes from
+one forward and one batched backward (:meth:`~xaiwatch.explain.base.Engine.attribute_boxes`); per-box maps, equal
+to ultralytics' before its merge (tests/test_ultralytics_cam.py).
+
+YOLOv8n (random weights, 3 classes), 1 image, 320 px; every time is a ratio to the floor, one forward + one
+backward to the input. Run: python benchmarks/bench_ultralytics_cam.py [--quick]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from run import timeit, yolov8n  # noqa: E402  (the one timer of every benchmark)
+
+
+class _Backend(nn.Module):
+    """What ultralytics' function expects: ``model.model`` is the DetectionModel (as its AutoBackend)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.model = net
+
+    def forward(self, x: torch.Tensor):
+        return self.model(x)
+
+
+def run(quick: bool = False, ks: tuple[int, ...] = (1, 4, 16), size: int = 320) -> dict:
+    """Seconds and ratios to the floor for K boxes: ultralytics' merged LayerCAM and ours per box."""
+    from ultralytics.utils import LOGGER
+    from ultralytics.utils.plotting import class_activation_map
+
+    from xaiwatch.adapters import YOLOv8Adapter
+    from xaiwatch.explain import get_engine
+    from xaiwatch.targets import BoxTarget
+
+    repeat = 2 if quick else 5
+    net = yolov8n()
+    adapter = YOLOv8Adapter(net)
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, size, size)
+    with torch.no_grad():
+        best = adapter.raw(x).scores[0].max(dim=1)
+    order = best.values.argsort(descending=True)
+
+    def floor() -> None:
+        xi = x.clone().requires_grad_()
+        torch.autograd.grad(adapter.raw(xi).scores[0, int(order[0])].max(), xi)
+
+    base = timeit(floor, repeat)
+    results: dict = {"floor seconds (forward + backward to input)": base}
+    layers = [name for name in adapter.layer_names() if name.startswith("neck.")]
+    engines = {
+        "ours layer_cam neck.p3": [get_engine("layer_cam", adapter, layer="neck.p3")],
+        "ours layer_cam all 3 head inputs": [get_engine("layer_cam", adapter, layer=name) for name in layers],
+        "ours hires_cam all 3 head inputs": [get_engine("hires_cam", adapter, layer=name) for name in layers],
+        "ours grad_cam neck.p3": [get_engine("grad_cam", adapter, layer="neck.p3")],
+    }
+    LOGGER.setLevel("ERROR")  # "Saving ... (LayerCAM)" on every call
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in ks:
+            targets = [BoxTarget(int(c), int(best.indices[int(c)])) for c in order[:k]]
+            row = {}
+            row["ultralytics LayerCAM (merged, K backwards)"] = timeit(
+                lambda k=k: class_activation_map(_Backend(net), x, ["b.jpg"], Path(tmp), conf=0.0, topk=k), repeat
+            )
+            for name, group in engines.items():
+                row[name] = timeit(lambda g=group, t=targets: [e.attribute_boxes(x, t) for e in g], repeat)
+            results[f"K={k}"] = {n: {"seconds": v, "x_floor": v / base} for n, v in row.items()}
+    return results
+
+
+def report(results: dict) -> None:
+    print(f"  floor {results['floor seconds (forward + backward to input)'] * 1000:.1f} ms")
+    for key, row in results.items():
+        if key.startswith("K="):
+            for name, r in row.items():
+                print(f"  {key:5s} {name:45s} {r['seconds'] * 1000:8.1f} ms  {r['x_floor']:5.2f} x floor")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    report(run("--quick" in sys.argv))
