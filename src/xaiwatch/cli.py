@@ -133,9 +133,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--callbacks", default=None, help=f"callback preset YAML (default callbacks/{DEFAULT_PRESET})")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--accelerator", default="auto")
+    demo.add_argument("--real", action="store_true", help="real trees and a real checkpoint (xaiwatch.demo_real)")
+    demo.add_argument("--real-model", default="yolov8n-abd", help="with --real: yolov8n-abd|yolov8s-fall|yolov8n")
+    if "--real" in argv:
+        demo.set_defaults(out="demo_real_output", epochs=8, imgsz=224, batch_size=8)
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error(f"--epochs must be >= 1, got {args.epochs}")
+    if args.real:
+        from xaiwatch.demo_real import run_real_demo
+
+        kw = {k: getattr(args, k) for k in ("out", "epochs", "imgsz", "batch_size", "seed", "accelerator")}
+        run_real_demo(model=args.real_model, preset=args.callbacks, **kw)
+        return 0
     run_demo(
         out=args.out,
         epochs=args.epochs,
