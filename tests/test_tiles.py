@@ -12,7 +12,15 @@ from PIL import Image
 
 from xaiwatch.core.errors import ConfigurationError, DatasetFormatError
 from xaiwatch.data import YoloDataModule
-from xaiwatch.data.tiles import MARKER, clip_boxes, make_tiles, split_tiles, tile_origins, write_tiled_dataset
+from xaiwatch.data.tiles import (
+    MARKER,
+    clip_boxes,
+    make_tiles,
+    overlap_groups,
+    split_tiles,
+    tile_origins,
+    write_tiled_dataset,
+)
 from xaiwatch.data.voc import VocAnnotation, read_voc, read_voc_folder
 
 
@@ -172,11 +180,35 @@ def test_split_deterministic() -> None:
         split_tiles(10, 1.0, seed=0)
 
 
+def test_overlapping_tiles_stay_in_one_split(voc_dir: Path, tmp_path: Path) -> None:
+    ann = read_voc(voc_dir / "scene.xml")
+    tiles = make_tiles([ann], tile=48, stride=48)  # x: 0, 48, 52 (flush); y: 0, 22 (flush)
+    assert [(t.x0, t.y0) for t in tiles] == [(0, 0), (48, 0), (52, 0), (0, 22), (48, 22), (52, 22)]
+    groups = overlap_groups(tiles)
+    assert groups.tolist() == [0, 1, 1, 0, 1, 1]
+    for seed in range(5):
+        mask = split_tiles(len(tiles), 0.3, seed, groups=groups)
+        assert 0 < mask.sum() < len(tiles)
+        assert all(len(set(mask[groups == g].tolist())) == 1 for g in np.unique(groups))
+    yaml_path = write_tiled_dataset([ann], tmp_path / "t", tile=48, stride=48, val_fraction=0.3)
+    dm = YoloDataModule(str(yaml_path), imgsz=48)
+    dm.setup("fit")
+    val_x = {int(Path(p).stem.split("_x")[1].split("_")[0]) for p in dm.val_dataset.image_paths}
+    train_x = {int(Path(p).stem.split("_x")[1].split("_")[0]) for p in dm.train_dataset.image_paths}
+    assert val_x.isdisjoint(train_x) and (val_x == {0} or train_x == {0})
+    with pytest.raises(ConfigurationError, match="all tiles overlap each other"):
+        write_tiled_dataset([ann], tmp_path / "u", tile=48, stride=40)
+    with pytest.raises(ConfigurationError, match="`groups` must have one entry per tile"):
+        split_tiles(3, 0.5, 0, groups=np.zeros(2))
+
+
 # ------------------------------------------------------------------------------------------------- the writer
 def test_round_trip_through_datamodule(voc_dir: Path, tmp_path: Path) -> None:
     ann = read_voc(voc_dir / "scene.xml")
     out = tmp_path / "tiles"
-    yaml_path = write_tiled_dataset([ann], out, tile=48, stride=40, val_fraction=0.4, seed=1, single_class=None)
+    yaml_path = write_tiled_dataset(
+        [ann], out, tile=48, stride=40, val_fraction=0.4, seed=1, single_class=None, separate_overlaps=False
+    )
     tiles = {t.name: t for t in make_tiles([ann], 48, 40, 0.5, names=["oak", "pine"], single_class=False)}
     dm = YoloDataModule(str(yaml_path), imgsz=48, batch_size=2, augment=False)
     dm.setup("fit")
@@ -218,7 +250,7 @@ def test_writer_refuses_foreign_folder(voc_dir: Path, tmp_path: Path) -> None:
 def test_writer_rewrites_only_its_own_files(voc_dir: Path, tmp_path: Path) -> None:
     ann = read_voc(voc_dir / "scene.xml")
     out = tmp_path / "tiles"
-    write_tiled_dataset([ann], out, tile=48, stride=40)
+    write_tiled_dataset([ann], out, tile=48, stride=40, separate_overlaps=False)
     old_names = {p.name for p in (out / "labels").rglob("*.txt")}
     # the user adds files inside the folder xaiwatch owns, one of them next to the tiles
     (out / "notes.txt").write_text("keep me")

@@ -4,7 +4,7 @@ Aerial and microscopy images are larger than a detector's input; :func:`write_ti
 into ``tile`` x ``tile`` crops every ``stride`` pixels (plus a last crop flush with the right / bottom edge, so
 no pixel is lost; an image smaller than ``tile`` is one crop of its own size), clips each box to the crop, drops
 boxes of which less than ``min_visible`` of the area is inside, splits the tiles into train / val with a seeded
-permutation and writes::
+permutation (tiles sharing pixels stay on the same side) and writes::
 
     out/dataset.yaml          path, train: images/train, val: images/val, names
     out/images/{train,val}/<image stem>_x<X>_y<Y>.png
@@ -30,7 +30,16 @@ from PIL import Image
 from xaiwatch.core.errors import ConfigurationError, DatasetFormatError
 from xaiwatch.data.voc import VocAnnotation
 
-__all__ = ["MARKER", "Tile", "clip_boxes", "make_tiles", "split_tiles", "tile_origins", "write_tiled_dataset"]
+__all__ = [
+    "MARKER",
+    "Tile",
+    "clip_boxes",
+    "make_tiles",
+    "overlap_groups",
+    "split_tiles",
+    "tile_origins",
+    "write_tiled_dataset",
+]
 
 MARKER = ".xaiwatch-output"
 """Name of the file that marks a folder as written by xaiwatch (it lists the files written)."""
@@ -195,16 +204,58 @@ def make_tiles(
     return tiles
 
 
-def split_tiles(num_tiles: int, val_fraction: float, seed: int) -> np.ndarray:
-    """Boolean "is validation" mask over tiles: ``round(val_fraction * n)`` tiles drawn by a seeded permutation.
+def overlap_groups(tiles: Sequence[Tile]) -> np.ndarray:
+    """Group tiles that share pixels (same source image, overlapping windows), transitively.
+
+    Args:
+        tiles: tiles from :func:`make_tiles`.
+
+    Returns:
+        int64 :math:`(n,)` group index of each tile (groups numbered by first appearance).
+
+    Example:
+        >>> from pathlib import Path
+        >>> t = [Tile(Path("a.png"), x, 0, 32, 32, np.zeros((0, 4)), np.zeros(0, int)) for x in (0, 32, 40)]
+        >>> overlap_groups(t).tolist()
+        [0, 1, 1]
+    """
+    parent = list(range(len(tiles)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, a in enumerate(tiles):
+        for j in range(i + 1, len(tiles)):
+            b = tiles[j]
+            if a.source == b.source and min(a.x0 + a.width, b.x0 + b.width) > max(a.x0, b.x0):
+                if min(a.y0 + a.height, b.y0 + b.height) > max(a.y0, b.y0):
+                    parent[root(j)] = root(i)
+    roots = [root(i) for i in range(len(tiles))]
+    first = {r: k for k, r in enumerate(dict.fromkeys(roots))}
+    return np.asarray([first[r] for r in roots], dtype=np.int64)
+
+
+def split_tiles(num_tiles: int, val_fraction: float, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
+    """Boolean "is validation" mask over tiles, drawn by a seeded permutation.
+
+    Without ``groups``, exactly ``round(val_fraction * n)`` tiles are drawn. With ``groups`` (e.g. from
+    :func:`overlap_groups`), whole groups are drawn in a seeded order until the validation split has at least that
+    many tiles, so that no validation tile shares pixels with a training tile.
 
     Args:
         num_tiles: number of tiles.
         val_fraction: share of tiles in the validation split, in ``(0, 1)``.
         seed: seed of ``numpy.random.default_rng``.
+        groups: optional group index of each tile; a group is never split.
 
     Returns:
-        bool :math:`(n,)`; at least one tile on each side when ``n >= 2``.
+        bool :math:`(n,)`; at least one tile (group) on each side when there are two or more.
+
+    Raises:
+        ConfigurationError: for ``val_fraction`` outside ``(0, 1)``, ``groups`` of another length, or a single group.
 
     Example:
         >>> split_tiles(5, 0.4, seed=0).sum()
@@ -212,12 +263,24 @@ def split_tiles(num_tiles: int, val_fraction: float, seed: int) -> np.ndarray:
     """
     if not 0 < val_fraction < 1:
         raise ConfigurationError(f"`val_fraction` must be in (0, 1), got {val_fraction!r}")
+    groups = np.arange(num_tiles) if groups is None else np.asarray(groups)
+    if groups.shape != (num_tiles,):
+        raise ConfigurationError(f"`groups` must have one entry per tile ({num_tiles}), got shape {groups.shape}")
+    unique = np.unique(groups)
+    if num_tiles >= 2 and len(unique) < 2:
+        raise ConfigurationError(
+            "all tiles overlap each other, so no validation tile can be kept apart from the training tiles; use a "
+            "`stride` of at least `tile`, or `separate_overlaps=False`"
+        )
     n_val = int(round(val_fraction * num_tiles))
     if num_tiles >= 2:
         n_val = min(max(n_val, 1), num_tiles - 1)
-    order = np.random.default_rng(seed).permutation(num_tiles)
+    order = unique[np.random.default_rng(seed).permutation(len(unique))]
     mask = np.zeros(num_tiles, dtype=bool)
-    mask[order[:n_val]] = True
+    for g in order[:-1]:  # the last group drawn always stays in train
+        if mask.sum() >= n_val:
+            break
+        mask |= groups == g
     return mask
 
 
@@ -275,6 +338,7 @@ def write_tiled_dataset(
     single_class: str | None = "tree",
     names: Sequence[str] | None = None,
     keep_empty: bool = True,
+    separate_overlaps: bool = True,
 ) -> Path:
     """Tile annotated images and write them as an ultralytics-layout dataset (see the module docstring).
 
@@ -289,6 +353,8 @@ def write_tiled_dataset(
         single_class: one class of this name for every box (default ``"tree"``); ``None`` keeps the VOC names.
         names: class order when ``single_class`` is ``None`` (default: the sorted VOC names).
         keep_empty: keep tiles without boxes (as background images).
+        separate_overlaps: tiles that share pixels (the crops flush with the edges, or ``stride < tile``) go to the
+            same split (:func:`overlap_groups`), so the validation tiles are unseen pixels.
 
     Returns:
         The path of the written ``dataset.yaml``.
@@ -324,7 +390,7 @@ def write_tiled_dataset(
         tiles = [t for t in tiles if len(t.boxes)]
     if len(tiles) < 2:
         raise ConfigurationError(f"only {len(tiles)} tile(s) to split into train and val; use a smaller `tile`")
-    is_val = split_tiles(len(tiles), val_fraction, seed)
+    is_val = split_tiles(len(tiles), val_fraction, seed, groups=overlap_groups(tiles) if separate_overlaps else None)
     _claim(out)
     written: list[str] = []
     records = []
