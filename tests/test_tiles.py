@@ -278,3 +278,26 @@ def test_writer_bad_input(voc_dir: Path, tmp_path: Path) -> None:
 def test_voc_annotation_len() -> None:
     ann = VocAnnotation(Path("a.xml"), Path("a.png"), None, None, np.zeros((2, 4)), ["a", "b"], np.zeros(2, bool))
     assert len(ann) == 2
+
+
+def test_writer_never_overwrites_a_user_file_in_its_folder(voc_dir: Path, tmp_path: Path) -> None:
+    ann = read_voc(voc_dir / "scene.xml")
+    out = tmp_path / "tiles"
+    write_tiled_dataset([ann], out, tile=50, stride=50)
+    (out / "labels" / "train").mkdir(parents=True, exist_ok=True)
+    # the user drops a file where a tile of another split would go (not listed in the marker)
+    target = out / "labels" / "train" / "scene_x0_y0.txt"
+    listed = json.loads((out / MARKER).read_text())["files"]
+    if "labels/train/scene_x0_y0.txt" in listed:
+        target = out / "labels" / "val" / "scene_x0_y0.txt"
+        target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("0 0.5 0.5 0.1 0.1  # mine\n")
+    for seed in range(6):  # some seed puts that tile in the user's file's split
+        try:
+            write_tiled_dataset([ann], out, tile=50, stride=50, seed=seed)
+        except ConfigurationError as err:
+            assert "exists and was not written by xaiwatch" in str(err)
+            break
+    else:
+        pytest.fail("no seed put the tile where the user's file is")
+    assert target.read_text() == "0 0.5 0.5 0.1 0.1  # mine\n"

@@ -319,6 +319,21 @@ def _claim(out: Path) -> None:
     marker.write_text(json.dumps({"writer": "xaiwatch.data.tiles", "files": []}))
 
 
+def _new_file(out: Path, rel: str, written: list[str]) -> Path:
+    """Reserve ``out/rel`` for writing: refuse a name written twice or a file xaiwatch did not write; update the marker."""
+    path = out / rel
+    if rel in written:
+        raise ConfigurationError(f"two tiles would be written to {path}; source images need distinct file names")
+    if path.exists():
+        raise ConfigurationError(
+            f"{path} exists and was not written by xaiwatch; it is left as is. Move it or choose another output folder."
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written.append(rel)
+    (out / MARKER).write_text(json.dumps({"writer": "xaiwatch.data.tiles", "files": written}))
+    return path
+
+
 def _label_lines(t: Tile) -> str:
     lines = []
     for (x1, y1, x2, y2), c in zip(t.boxes, t.labels):
@@ -394,31 +409,20 @@ def write_tiled_dataset(
     _claim(out)
     written: list[str] = []
     records = []
-    images = {}
+    images: dict[Path, Image.Image] = {}
     for t, val in zip(tiles, is_val):
         split = "val" if val else "train"
         if t.source not in images:
             with Image.open(t.source) as im:
                 images = {t.source: im.convert("RGB")}
         crop = images[t.source].crop((t.x0, t.y0, t.x0 + t.width, t.y0 + t.height))
-        for kind, suffix in (("images", ".png"), ("labels", ".txt")):
-            (out / kind / split).mkdir(parents=True, exist_ok=True)
-            rel = f"{kind}/{split}/{t.name}{suffix}"
-            if (out / rel).exists():
-                raise ConfigurationError(f"two tiles are named {t.name}; source images need distinct file names")
-            written.append(rel)
-            if kind == "images":
-                crop.save(out / rel)
-            else:
-                (out / rel).write_text(_label_lines(t))
+        crop.save(_new_file(out, f"images/{split}/{t.name}.png", written))
+        _new_file(out, f"labels/{split}/{t.name}.txt", written).write_text(_label_lines(t))
         records.append(
             {"name": t.name, "split": split, "source": str(t.source), "x0": t.x0, "y0": t.y0, "width": t.width}
             | {"height": t.height, "num_boxes": len(t.boxes)}
         )
-        (out / MARKER).write_text(json.dumps({"writer": "xaiwatch.data.tiles", "files": written}))
-    (out / "tiles.json").write_text(json.dumps(records, indent=1))
+    _new_file(out, "tiles.json", written).write_text(json.dumps(records, indent=1))
     data = {"path": ".", "train": "images/train", "val": "images/val", "names": dict(enumerate(class_names))}
-    (out / "dataset.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    written += ["tiles.json", "dataset.yaml"]
-    (out / MARKER).write_text(json.dumps({"writer": "xaiwatch.data.tiles", "files": written}))
+    _new_file(out, "dataset.yaml", written).write_text(yaml.safe_dump(data, sort_keys=False))
     return out / "dataset.yaml"

@@ -343,13 +343,20 @@ def _check_labels(dataset: Any, num_classes: int, names: Sequence[str]) -> None:
 
 
 def _check_batch_labels(batch: dict, num_classes: int) -> None:
-    """The same check on one batch, for loaders other than ``YoloDataModule`` (a max over the labels)."""
-    for i, lab in enumerate(batch["labels"]):
-        if lab.numel() and (int(lab.max()) >= num_classes or int(lab.min()) < 0):
-            where = batch.get("paths", [None] * (i + 1))[i] if isinstance(batch.get("paths"), list) else None
-            bad = int(lab.max()) if int(lab.max()) >= num_classes else int(lab.min())
+    """The same check on one batch, for loaders other than ``YoloDataModule`` (one max / min over the labels)."""
+    labels = [lab.reshape(-1) for lab in batch["labels"]]
+    if not labels or not sum(lab.numel() for lab in labels):
+        return
+    flat = torch.cat(labels)
+    if int(flat.max()) < num_classes and int(flat.min()) >= 0:
+        return
+    for i, lab in enumerate(labels):
+        bad = [int(c) for c in lab.tolist() if not 0 <= int(c) < num_classes]
+        if bad:
+            paths = batch.get("paths")
+            where = paths[i] if isinstance(paths, list) and i < len(paths) else i
             raise ConfigurationError(
-                f"a batch has class {bad} (image {where or i}) but the model has `num_classes`={num_classes}; "
+                f"a batch has class {bad[0]} (image {where}) but the model has `num_classes`={num_classes}; "
                 "build the module with the data's number of classes, or remap the labels."
             )
 
