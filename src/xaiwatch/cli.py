@@ -179,6 +179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.add_argument("-o", "--out", default="report.html", help="the HTML file (never replaces a file of yours)")
     report.add_argument("--all-pictures", action="store_true", help="every epoch's explanation pictures, too")
     _add_explain_parser(sub)
+    demo.add_argument("--real", action="store_true", help="real trees and a real checkpoint (xaiwatch.demo_real)")
+    demo.add_argument("--real-model", default="yolov8n-abd", help="with --real: yolov8n-abd|yolov8s-fall|yolov8n")
+    if "--real" in (sys.argv[1:] if argv is None else list(argv)):
+        demo.set_defaults(out="demo_real_output", epochs=8, imgsz=224, batch_size=8)
     args = parser.parse_args(argv)
     if args.command == "explain":
         return _explain(args)
@@ -189,6 +193,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.epochs < 1:
         parser.error(f"--epochs must be >= 1, got {args.epochs}")
+    if args.real:
+        from xaiwatch.demo_real import run_real_demo
+
+        kw = {k: getattr(args, k) for k in ("out", "epochs", "imgsz", "batch_size", "seed", "accelerator")}
+        run_real_demo(model=args.real_model, preset=args.callbacks, **kw)
+        return 0
     run_demo(
         out=args.out,
         epochs=args.epochs,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -19,8 +20,10 @@ from xaiwatch.core.imports import require
 from xaiwatch.models.common import DetectionValidationMixin, detection_optimizer
 
 __all__ = [
+    "WeightsReport",
     "YOLOv8Module",
     "build_detection_model",
+    "class_branch_names",
     "load_matching_weights",
     "read_weights_file",
     "to_ultralytics_batch",
@@ -103,37 +106,182 @@ def read_weights_file(path: str | os.PathLike, trust_pickle: bool = False) -> An
         raise ConfigurationError(not_a_checkpoint.format(what=f"unreadable ({err})")) from err
 
 
-def load_matching_weights(net: nn.Module, path: str | os.PathLike, trust_pickle: bool = False) -> dict[str, list[str]]:
+@dataclass(frozen=True)
+class WeightsReport:
+    """What :func:`load_matching_weights` copied from a checkpoint into a model, and what it left at initialisation.
+
+    Attributes:
+        path: the checkpoint file.
+        total: number of tensors in the model's ``state_dict``.
+        kept: names of the model's tensors copied from the file (same name and shape).
+        reinitialised: names of the model's tensors left at their fresh initialisation.
+        class_branch: names of the model's tensors that depend on the class count (the Detect head's ``cv3``
+            branch, a classifier's ``linear``): re-initialising them is expected when the class count differs.
+        skipped: names in the file that were not copied (absent from the model, or of another shape).
+        source_classes: the number of classes of the file's model, when the file says (ultralytics ``.pt``).
+        source_names: the class names of the file's model, when the file says.
+
+    Example:
+        >>> r = WeightsReport("w.pt", 3, ["a", "b"], ["head.w"], ["head.w"], ["head.w"], 80)
+        >>> r.summary()
+        "kept 2 of 3 tensors from 'w.pt'; re-initialised 1 (all in the class branch; the file has 80 classes)"
+    """
+
+    path: str
+    total: int
+    kept: list[str]
+    reinitialised: list[str]
+    class_branch: list[str]
+    skipped: list[str]
+    source_classes: int | None = None
+    source_names: list[str] | None = field(default=None, repr=False)
+
+    @property
+    def unexpected(self) -> list[str]:
+        """Re-initialised tensors outside the class branch: a sign of another architecture."""
+        branch = set(self.class_branch)
+        return [k for k in self.reinitialised if k not in branch]
+
+    def summary(self) -> str:
+        """One line: how many tensors were kept and re-initialised, and where the re-initialised ones are."""
+        where = "all in the class branch" if not self.unexpected else f"{len(self.unexpected)} outside the class branch"
+        classes = f"; the file has {self.source_classes} classes" if self.source_classes is not None else ""
+        return (
+            f"kept {len(self.kept)} of {self.total} tensors from {self.path!r}; re-initialised "
+            f"{len(self.reinitialised)} ({where}{classes})"
+        )
+
+    def __getitem__(self, key: str) -> list[str]:
+        """The dict keys of earlier versions: ``"loaded"`` (kept), ``"missing"`` (re-initialised), ``"skipped"``."""
+        aliases = {"loaded": self.kept, "missing": self.reinitialised, "skipped": self.skipped}
+        if key not in aliases:
+            raise KeyError(f"{key!r}; use the attributes kept / reinitialised / skipped / class_branch")
+        return aliases[key]
+
+
+def class_branch_names(net: nn.Module) -> list[str]:
+    """Names of ``net``'s tensors whose shape or meaning depends on the number of classes.
+
+    For an ultralytics ``Detect`` head (the last layer, with a ``cv3`` class branch) these are the tensors of
+    ``cv3`` (and of ``one2one_cv3`` for end-to-end heads); for a ``Classify`` head, its ``linear`` layer. YOLOv8's
+    class branch has a hidden width ``max(c0, min(nc, 100))``, so on YOLOv8n its whole branch changes shape with the
+    class count, while on YOLOv8s only the last 1x1 convolution of each level does.
+
+    Args:
+        net: an ultralytics model (``DetectionModel``, ``ClassificationModel``) or any module.
+
+    Returns:
+        The tensor names (empty when no such head is found).
+    """
+    layers = getattr(net, "model", None)
+    if not isinstance(layers, nn.Sequential) or not len(layers):
+        return []
+    head_index = len(layers) - 1
+    prefixes = [
+        f"model.{head_index}.{branch}."
+        for branch in ("cv3", "one2one_cv3", "linear")
+        if isinstance(getattr(layers[head_index], branch, None), nn.Module)
+    ]
+    return [k for k in net.state_dict() if k.startswith(tuple(prefixes))]
+
+
+def _source_classes(ckpt: Any) -> tuple[int | None, list[str] | None]:
+    model = None
+    if isinstance(ckpt, dict):
+        model = ckpt.get("ema") if isinstance(ckpt.get("ema"), nn.Module) else ckpt.get("model")
+    elif isinstance(ckpt, nn.Module):
+        model = ckpt
+    names = getattr(model, "names", None)
+    if isinstance(names, dict):
+        names = [str(names[k]) for k in sorted(names)]
+    nc = getattr(model, "nc", None) if model is not None else None
+    if names is not None and nc is None:
+        nc = len(names)
+    return (int(nc) if nc is not None else None), (list(names) if names is not None else None)
+
+
+def _drop_orphan_counters(kept: list[str], own: dict[str, torch.Tensor]) -> list[str]:
+    """A BatchNorm's scalar ``num_batches_tracked`` always matches in shape: keep it only with its layer's weight."""
+    kept_set = set(kept)
+    out = []
+    for k in kept:
+        layer, _, leaf = k.rpartition(".")
+        if leaf == "num_batches_tracked" and f"{layer}.weight" in own and f"{layer}.weight" not in kept_set:
+            continue
+        out.append(k)
+    return out
+
+
+def _first_width(state: dict[str, torch.Tensor]) -> int | None:
+    w = state.get("model.0.conv.weight")
+    return int(w.shape[0]) if w is not None and w.dim() == 4 else None
+
+
+def load_matching_weights(
+    net: nn.Module, path: str | os.PathLike, trust_pickle: bool = False, strict: bool = False
+) -> WeightsReport:
     """Copy every tensor of a checkpoint whose name and shape match ``net``'s; report the rest.
 
     Reads ``state_dict`` files, Lightning checkpoints and ultralytics ``.pt`` checkpoints. The file is read
     with ``torch.load(weights_only=True)``; an ultralytics checkpoint stores a pickled model object whose
-    loading runs code from the file, so it is read only when ``trust_pickle=True``.
+    loading runs code from the file, so it is read only when ``trust_pickle=True``. Tensors of another shape
+    (e.g. the class branch of a head trained for another class count) keep ``net``'s fresh initialisation.
+
+    Args:
+        net: the model to load into.
+        path: the checkpoint.
+        trust_pickle: allow unpickling Python objects (runs code from the file).
+        strict: refuse the transfer when a tensor outside the class branch (:func:`class_branch_names`) is not
+            found in the file or has another shape, i.e. the file is of another architecture or scale.
 
     Returns:
-        ``{"loaded": [...], "skipped": [...], "missing": [...]}``: names copied, names in the file not
-        copied (absent from ``net`` or of another shape, e.g. the class layer of an 80-class model), and
-        names of ``net`` the file did not provide.
+        The :class:`WeightsReport` (``report["loaded"]``, ``["skipped"]``, ``["missing"]`` still work).
 
     Raises:
-        ConfigurationError: if the file is missing, is not a checkpoint, needs ``trust_pickle`` or matches nothing.
+        ConfigurationError: if the file is missing, not a checkpoint, needs ``trust_pickle``, matches nothing,
+            or (``strict``) leaves tensors outside the class branch uninitialised.
     """
     path = Path(path)
+    if not path.is_file():
+        raise ConfigurationError(f"`weights` file {str(path)!r} does not exist. Pass a local .pt/.pth/.ckpt file.")
     ckpt = read_weights_file(path, trust_pickle=trust_pickle)
+    source_classes, source_names = _source_classes(ckpt)
     state = _state_dict_of(ckpt, path)
     own = net.state_dict()
-    loaded = [k for k, v in state.items() if k in own and own[k].shape == v.shape]
-    if not loaded:
+    kept = [k for k, v in state.items() if k in own and own[k].shape == v.shape]
+    kept = _drop_orphan_counters(kept, own)
+    if not kept:
         raise ConfigurationError(
             f"No tensor of {str(path)!r} matches the model (first names in the file: {list(state)[:3]}). "
             "Is it a checkpoint of the same architecture?"
         )
-    net.load_state_dict({k: state[k] for k in loaded}, strict=False)
-    return {
-        "loaded": loaded,
-        "skipped": [k for k in state if k not in set(loaded)],
-        "missing": [k for k in own if k not in state],
-    }
+    kept_set = set(kept)
+    report = WeightsReport(
+        path=str(path),
+        total=len(own),
+        kept=[k for k in own if k in kept_set],
+        reinitialised=[k for k in own if k not in kept_set],
+        class_branch=class_branch_names(net),
+        skipped=[k for k in state if k not in kept_set],
+        source_classes=source_classes,
+        source_names=source_names,
+    )
+    if strict and report.unexpected:
+        theirs, ours = _first_width(state), _first_width(own)
+        width = (
+            f" The file's first convolution has {theirs} output channels, the model's {ours}: another scale "
+            "(YOLOv8 n/s/m/l/x have 16/32/48/64/80)."
+            if theirs is not None and ours is not None and theirs != ours
+            else ""
+        )
+        raise ConfigurationError(
+            f"`weights` {str(path)!r} fits this model only in part: {report.summary()}, e.g. "
+            f"{report.unexpected[:3]}. It looks like a checkpoint of another architecture.{width} Pass the "
+            "architecture yaml the checkpoint was trained with (`model=`), or `strict=False` to keep the partial "
+            "transfer."
+        )
+    net.load_state_dict({k: state[k] for k in kept}, strict=False)
+    return report
 
 
 def _state_dict_of(ckpt: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -176,6 +324,44 @@ def to_ultralytics_batch(boxes: Sequence[torch.Tensor], labels: Sequence[torch.T
     return {"batch_idx": idx, "cls": cls[:, None], "bboxes": cxcywh}
 
 
+def _check_labels(dataset: Any, num_classes: int, names: Sequence[str]) -> None:
+    """Raise if a label of a :class:`~xaiwatch.data.YoloDataset`-like dataset is not a class of the model."""
+    labels, paths = getattr(dataset, "labels", None), getattr(dataset, "image_paths", None)
+    if labels is None or paths is None:
+        return
+    from xaiwatch.data.yolo import label_path
+
+    for cls, image in zip(labels, paths):
+        bad = [int(c) for c in cls if not 0 <= int(c) < num_classes]
+        if bad:
+            data_names = list(getattr(dataset, "names", []))
+            name = f" ({data_names[bad[0]]!r})" if bad[0] < len(data_names) else ""
+            raise ConfigurationError(
+                f"{label_path(image)} has class {bad[0]}{name} but the model has `num_classes`={num_classes} "
+                f"(names {list(names)}). The data has {len(data_names) or 'more'} classes: build the module with "
+                "num_classes=datamodule.num_classes and names=datamodule.names, or remap the labels."
+            )
+
+
+def _check_batch_labels(batch: dict, num_classes: int) -> None:
+    """The same check on one batch, for loaders other than ``YoloDataModule`` (one max / min over the labels)."""
+    labels = [lab.reshape(-1) for lab in batch["labels"]]
+    if not labels or not sum(lab.numel() for lab in labels):
+        return
+    flat = torch.cat(labels)
+    if int(flat.max()) < num_classes and int(flat.min()) >= 0:
+        return
+    for i, lab in enumerate(labels):
+        bad = [int(c) for c in lab.tolist() if not 0 <= int(c) < num_classes]
+        if bad:
+            paths = batch.get("paths")
+            where = paths[i] if isinstance(paths, list) and i < len(paths) else i
+            raise ConfigurationError(
+                f"a batch has class {bad[0]} (image {where}) but the model has `num_classes`={num_classes}; "
+                "build the module with the data's number of classes, or remap the labels."
+            )
+
+
 class YOLOv8Module(DetectionValidationMixin, pl.LightningModule):
     """A LightningModule that fine-tunes an ultralytics ``DetectionModel`` with ultralytics' own loss.
 
@@ -189,13 +375,28 @@ class YOLOv8Module(DetectionValidationMixin, pl.LightningModule):
             path or dict).
         num_classes: number of classes of the new head.
         names: class names (default ``"0"``, ``"1"``, …).
-        weights: optional local checkpoint; tensors matching by name and shape are copied, the rest reported.
+        weights: optional local checkpoint; tensors matching by name and shape are copied (backbone, neck, box
+            branch), the class branch of the head is re-initialised when its shape differs (another class count),
+            and :attr:`weights_report` (a :class:`WeightsReport`) says which tensors were kept.
         trust_pickle: allow reading an ultralytics ``.pt`` checkpoint (pickled objects, runs code).
+        strict: refuse ``weights`` that leave tensors outside the class branch uninitialised (another
+            architecture or scale, e.g. YOLOv8s weights into YOLOv8n); ``False`` keeps the partial transfer.
         lr: peak learning rate of AdamW.
         weight_decay: decay of conv/linear weights (not of biases and norm layers).
         warmup_steps: steps of linear warm-up.
         box, cls, dfl: loss gains (ultralytics defaults 7.5, 0.5, 1.5).
         val_conf, val_iou: post-processing used for mAP.
+
+    Raises:
+        ConfigurationError: for an invalid argument or unusable ``weights`` (see :func:`load_matching_weights`);
+            in :meth:`setup`, for data whose labels exceed ``num_classes`` or whose image size is not a multiple
+            of the model's stride.
+
+    Example:
+        >>> module = YOLOv8Module("yolov8n.yaml", num_classes=1, names=["tree"])  # doctest: +SKIP
+        >>> module = YOLOv8Module("yolov8n.yaml", num_classes=1, weights="ABD.pt", trust_pickle=True)  # doctest: +SKIP
+        >>> module.weights_report.summary()  # doctest: +SKIP
+        "kept 319 of 355 tensors from 'ABD.pt'; re-initialised 36 (all in the class branch; the file has 147 classes)"
     """
 
     def __init__(
@@ -205,6 +406,7 @@ class YOLOv8Module(DetectionValidationMixin, pl.LightningModule):
         names: list[str] | None = None,
         weights: str | None = None,
         trust_pickle: bool = False,
+        strict: bool = True,
         lr: float = 2e-3,
         weight_decay: float = 5e-4,
         warmup_steps: int = 50,
@@ -226,16 +428,29 @@ class YOLOv8Module(DetectionValidationMixin, pl.LightningModule):
         self.net = build_detection_model(model, num_classes)
         self.net.names = dict(enumerate(self.names))
         self.net.args = SimpleNamespace(box=box, cls=cls, dfl=dfl)
-        self.weights_report: dict[str, list[str]] | None = None
+        self.weights_report: WeightsReport | None = None
         if weights:
-            self.weights_report = load_matching_weights(self.net, weights, trust_pickle=trust_pickle)
-            r = self.weights_report
-            rank_zero_info(
-                f"Loaded {len(r['loaded'])} tensors from {weights}; skipped {len(r['skipped'])} "
-                f"(e.g. {r['skipped'][:3]}), {len(r['missing'])} left at initialisation."
-            )
+            self.weights_report = load_matching_weights(self.net, weights, trust_pickle=trust_pickle, strict=strict)
+            rank_zero_info(f"[xaiwatch] YOLOv8Module: {self.weights_report.summary()}.")
         self._criterion: Any = None
         self._map: Any = None
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def setup(self, stage: str) -> None:
+        """Check the data against the model before any step: label classes and image size (see ``Raises``)."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None:
+            return
+        stride = int(max(getattr(self.net, "stride", torch.tensor([32])).max().item(), 1))
+        imgsz = getattr(datamodule, "hparams", {}).get("imgsz") if hasattr(datamodule, "hparams") else None
+        if isinstance(imgsz, int) and imgsz % stride:
+            lo, hi = max(stride, imgsz // stride * stride), (imgsz // stride + 1) * stride
+            raise ConfigurationError(
+                f"`imgsz` of the data is {imgsz}, not a multiple of the model's largest stride {stride}: the neck's "
+                f"feature maps would not line up. Use imgsz={lo} or {hi}."
+            )
+        for attr in ("train_dataset", "val_dataset"):
+            _check_labels(getattr(datamodule, attr, None), self.hparams.num_classes, self.names)
 
     # ---------------------------------------------------------------------------------------------- adapter
     def xai_adapter(self) -> YOLOv8Adapter:
@@ -266,6 +481,7 @@ class YOLOv8Module(DetectionValidationMixin, pl.LightningModule):
 
     def _loss(self, preds: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         images = batch["images"]
+        _check_batch_labels(batch, self.hparams.num_classes)
         target = to_ultralytics_batch(batch["boxes"], batch["labels"], tuple(images.shape[-2:]))
         loss, items = self.criterion(preds, {k: v.to(images.device) for k, v in target.items()})
         return loss.sum(), items
