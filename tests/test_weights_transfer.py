@@ -16,13 +16,13 @@ from conftest import tiny_cfg
 from xaiwatch.core.errors import ConfigurationError
 from xaiwatch.data import YoloDataModule
 from xaiwatch.models import WeightsReport, YOLOv8Module, class_branch_names, load_matching_weights
-from xaiwatch.models.yolov8 import _build_detection_model, _check_batch_labels
+from xaiwatch.models.yolov8 import build_detection_model, _check_batch_labels
 
 
 def _ultralytics_ckpt(tmp_path: Path, cfg: dict, nc: int, name: str = "src.pt") -> tuple[Path, torch.nn.Module]:
     """A pickled checkpoint in ultralytics' layout ({"model": DetectionModel, ...}) of a seeded model."""
     torch.manual_seed(1)
-    net = _build_detection_model(cfg, nc)
+    net = build_detection_model(cfg, nc)
     net.names = {i: f"c{i}" for i in range(nc)}
     path = tmp_path / name
     torch.save({"model": net, "ema": None, "epoch": 3}, path)
@@ -56,7 +56,7 @@ def test_wide_head_keeps_hidden_class_convs(tmp_path: Path) -> None:
     """With c0 >= 100 (YOLOv8s and larger) the hidden width is fixed: only the last 1x1 conv per level changes."""
     cfg = tiny_cfg()
     path, _ = _ultralytics_ckpt(tmp_path, cfg, 2)
-    net = _build_detection_model(cfg, 1)
+    net = build_detection_model(cfg, 1)
     report = load_matching_weights(net, path, trust_pickle=True, strict=True)
     head = len(net.model) - 1
     # hidden width max(4, min(2, 100)) = max(4, min(1, 100)) = 4: only the 3 output convs (weight + bias) differ
@@ -82,7 +82,7 @@ def test_other_architecture_refused_unless_not_strict(tmp_path: Path) -> None:
 def test_not_a_checkpoint(tmp_path: Path) -> None:
     png = tmp_path / "photo.pt"
     Image.new("RGB", (4, 4)).save(png, format="PNG")
-    net = _build_detection_model(tiny_cfg(), 3)
+    net = build_detection_model(tiny_cfg(), 3)
     with pytest.raises(ConfigurationError, match=r"photo\.pt' is not a checkpoint"):
         load_matching_weights(net, png, trust_pickle=True)
     text = tmp_path / "notes.pt"
