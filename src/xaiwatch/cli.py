@@ -1,15 +1,21 @@
-"""The ``xaiwatch`` command: ``xaiwatch demo`` and ``xaiwatch fit`` (LightningCLI)."""
+"""The ``xaiwatch`` command: ``xaiwatch demo`` and ``xaiwatch fit`` (LightningCLI).
+
+Each subcommand is one ``_add_<name>(subparsers)`` function that adds its parser and sets ``run`` to the function
+running it; ``fit`` hands its arguments to LightningCLI (see :func:`xaiwatch_cli_class`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-__all__ = ["demo_module", "main", "run_demo"]
+__all__ = ["build_parser", "demo_module", "main", "merge_config_callbacks", "run_demo", "xaiwatch_cli_class"]
 
 DEFAULT_PRESET = "demo.yaml"
 
@@ -39,6 +45,14 @@ def run_demo(
 
     ``model`` is an ultralytics architecture yaml (YOLOv8, default ``yolov8n.yaml``) or ``damo`` / ``damo-tiny`` /
     ``damo-small`` / ``damo-medium`` for DAMO-YOLO-T / S / M (modelscope's code, the ``damo`` extra).
+
+    ``out`` must be a new or empty folder, or one an earlier demo wrote (it holds a ``.xaiwatch-output`` marker):
+    the demo never overwrites or deletes a file it did not write. It writes ``out/data`` (the dataset, replaced on a
+    re-run) and ``out/tensorboard/version_<N>`` (a new version each run, with the checkpoints).
+
+    Raises:
+        ConfigurationError: if ``out`` (or ``out/data``) holds files xaiwatch did not write, before anything is
+            written.
     """
     os.environ.setdefault("YOLO_OFFLINE", "1")
     import pytorch_lightning as pl
@@ -46,9 +60,10 @@ def run_demo(
     from pytorch_lightning.loggers import TensorBoardLogger
 
     from xaiwatch.callbacks import ExplainCallback, load_callbacks
+    from xaiwatch.core.outputs import prepare_output_folder
     from xaiwatch.data import YoloDataModule, generate
 
-    out = Path(out)
+    out = prepare_output_folder(out, what="the demo's output (choose it with --out)", keep=True)
     start = time.perf_counter()
     data_yaml = generate(out / "data", num_train=num_train, num_val=num_val, imgsz=imgsz, seed=seed, overwrite=True)
     print(f"[xaiwatch] dataset written to {data_yaml.parent} ({time.perf_counter() - start:.1f} s)", flush=True)
@@ -97,45 +112,167 @@ def demo_module(model: str, num_classes: int, names: list[str]) -> object:
     return YOLOv8Module(model, num_classes=num_classes, names=names)
 
 
-def _fit(argv: Sequence[str]) -> None:
+@functools.cache
+def xaiwatch_cli_class() -> type:
+    """The LightningCLI subclass of ``xaiwatch fit`` (built on first use: ``import xaiwatch.cli`` stays light).
+
+    Returns:
+        A ``LightningCLI`` subclass whose model takes ``num_classes`` and ``names`` from ``--data.dataset_yaml``
+        when they are not given.
+    """
     from pytorch_lightning.cli import LightningCLI
 
+    from xaiwatch.core.errors import ConfigurationError
+
+    class _XaiwatchCLI(LightningCLI):
+        """LightningCLI whose model takes ``num_classes`` and ``names`` from the dataset yaml when not given.
+
+        ``--model.num_classes`` defaults to the number of classes of ``--data.dataset_yaml`` (a different explicit
+        value is an error before anything is built), ``--model.names`` to its ``names``.
+        """
+
+        def add_arguments_to_parser(self, parser: Any) -> None:
+            parser.set_defaults({"model.num_classes": 0})  # 0 = "from the dataset yaml", filled in below
+
+        def before_instantiate_classes(self) -> None:
+            from xaiwatch.data.yolo import _load_dataset_yaml, _parse_names
+
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            model, data = config.get("model"), config.get("data")
+            if model is None or data is None or not data.get("dataset_yaml"):
+                return
+            yaml_path = Path(data["dataset_yaml"])
+            names = _parse_names(yaml_path, _load_dataset_yaml(yaml_path))
+            given = model.get("num_classes")
+            if given in (0, None):
+                model["num_classes"] = len(names)
+            elif given != len(names):
+                raise ConfigurationError(
+                    f"`--model.num_classes` is {given} but {yaml_path} names {len(names)} classes ({names}); "
+                    "leave `--model.num_classes` out (it is read from the dataset yaml) or fix the yaml"
+                )
+            if model.get("names") is None:
+                model["names"] = names
+
+    _XaiwatchCLI.__name__ = _XaiwatchCLI.__qualname__ = "XaiwatchCLI"
+    return _XaiwatchCLI
+
+
+def _config_files(argv: list[str]) -> list[tuple[int, str]]:
+    """``(index in argv of the value, value)`` of every ``--config`` argument."""
+    found = []
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            found.append((i + 1, argv[i + 1]))
+        elif arg.startswith("--config="):
+            found.append((i, arg.partition("=")[2]))
+    return found
+
+
+def merge_config_callbacks(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Make later ``--config`` files add to ``trainer.callbacks`` instead of replacing it.
+
+    LightningCLI (jsonargparse) replaces a list given by an earlier config file with the later one, so with
+    ``--config explain.yaml --config gate.yaml`` the explain callbacks would be silently dropped. Every config file
+    after the first that defines ``trainer.callbacks`` is passed as its YAML text with the key ``callbacks+``
+    (jsonargparse's "append to the list").
+
+    Args:
+        argv: the ``fit`` arguments.
+
+    Returns:
+        The arguments to give LightningCLI, and one note per merged file (empty when nothing was merged).
+
+    Example:
+        >>> merge_config_callbacks(["fit", "--trainer.max_epochs", "1"])
+        (['fit', '--trainer.max_epochs', '1'], [])
+    """
+    import yaml
+
+    argv = list(argv)
+    notes: list[str] = []
+    seen = 0
+    for index, value in _config_files(argv):
+        path = Path(value)
+        if not path.is_file():
+            continue  # LightningCLI reports a missing file (or reads an inline YAML string)
+        config = yaml.safe_load(path.read_text())
+        trainer = config.get("trainer") if isinstance(config, dict) else None
+        if not isinstance(trainer, dict) or "callbacks" not in trainer:
+            continue
+        seen += 1
+        if seen == 1:
+            continue
+        callbacks = trainer.pop("callbacks")
+        trainer["callbacks+"] = callbacks if isinstance(callbacks, list) else [callbacks]
+        text = yaml.safe_dump(config, sort_keys=False)
+        argv[index] = f"--config={text}" if argv[index].startswith("--config=") else text
+        names = [str(c.get("class_path", "?")).rsplit(".", 1)[-1] for c in trainer["callbacks+"] if isinstance(c, dict)]
+        notes.append(f"{value}: its trainer.callbacks ({', '.join(names)}) are added to the earlier config's")
+    return argv, notes
+
+
+def _run_fit(argv: Sequence[str]) -> int:
+    """``xaiwatch fit ...``: LightningCLI with YOLOv8Module and YoloDataModule."""
     from xaiwatch.data import YoloDataModule
     from xaiwatch.models import YOLOv8Module
 
-    LightningCLI(YOLOv8Module, YoloDataModule, args=list(argv), save_config_kwargs={"overwrite": True})
+    args, notes = merge_config_callbacks(argv)
+    for note in notes:
+        print(f"[xaiwatch] {note}", flush=True)
+    xaiwatch_cli_class()(YOLOv8Module, YoloDataModule, args=args)
+    return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``xaiwatch`` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "fit":
-        _fit(argv)
-        return 0
-    parser = argparse.ArgumentParser(prog="xaiwatch", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("fit", help="LightningCLI fit with YOLOv8Module and YoloDataModule (takes --config presets)")
+def _positive_int(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer ``>= minimum`` (else a parser error naming the value)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _add_fit(sub: Any) -> None:
+    sub.add_parser(
+        "fit",
+        help="LightningCLI fit with YOLOv8Module and YoloDataModule (takes --config presets; several are merged)",
+    )
+
+
+def _add_demo(sub: Any) -> None:
     demo = sub.add_parser(
         "demo",
         help="fine-tune YOLOv8n (or DAMO-YOLO: --model damo) on generated data with the callbacks, log to TensorBoard",
     )
-    demo.add_argument("--out", default="demo_output", help="output folder (dataset and TensorBoard logs)")
-    demo.add_argument("--epochs", type=int, default=12)
-    demo.add_argument("--imgsz", type=int, default=160)
-    demo.add_argument("--num-train", type=int, default=600)
-    demo.add_argument("--num-val", type=int, default=100)
-    demo.add_argument("--batch-size", type=int, default=16)
+    demo.add_argument(
+        "--out",
+        default="demo_output",
+        help="output folder (dataset and TensorBoard logs): new, empty or an earlier demo's; never a folder of yours",
+    )
+    demo.add_argument("--epochs", type=_positive_int(1), default=12)
+    demo.add_argument("--imgsz", type=_positive_int(32), default=160, help="image side in pixels (>= 32)")
+    demo.add_argument("--num-train", type=_positive_int(1), default=600)
+    demo.add_argument("--num-val", type=_positive_int(1), default=100)
+    demo.add_argument("--batch-size", type=_positive_int(1), default=16)
     demo.add_argument(
         "--model",
         default="yolov8n.yaml",
         help="ultralytics architecture yaml (YOLOv8), or damo / damo-tiny / damo-small / damo-medium (DAMO-YOLO)",
     )
     demo.add_argument("--callbacks", default=None, help=f"callback preset YAML (default callbacks/{DEFAULT_PRESET})")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=_positive_int(0), default=0)
     demo.add_argument("--accelerator", default="auto")
-    args = parser.parse_args(argv)
-    if args.epochs < 1:
-        parser.error(f"--epochs must be >= 1, got {args.epochs}")
+    demo.set_defaults(run=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
     run_demo(
         out=args.out,
         epochs=args.epochs,
@@ -149,6 +286,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         accelerator=args.accelerator,
     )
     return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``xaiwatch`` argument parser: one ``_add_<command>`` per subcommand."""
+    from xaiwatch import __version__
+
+    parser = argparse.ArgumentParser(prog="xaiwatch", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"xaiwatch {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_fit, _add_demo):
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``xaiwatch`` console script.
+
+    An :class:`~xaiwatch.core.errors.XaiwatchError` (bad input) ends the command with its message and exit status
+    2, without a traceback.
+    """
+    from xaiwatch.core.errors import XaiwatchError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "fit":
+        try:
+            return _run_fit(argv)
+        except XaiwatchError as err:
+            print(f"xaiwatch fit: error: {err}", file=sys.stderr)
+            return 2
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args))
+    except XaiwatchError as err:
+        print(f"xaiwatch {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
