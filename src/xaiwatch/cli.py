@@ -63,6 +63,8 @@ def run_demo(
     from xaiwatch.core.outputs import prepare_output_folder
     from xaiwatch.data import YoloDataModule, generate
 
+    preset = preset if preset is not None else _default_preset()
+    callbacks = load_callbacks(preset) if preset else [ExplainCallback()]  # a bad preset stops before any write
     out = prepare_output_folder(out, what="the demo's output (choose it with --out)", keep=True)
     start = time.perf_counter()
     data_yaml = generate(out / "data", num_train=num_train, num_val=num_val, imgsz=imgsz, seed=seed, overwrite=True)
@@ -71,8 +73,6 @@ def run_demo(
     datamodule = YoloDataModule(str(data_yaml), imgsz=imgsz, batch_size=batch_size, num_workers=0, seed=seed)
     datamodule.setup("fit")
     module = demo_module(model, num_classes=datamodule.num_classes, names=datamodule.names)
-    preset = preset if preset is not None else _default_preset()
-    callbacks = load_callbacks(preset) if preset else [ExplainCallback()]
     logger = TensorBoardLogger(str(out), name="tensorboard", default_hp_metric=False)
     trainer = pl.Trainer(
         max_epochs=epochs,
