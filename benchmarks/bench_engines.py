@@ -17,9 +17,9 @@ from collections.abc import Callable
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from run import timeit, yolov8n  # noqa: E402
+from run import smoke, timeit, yolov8n  # noqa: E402
 
-SIZE = 320
+SIZE = 160 if smoke() else 320
 
 
 def _setup():
@@ -38,7 +38,7 @@ def _rows(quick: bool) -> dict[str, Callable[[], object]]:
 
     adapter, x, target = _setup()
     f = lambda images: adapter.score(images, target)  # noqa: E731
-    masks = 200 if quick else 1000
+    masks = 32 if smoke() else 200 if quick else 1000
     drise = get_engine("d_rise", adapter, num_masks=masks, conf=0.0)
     grey = torch.full_like(x, 0.5)
 
