@@ -253,6 +253,21 @@ def test_corrupt_training_image_is_found_at_setup(tmp_path):
     YoloDataModule(data, imgsz=64, batch_size=2, check_images=False).setup("fit")  # the opt-out
 
 
+def test_truncated_jpeg_and_non_images_are_found(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from xaiwatch.data.yolo import verify_images
+
+    good, cut, junk = tmp_path / "good.jpg", tmp_path / "cut.jpg", tmp_path / "junk.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(good, quality=90)
+    cut.write_bytes(good.read_bytes()[:-500])  # PIL's verify() alone accepts it
+    junk.write_bytes(b"<html>not an image</html>")
+    verify_images([good])
+    with pytest.raises(DatasetFormatError, match=r"2 unreadable images .*cut\.jpg .*end-of-image marker.*junk\.png"):
+        verify_images([good, cut, junk])
+
+
 def test_no_adapter_for_a_plain_module_still_explains_what_to_do():
     from xaiwatch.adapters import resolve_adapter
 

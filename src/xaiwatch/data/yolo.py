@@ -61,9 +61,11 @@ def _list_images(folder: Path) -> list[Path]:
 def verify_images(paths: Sequence[str | Path]) -> None:
     """Check that every image file is readable: its header parses and its data is complete (PIL ``verify``).
 
-    ``verify`` reads the file without decoding the pixels (PNG: every chunk and its CRC; JPEG: the markers), so
-    a truncated or corrupt file is found before training rather than at the batch that holds it. Measured here:
-    about 0.1 ms per 160 px PNG, 0.1 s per 1000 images.
+    ``verify`` reads the file without decoding the pixels (PNG: every chunk and its CRC); PIL does not check a
+    JPEG's data, so a JPEG must also end with its end-of-image marker (the check ultralytics makes). A truncated or
+    corrupt file is found before training rather than at the batch that holds it. Measured here (2 shared cores
+    under load): about 1 s per 1000 files (0.9 s for 160 px PNGs, 1.3 s for 640x480 JPEGs), against 14 s and
+    55 s to decode them.
 
     Args:
         paths: image paths.
@@ -85,6 +87,9 @@ def verify_images(paths: Sequence[str | Path]) -> None:
         try:
             with Image.open(p) as im:
                 im.verify()
+                fmt = im.format
+            if fmt == "JPEG" and not _jpeg_ends(Path(p)):
+                raise OSError("the JPEG end-of-image marker is missing (truncated file)")
         except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, struct.error... for bad files
             bad.append(f"{p} ({type(e).__name__}: {e})")
     if bad:
@@ -93,6 +98,15 @@ def verify_images(paths: Sequence[str | Path]) -> None:
             f"{'; '.join(bad[:5])}{'; ...' if len(bad) > 5 else ''}. Fix or remove them (with their label files), "
             "or pass check_images=False to skip this check"
         )
+
+
+def _jpeg_ends(path: Path) -> bool:
+    """Whether a JPEG file ends with the end-of-image marker ``FFD9`` (trailing padding bytes allowed)."""
+    with path.open("rb") as f:
+        f.seek(0, 2)
+        f.seek(max(0, f.tell() - 64))
+        tail = f.read().rstrip(b"\x00")
+    return tail.endswith(b"\xff\xd9")
 
 
 def _parse_label_file(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
