@@ -48,7 +48,7 @@ def bench_check_costs(repeat: int = 3, probes: int = 16) -> dict:
         return [engines["saliency"].attribute_boxes(images[i : i + 1], [t]) for i, t in enumerate(targets)]
 
     base = timeit(explain, repeat)
-    rows = {"one explanation (16 saliency maps)": {"seconds": base, "x_explanation": 1.0}}
+    rows = {f"one explanation ({probes} saliency maps)": {"seconds": base, "x_explanation": 1.0}}
     for check in CHECKS:
         cf = images.flip(-1) if check == "counterfactual_flip" else None
         seconds = timeit(
