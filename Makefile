@@ -16,7 +16,7 @@ export YOLO_OFFLINE = 1
 export HF_HUB_OFFLINE = 1
 export MPLBACKEND = Agg
 
-.PHONY: venv demo test test-fast test-proof test-families test-real bench lint clean
+.PHONY: venv demo test test-fast test-proof test-families test-real bench bench-quick lint clean
 
 venv: $(STAMP)
 
@@ -47,6 +47,9 @@ test-fast: venv
 
 bench: venv
 	$(PY) benchmarks/run.py
+
+bench-quick: venv
+	$(PY) benchmarks/run.py --quick
 
 lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks examples

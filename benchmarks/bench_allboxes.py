@@ -14,10 +14,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import timeit, yolov8n  # noqa: E402
+from run import smoke, timeit, yolov8n  # noqa: E402
 
 
-def bench_allboxes(repeat: int = 3, ks: tuple[int, ...] = (1, 4, 16)) -> dict:
+def bench_allboxes(repeat: int = 3, ks: tuple[int, ...] | None = None) -> dict:
     """Seconds and x-floor of all-box saliency and Grad-CAM (ours) and Grad-CAM per box (pytorch-grad-cam)."""
     from pytorch_grad_cam import GradCAM
 
@@ -28,7 +28,9 @@ def bench_allboxes(repeat: int = 3, ks: tuple[int, ...] = (1, 4, 16)) -> dict:
     net = yolov8n()
     adapter = YOLOv8Adapter(net)
     torch.manual_seed(0)
-    x = torch.rand(1, 3, 320, 320)
+    ks = ks or ((1, 4) if smoke() else (1, 4, 16))
+    size = 160 if smoke() else 320
+    x = torch.rand(1, 3, size, size)
 
     def floor():
         xi = x.clone().requires_grad_()

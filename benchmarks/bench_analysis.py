@@ -77,8 +77,8 @@ def bench_error_share(out: Path, num_val: int = 64) -> dict:
             cb._run(module, step=99)
         runs[top_k] = time.perf_counter() - start
     return {
-        "validation pass seconds (64 images)": times["val"],
-        "error analysis seconds (64 images, 4 explained)": runs[2],
+        f"validation pass seconds ({num_val} images)": times["val"],
+        f"error analysis seconds ({num_val} images, 4 explained)": runs[2],
         "share of a validation pass": runs[2] / times["val"],
         "error analysis seconds without explanations": runs[0],
         "share without explanations": runs[0] / times["val"],
@@ -122,9 +122,13 @@ def bench_boundary(repeat: int = 3) -> dict:
     }
 
 
-def bench_analysis(out: str | Path = "bench_output") -> dict:
-    out = Path(out)
-    out.mkdir(exist_ok=True)
+def bench_analysis(out: str | Path = "bench_output", quick: bool = False) -> dict:
+    """Both measurements; ``quick`` (the smoke run) uses 16 validation images and one boundary probe."""
+    from xaiwatch.core.outputs import prepare_output_folder
+
+    out = prepare_output_folder(out, what="the benchmarks' output", keep=True)
+    if quick:
+        return {"error_share": bench_error_share(out, num_val=16), "boundary_probe": bench_boundary(repeat=1)}
     return {"error_share": bench_error_share(out), "boundary_probe": bench_boundary()}
 
 

@@ -24,7 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-from run import timeit  # noqa: E402  (the one timer of every benchmark)
+from run import smoke, timeit  # noqa: E402  (the one timer of every benchmark)
 
 
 def _adapters() -> dict:
@@ -43,8 +43,9 @@ def bench_methods(repeat: int) -> dict:
     from xaiwatch.explain import get_engine
     from xaiwatch.targets import BoxTarget
 
-    x = torch.rand(4, 3, 320, 320, generator=torch.Generator().manual_seed(0))
-    targets = [BoxTarget(100 * (i + 1), i % 3) for i in range(4)]  # P3 candidates (1,600 of 2,100 at 320 px)
+    batch, size = (1, 160) if smoke() else (4, 320)
+    x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    targets = [BoxTarget(100 * (i + 1), i % 3) for i in range(batch)]  # P3 candidates (1,600 of 2,100 at 320 px)
     results = {}
     for name, adapter in _adapters().items():
 
@@ -73,17 +74,17 @@ def bench_methods(repeat: int) -> dict:
 def bench_demo_epoch(quick: bool, out: Path) -> dict:
     """Seconds of one demo epoch (fit of 1 epoch: train + validation), without and with callbacks/demo.yaml."""
     import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
 
-    from xaiwatch.callbacks import load_callbacks
     from xaiwatch.cli import demo_module
     from xaiwatch.data import YoloDataModule, generate
 
-    n_train = 160 if quick else 600
-    data = generate(out / "damo_data", num_train=n_train, num_val=100, imgsz=160, seed=0, overwrite=True)
+    n_train, n_val = (32, 16) if quick else (600, 100)
+    data = generate(out / "damo_data", num_train=n_train, num_val=n_val, imgsz=160, seed=0, overwrite=True)
     results = {}
     for model in ("damo", "yolov8n.yaml"):
         row = {}
-        for label, callbacks in (("plain", []), ("demo callbacks", load_callbacks(ROOT / "callbacks" / "demo.yaml"))):
+        for label, callbacks in (("plain", []), ("demo callbacks", _demo_callbacks(quick))):
             pl.seed_everything(0)
             dm = YoloDataModule(str(data), imgsz=160, batch_size=16, seed=0)
             dm.setup("fit")
@@ -92,7 +93,9 @@ def bench_demo_epoch(quick: bool, out: Path) -> dict:
                 max_epochs=1,
                 logger=pl.loggers.TensorBoardLogger(str(out), name="bench_damo"),
                 callbacks=callbacks,
-                enable_checkpointing=False,
+                # demo.yaml holds a GatedModelCheckpoint (Lightning refuses one with enable_checkpointing=False); it
+                # writes into the logger's version folder, as in the demo
+                enable_checkpointing=any(isinstance(cb, ModelCheckpoint) for cb in callbacks),
                 enable_progress_bar=False,
                 enable_model_summary=False,
                 num_sanity_val_steps=0,
@@ -111,6 +114,22 @@ def bench_demo_epoch(quick: bool, out: Path) -> dict:
     return results
 
 
+def _demo_callbacks(quick: bool) -> list:
+    """callbacks/demo.yaml; in the smoke run with at most 2 probes each and a 10 s boundary budget."""
+    from xaiwatch.callbacks import load_callbacks
+
+    callbacks = load_callbacks(ROOT / "callbacks" / "demo.yaml")
+    if quick:
+        for cb in callbacks:
+            if hasattr(cb, "num_probe"):
+                cb.num_probe = min(cb.num_probe, 2)
+            if hasattr(cb, "max_images"):
+                cb.max_images = min(cb.max_images, 8)
+            if hasattr(cb, "budget_seconds"):
+                cb.budget_seconds = 10
+    return callbacks
+
+
 def _callback_seconds(log_dir: str) -> dict:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -124,9 +143,10 @@ def _callback_seconds(log_dir: str) -> dict:
 
 
 def run(quick: bool = False, out: str | Path = "bench_output") -> dict:
-    """Both measurements; ``quick`` uses fewer repeats and a 160-image epoch."""
-    out = Path(out)
-    out.mkdir(exist_ok=True)
+    """Both measurements; ``quick`` (the smoke run) uses one repeat at 160 px and a 32-image epoch."""
+    from xaiwatch.core.outputs import prepare_output_folder
+
+    out = prepare_output_folder(out, what="the benchmarks' output", keep=True)
     return {"methods_320px_batch4": bench_methods(3 if quick else 5), "demo_epoch": bench_demo_epoch(quick, out)}
 
 
@@ -135,4 +155,6 @@ if __name__ == "__main__":
 
     sys.path.insert(0, str(ROOT / "src"))
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if "--quick" in sys.argv:
+        os.environ["XAIWATCH_BENCH_SMOKE"] = "1"
     print(json.dumps(run("--quick" in sys.argv), indent=1))

@@ -17,9 +17,9 @@ from collections.abc import Callable
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from run import timeit, yolov8n  # noqa: E402
+from run import smoke, timeit, yolov8n  # noqa: E402
 
-SIZE = 320
+SIZE = 160 if smoke() else 320
 
 
 def _setup():
@@ -28,7 +28,7 @@ def _setup():
 
     adapter = YOLOv8Adapter(yolov8n())
     torch.manual_seed(0)
-    return adapter, torch.rand(1, 3, SIZE, SIZE), BoxTarget(700, 1)
+    return adapter, torch.rand(1, 3, SIZE, SIZE), BoxTarget(700 if SIZE == 320 else 170, 1)  # a central P3 cell
 
 
 def _rows(quick: bool) -> dict[str, Callable[[], object]]:
@@ -38,7 +38,7 @@ def _rows(quick: bool) -> dict[str, Callable[[], object]]:
 
     adapter, x, target = _setup()
     f = lambda images: adapter.score(images, target)  # noqa: E731
-    masks = 200 if quick else 1000
+    masks = 8 if smoke() else 200 if quick else 1000
     drise = get_engine("d_rise", adapter, num_masks=masks, conf=0.0)
     grey = torch.full_like(x, 0.5)
 
@@ -53,20 +53,27 @@ def _rows(quick: bool) -> dict[str, Callable[[], object]]:
                 adapter.raw(x.expand(min(b, masks - lo), -1, -1, -1))
 
     rows = {"floor (1 forward + backward)": floor}
-    ours = {m: get_engine(m, adapter) for m in ("integrated_gradients", "smoothgrad", "gradient_shap")}
-    rows["integrated_gradients 32 steps (ours)"] = lambda: ours["integrated_gradients"].attribute(x, target)
-    for b in (8, 16, 32):
-        rows[f"integrated_gradients 32 steps (Captum, internal_batch_size={b})"] = lambda b=b: IntegratedGradients(
+    # the smoke run (--quick in run.py) keeps every row but with 4 steps / samples and one batch size
+    steps, samples = (4, 4) if smoke() else (32, 16)
+    ig_batches, nt_batches = ((4,), (4,)) if smoke() else ((8, 16, 32), (8, 16))
+    ours = {
+        "integrated_gradients": get_engine("integrated_gradients", adapter, n_steps=steps),
+        "smoothgrad": get_engine("smoothgrad", adapter, nt_samples=samples),
+        "gradient_shap": get_engine("gradient_shap", adapter, n_samples=samples),
+    }
+    rows[f"integrated_gradients {steps} steps (ours)"] = lambda: ours["integrated_gradients"].attribute(x, target)
+    for b in ig_batches:
+        rows[f"integrated_gradients {steps} steps (Captum, internal_batch_size={b})"] = lambda b=b: IntegratedGradients(
             f
-        ).attribute(x.clone(), baselines=x * 0, n_steps=32, internal_batch_size=b)
-    rows["smoothgrad 16 samples (ours)"] = lambda: ours["smoothgrad"].attribute(x, target)
-    for b in (8, 16):
-        rows[f"smoothgrad 16 samples (Captum, nt_samples_batch_size={b})"] = lambda b=b: NoiseTunnel(
+        ).attribute(x.clone(), baselines=x * 0, n_steps=steps, internal_batch_size=b)
+    rows[f"smoothgrad {samples} samples (ours)"] = lambda: ours["smoothgrad"].attribute(x, target)
+    for b in nt_batches:
+        rows[f"smoothgrad {samples} samples (Captum, nt_samples_batch_size={b})"] = lambda b=b: NoiseTunnel(
             Saliency(f)
-        ).attribute(x.clone(), nt_type="smoothgrad", nt_samples=16, stdevs=0.15, nt_samples_batch_size=b)
-    rows["gradient_shap 16 samples (ours)"] = lambda: ours["gradient_shap"].attribute(x, target)
-    rows["gradient_shap 16 samples (Captum)"] = lambda: GradientShap(f).attribute(
-        x.clone(), baselines=torch.cat([x * 0, grey]), n_samples=16, stdevs=0.09
+        ).attribute(x.clone(), nt_type="smoothgrad", nt_samples=samples, stdevs=0.15, nt_samples_batch_size=b)
+    rows[f"gradient_shap {samples} samples (ours)"] = lambda: ours["gradient_shap"].attribute(x, target)
+    rows[f"gradient_shap {samples} samples (Captum)"] = lambda: GradientShap(f).attribute(
+        x.clone(), baselines=torch.cat([x * 0, grey]), n_samples=samples, stdevs=0.09
     )
     rows[f"d_rise {masks} masks (ours)"] = lambda: drise.attribute(x, target)
     rows[f"d_rise floor ({masks} masked forwards, batched)"] = drise_floor

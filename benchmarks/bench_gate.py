@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 
-def bench_check_costs(repeat: int = 3) -> dict:
+def bench_check_costs(repeat: int = 3, probes: int = 16) -> dict:
     from bench_analysis import _responsive
     from run import timeit
 
@@ -36,8 +36,8 @@ def bench_check_costs(repeat: int = 3) -> dict:
     net = _responsive(build_detection_model("yolov8n.yaml", 3))
     adapter = YOLOv8Adapter(net)
     g = torch.Generator().manual_seed(0)
-    images = torch.rand(16, 3, 160, 160, generator=g)
-    xy = torch.randint(0, 110, (16, 2), generator=g).float()
+    images = torch.rand(probes, 3, 160, 160, generator=g)
+    xy = torch.randint(0, 110, (probes, 2), generator=g).float()
     boxes = torch.cat([xy, xy + 40], dim=1)
     targets = [MatchedBoxTarget(b, 0) for b in boxes]
     engines = {"saliency": get_engine("saliency", adapter)}
@@ -48,7 +48,7 @@ def bench_check_costs(repeat: int = 3) -> dict:
         return [engines["saliency"].attribute_boxes(images[i : i + 1], [t]) for i, t in enumerate(targets)]
 
     base = timeit(explain, repeat)
-    rows = {"one explanation (16 saliency maps)": {"seconds": base, "x_explanation": 1.0}}
+    rows = {f"one explanation ({probes} saliency maps)": {"seconds": base, "x_explanation": 1.0}}
     for check in CHECKS:
         cf = images.flip(-1) if check == "counterfactual_flip" else None
         seconds = timeit(
@@ -61,16 +61,15 @@ def bench_check_costs(repeat: int = 3) -> dict:
     return rows
 
 
-def bench_gate_share(quick: bool) -> dict:
+def bench_gate_share(quick: bool, out: Path = Path("bench_output")) -> dict:
     import pytorch_lightning as pl
 
     from xaiwatch.callbacks import SaliencyGate
     from xaiwatch.data import YoloDataModule, generate
     from xaiwatch.models import YOLOv8Module
 
-    out = Path("bench_output")
-    n_train = 160 if quick else 600
-    data = generate(out / "gate_data", num_train=n_train, num_val=64, imgsz=160, seed=0, overwrite=True)
+    n_train, n_val, n_probe = (32, 16, 4) if quick else (600, 64, 16)
+    data = generate(out / "gate_data", num_train=n_train, num_val=n_val, imgsz=160, seed=0, overwrite=True)
     dm = YoloDataModule(str(data), imgsz=160, batch_size=16)
     times: dict[str, float] = {}
 
@@ -81,7 +80,7 @@ def bench_gate_share(quick: bool) -> dict:
         def on_validation_end(self, trainer, pl_module):
             times["epoch"] = time.perf_counter() - times["start"]
 
-    gate = SaliencyGate(on_error="raise")
+    gate = SaliencyGate(num_probe=n_probe, on_error="raise")
     torch.manual_seed(0)
     module = YOLOv8Module("yolov8n.yaml", num_classes=dm.num_classes, names=dm.names)
     trainer = pl.Trainer(
@@ -98,16 +97,25 @@ def bench_gate_share(quick: bool) -> dict:
     epoch = (times["epoch"] - gate_s) * 600 / n_train
     return {
         "train+val epoch seconds (600 images)": epoch,
-        "gate seconds (16 probes, default checks)": gate_s,
+        f"gate seconds ({n_probe} probes, default checks)": gate_s,
         "share of epoch time": gate_s / (epoch + gate_s),
     }
 
 
-def bench_gate(quick: bool) -> dict:
-    return {"checks": bench_check_costs(2 if quick else 3), "share": bench_gate_share(quick)}
+def bench_gate(quick: bool, out: str | Path = "bench_output") -> dict:
+    """Both measurements; ``quick`` (the smoke run): 4 probes, a 32-image epoch."""
+    from xaiwatch.core.outputs import prepare_output_folder
+
+    out = prepare_output_folder(out, what="the benchmarks' output", keep=True)
+    return {
+        "checks": bench_check_costs(1 if quick else 3, probes=4 if quick else 16),
+        "share": bench_gate_share(quick, out),
+    }
 
 
 if __name__ == "__main__":
     import json
 
+    if "--quick" in sys.argv:
+        os.environ["XAIWATCH_BENCH_SMOKE"] = "1"
     print(json.dumps(bench_gate("--quick" in sys.argv), indent=1))

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from run import timeit, yolov8n  # noqa: E402
+from run import smoke, timeit, yolov8n  # noqa: E402
 
-SIZE, IMAGES, BATCH, LAYERS = 320, 16, 8, ["neck.p3", "neck.p4", "neck.p5"]
+SIZE, IMAGES, BATCH = (160, 4, 4) if smoke() else (320, 16, 8)
+LAYERS = ["neck.p3", "neck.p4", "neck.p5"]
 
 
 def _batches() -> list[tuple]:
@@ -58,7 +59,7 @@ def _rows(quick: bool) -> dict[str, Callable[[], object]]:
         "capture, conf 0.25": lambda: embed(adapter, batches, LAYERS),
         "capture, conf 0.001 (every candidate up to max_det)": lambda: embed(worst, batches, LAYERS),
     }
-    sizes = (1000,) if quick else (1000, 5000)
+    sizes = (200,) if smoke() else (1000,) if quick else (1000, 5000)
     for n in sizes:
         x, _ = _clusters(n)
         for method in ("pca", "tsne", "umap"):
@@ -82,7 +83,7 @@ def bench_projection(quick: bool = False, memory: bool = True) -> dict:
     results: dict[str, dict[str, float]] = {"umap first call (numba compile), 200 points": {}}
     results["umap first call (numba compile), 200 points"]["seconds"] = _umap_compile_seconds()
     rows = _rows(quick)
-    rounds = 3 if quick else 7
+    rounds = 1 if smoke() else 3 if quick else 7
     for name, fn in rows.items():
         heavy = name.startswith(("tsne", "umap", "pca"))
         results[name] = {"seconds": timeit(fn, repeat=1 if heavy or quick else 3, warmup=0 if heavy else 1)}

@@ -1,7 +1,10 @@
 """xaiwatch benchmarks: costs as ratios to the compute floor, the peer library side by side, in one run.
 
 Nothing here is asserted; `make bench` prints a table and writes bench_output/results.json.
-Run: python benchmarks/run.py [--quick]
+Run: python benchmarks/run.py [--quick] [--out DIR]
+
+``--quick`` is the smoke mode CI runs (`make bench-quick`): every benchmark on a tiny budget (160 px, a few images,
+one repeat, no memory sampling) in a few minutes, so that none of them can rot. Its numbers are not measurements.
 """
 
 from __future__ import annotations
@@ -22,9 +25,19 @@ import torch
 
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 
+#: set (to "1") by ``run.py --quick``; read by every benchmark module, also in the subprocesses they start
+SMOKE_ENV = "XAIWATCH_BENCH_SMOKE"
+
+
+def smoke() -> bool:
+    """Whether this is the smoke run (``--quick``): tiny budgets, one repeat, no warm-up."""
+    return os.environ.get(SMOKE_ENV) == "1"
+
 
 def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
-    """Median wall time of ``fn`` in seconds."""
+    """Median wall time of ``fn`` in seconds (one call, no warm-up, in the smoke run)."""
+    if smoke():
+        repeat, warmup = 1, 0
     for _ in range(warmup):
         fn()
     times = []
@@ -43,7 +56,8 @@ def yolov8n(num_classes: int = 3) -> torch.nn.Module:
 
 
 def bench_foundation(repeat: int) -> dict:
-    """YOLOv8n, batch 4, 320 px: forward, forward+backward (floor), saliency and Grad-CAM vs the floor and the peer."""
+    """YOLOv8n, batch 4, 320 px (smoke: batch 1, 160 px): forward, forward+backward (floor), saliency and Grad-CAM
+    vs the floor and the peer."""
     from pytorch_grad_cam import GradCAM
 
     from xaiwatch.adapters import YOLOv8Adapter
@@ -52,8 +66,9 @@ def bench_foundation(repeat: int) -> dict:
 
     net = yolov8n()
     adapter = YOLOv8Adapter(net)
-    x = torch.rand(4, 3, 320, 320)
-    targets = [BoxTarget(100 * (i + 1), i % 3) for i in range(4)]
+    batch, size = (1, 160) if smoke() else (4, 320)
+    x = torch.rand(batch, 3, size, size)
+    targets = [BoxTarget(100 * (i + 1), i % 3) for i in range(batch)]
 
     def forward():
         with torch.no_grad():
@@ -88,18 +103,17 @@ def bench_foundation(repeat: int) -> dict:
     return {name: {"seconds": s, "x_floor": s / floor_s} for name, s in rows.items()}
 
 
-def bench_callback_share(quick: bool) -> dict:
+def bench_callback_share(quick: bool, out: Path) -> dict:
     """The demo configuration (YOLOv8n, 160 px, 600 train / 100 val images, batch 16, 8 probes, saliency + Grad-CAM):
-    seconds of one explanation run vs one training epoch + its validation."""
+    seconds of one explanation run vs one training epoch + its validation (smoke: 32 / 16 images, 2 probes)."""
     import pytorch_lightning as pl
 
     from xaiwatch.callbacks import ExplainCallback
     from xaiwatch.data import YoloDataModule, generate
     from xaiwatch.models import YOLOv8Module
 
-    out = Path("bench_output")
-    n_train = 160 if quick else 600
-    data = generate(out / "data", num_train=n_train, num_val=100, imgsz=160, seed=0, overwrite=True)
+    n_train, n_val, n_probe = (32, 16, 2) if quick else (600, 100, 8)
+    data = generate(out / "data", num_train=n_train, num_val=n_val, imgsz=160, seed=0, overwrite=True)
     dm = YoloDataModule(str(data), imgsz=160, batch_size=16)
     dm.setup("fit")
     times = {}
@@ -111,7 +125,7 @@ def bench_callback_share(quick: bool) -> dict:
         def on_validation_end(self, trainer, pl_module):
             times["epoch"] = time.perf_counter() - times["start"]
 
-    cb = ExplainCallback(num_probe=8, explain_at_start=False, on_error="raise")
+    cb = ExplainCallback(num_probe=n_probe, explain_at_start=False, on_error="raise")
     module = YOLOv8Module("yolov8n.yaml", num_classes=dm.num_classes, names=dm.names)
     trainer = pl.Trainer(
         max_epochs=1,
@@ -128,75 +142,103 @@ def bench_callback_share(quick: bool) -> dict:
     per_epoch = 600 / n_train
     return {
         "train+val epoch seconds (600 images)": epoch * per_epoch,
-        "explain seconds (8 probes x 2 methods)": explain,
+        f"explain seconds ({n_probe} probes x 2 methods)": explain,
         "share of epoch time": explain / (epoch * per_epoch + explain),
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="fewer repeats and a smaller epoch")
-    args = parser.parse_args()
-    repeat = 3 if args.quick else 5
-    results = {"torch": torch.__version__, "threads": torch.get_num_threads()}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU\n")
+def _print_rows(rows: dict, fmt: Callable[[str, dict], str]) -> None:
+    for name, r in rows.items():
+        print(fmt(name, r))
+
+
+def _bench_models(results: dict, quick: bool, repeat: int) -> None:
+    """Engine-level benchmarks: foundation methods, loop methods, all boxes, projections."""
     print("== Foundation: YOLOv8n, batch 4, 320 px (one target per image) ==")
     results["foundation"] = bench_foundation(repeat)
-    for name, r in results["foundation"].items():
-        print(f"  {name:40s} {r['seconds'] * 1000:9.1f} ms   {r['x_floor']:5.2f} x floor")
+    _print_rows(
+        results["foundation"], lambda n, r: f"  {n:40s} {r['seconds'] * 1000:9.1f} ms   {r['x_floor']:5.2f} x floor"
+    )
     print("\n== Loop methods vs Captum direct, D-RISE vs its floor: YOLOv8n, 1 image, 320 px ==")
     from bench_engines import bench_engines
 
-    results["engines"] = bench_engines(args.quick, memory=not args.quick)
-    for name, r in results["engines"].items():
-        mb = r.get("peak_mb", float("nan"))
-        print(f"  {name:62s} {r['seconds']:8.3f} s  {r['x_floor']:7.2f} x floor  {mb:8.0f} MB peak")
-    try:
-        from bench_allboxes import bench_allboxes
-    except ImportError:
-        bench_allboxes = None
-    if bench_allboxes is not None:
-        print("\n== All boxes of an image: YOLOv8n, batch 1, 320 px, K boxes ==")
-        results["allboxes"] = bench_allboxes(repeat=repeat)
-        print(json.dumps(results["allboxes"], indent=1))
+    results["engines"] = bench_engines(quick, memory=not quick)
+    _print_rows(
+        results["engines"],
+        lambda n, r: (
+            f"  {n:62s} {r['seconds']:8.3f} s  {r['x_floor']:7.2f} x floor  "
+            f"{r.get('peak_mb', float('nan')):8.0f} MB peak"
+        ),
+    )
+    from bench_allboxes import bench_allboxes
+
+    print("\n== All boxes of an image: YOLOv8n, batch 1, 320 px, K boxes ==")
+    results["allboxes"] = bench_allboxes(repeat=repeat)
+    print(json.dumps(results["allboxes"], indent=1))
     print("\n== Feature capture share of a validation pass; PCA / t-SNE / UMAP on 1k and 5k x 256 ==")
     from bench_projection import bench_projection
 
-    results["projection"] = bench_projection(args.quick, memory=not args.quick)
-    for name, r in results["projection"].items():
-        share = f"{100 * r['overhead_share']:+6.1f} % of validation" if "overhead_share" in r else ""
-        print(f"  {name:55s} {r['seconds']:8.3f} s  {r.get('peak_mb', float('nan')):7.0f} MB  {share}")
+    results["projection"] = bench_projection(quick, memory=not quick)
 
+    def projection_row(name: str, r: dict) -> str:
+        share = f"{100 * r['overhead_share']:+6.1f} % of validation" if "overhead_share" in r else ""
+        return f"  {name:55s} {r['seconds']:8.3f} s  {r.get('peak_mb', float('nan')):7.0f} MB  {share}"
+
+    _print_rows(results["projection"], projection_row)
+
+
+def _bench_training(results: dict, quick: bool, out: Path) -> None:
+    """Training-time benchmarks: error analysis, the gate, DAMO-YOLO and the demo epoch, the callbacks' share."""
     print("\n== Error analysis share of a validation pass; boundary probe vs its floor: YOLOv8n, 160 px ==")
     from bench_analysis import bench_analysis
 
-    results["analysis"] = bench_analysis()
+    results["analysis"] = bench_analysis(out, quick=quick)
     print(json.dumps(results["analysis"], indent=1, default=str))
     print("\n== Saliency checks vs one explanation of 16 probes; the gate's share of epoch time ==")
     from bench_gate import bench_gate
 
-    results["gate"] = bench_gate(args.quick)
-    for name, r in results["gate"]["checks"].items():
-        print(f"  {name:40s} {r['seconds']:8.3f} s  {r['x_explanation']:6.2f} x explanation")
-    for name, v in results["gate"]["share"].items():
-        print(f"  {name:40s} {v:9.3f}")
+    results["gate"] = bench_gate(quick, out)
+    _print_rows(
+        results["gate"]["checks"],
+        lambda n, r: f"  {n:40s} {r['seconds']:8.3f} s  {r['x_explanation']:6.2f} x explanation",
+    )
+    _print_rows(results["gate"]["share"], lambda n, v: f"  {n:40s} {v:9.3f}")
     print("\n== DAMO-YOLO-T vs YOLOv8n: floors, method ratios, a demo epoch with and without the callbacks ==")
     import bench_damo
 
-    results["damo"] = bench_damo.run(args.quick)
+    results["damo"] = bench_damo.run(quick, out)
     print(json.dumps(results["damo"], indent=1, default=str))
     print("\n== Our per-box CAMs vs ultralytics' own LayerCAM: YOLOv8n, 1 image, 320 px, K boxes ==")
     import bench_ultralytics_cam
 
-    results["ultralytics_cam"] = bench_ultralytics_cam.run(args.quick)
+    results["ultralytics_cam"] = bench_ultralytics_cam.run(quick)
     bench_ultralytics_cam.report(results["ultralytics_cam"])
     print("\n== ExplainCallback share of epoch time, demo configuration ==")
-    results["callback_share"] = bench_callback_share(args.quick)
-    for name, v in results["callback_share"].items():
-        print(f"  {name:40s} {v:9.3f}")
-    Path("bench_output").mkdir(exist_ok=True)
-    Path("bench_output/results.json").write_text(json.dumps(results, indent=2))
-    print("\nwritten to bench_output/results.json")
+    results["callback_share"] = bench_callback_share(quick, out)
+    _print_rows(results["callback_share"], lambda n, v: f"  {n:40s} {v:9.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: every benchmark on a tiny budget (CI)")
+    parser.add_argument("--out", default="bench_output", help="output folder (new, or an earlier benchmark run's)")
+    args = parser.parse_args()
+    from xaiwatch.core.outputs import claim_files, prepare_output_folder
+
+    out = prepare_output_folder(args.out, what="the benchmarks' output (--out)", keep=True)
+    if args.quick:
+        os.environ[SMOKE_ENV] = "1"
+    start = time.perf_counter()
+    results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "smoke": bool(args.quick)}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU\n")
+    if args.quick:
+        print("SMOKE RUN (--quick): tiny budgets, one repeat; the numbers below are not measurements\n")
+    _bench_models(results, args.quick, repeat=5)
+    _bench_training(results, args.quick, out)
+    results["total_seconds"] = time.perf_counter() - start
+    (path,) = claim_files(out, ["results-quick.json" if args.quick else "results.json"])
+    path.write_text(json.dumps(results, indent=2))
+    print(f"\nall benchmarks ran in {results['total_seconds']:.0f} s; written to {path}")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from xaiwatch.callbacks import GatedModelCheckpoint, SaliencyGate
 from xaiwatch.callbacks.probes import probe_item
 from xaiwatch.checks import flip_rate
+from xaiwatch.core.outputs import claim_files, prepare_output_folder
 from xaiwatch.data import YoloDataModule, generate, write_counterfactual
 from xaiwatch.data.yolo import YoloDataset
 from xaiwatch.models import YOLOv8Module
@@ -72,7 +73,7 @@ def make_data(
     )
     out = {}
     for kind, train in (("shortcut", shortcut), ("clean", clean)):
-        yaml = root / f"{kind}_s{seed}.yaml"
+        (yaml,) = claim_files(root, [f"{kind}_s{seed}.yaml"])  # never a file xaiwatch did not write
         names = "\n".join(f"  {i}: {n}" for i, n in enumerate(CLASSES))
         yaml.write_text(f"train: {train / 'images' / 'train'}\nval: {consistent / 'images' / 'val'}\nnames:\n{names}\n")
         out[kind] = yaml
@@ -149,7 +150,10 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=["shortcut", "clean"], choices=["shortcut", "clean"])
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
     args = parser.parse_args()
-    out = Path(args.out)
+    # a new folder or this example's earlier output: nothing of the user's is overwritten
+    out = prepare_output_folder(args.out, what="the shortcut-gate example's output (--out)", keep=True)
+    prepare_output_folder(out / "data", what="the example's datasets", keep=True)
+    claim_files(out, ["report.json"])
     report = {"args": vars(args), "runs": {}}
     for seed in args.seeds:
         data = make_data(out / "data", seed, args.num_train, args.num_val, args.imgsz, args.shortcut_blur)

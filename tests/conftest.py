@@ -170,3 +170,108 @@ def tiny_rtdetr_net():
 
     torch.manual_seed(0)
     return RTDETRDetectionModel(tiny_rtdetr_cfg(), nc=3, verbose=False).eval()
+
+
+# --------------------------------------------------------------------------------------------------- no network
+_LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback", ""}
+
+
+def _is_local_host(host: object) -> bool:
+    """Loopback names and addresses (127.0.0.0/8, ::1) and the wildcard address: the only hosts tests may reach."""
+    import ipaddress
+
+    if host is None:
+        return True
+    if isinstance(host, bytes):
+        host = host.decode(errors="replace")
+    text = str(host).strip("[]").split("%")[0].lower()
+    if text in _LOOPBACK_NAMES:
+        return True
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_unspecified
+
+
+def _host_port(address: object) -> tuple[object, object]:
+    if isinstance(address, tuple) and address:
+        return address[0], address[1] if len(address) > 1 else None
+    return address, None
+
+
+class _NetworkGuard:
+    """Wrappers of the socket entry points that refuse hosts which are not local (see :func:`_no_network`)."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.attempts: list[str] = []
+        self.real = {
+            "connect": socket.socket.connect,
+            "connect_ex": socket.socket.connect_ex,
+            "getaddrinfo": socket.getaddrinfo,
+            "create_connection": socket.create_connection,
+        }
+
+    def refuse(self, what: str, address: object) -> None:
+        host, port = _host_port(address)
+        target = f"{host}:{port}" if port is not None else str(host)
+        self.attempts.append(target)
+        pytest.fail(
+            f"network access blocked in tests: {what} to {target}. Tests are offline: build models from their "
+            "config, generate data, and never download (set YOLO_OFFLINE=1; pass local weight files)."
+        )
+
+    def check_socket(self, sock: object, what: str, address: object) -> None:
+        import socket
+
+        if getattr(sock, "family", None) in (socket.AF_INET, socket.AF_INET6) and not _is_local_host(
+            _host_port(address)[0]
+        ):
+            self.refuse(what, address)
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import socket
+
+        real = self.real
+
+        def connect(sock: socket.socket, address: object) -> None:
+            self.check_socket(sock, "socket.connect", address)
+            return real["connect"](sock, address)
+
+        def connect_ex(sock: socket.socket, address: object) -> int:
+            self.check_socket(sock, "socket.connect_ex", address)
+            return real["connect_ex"](sock, address)
+
+        def getaddrinfo(host: object, port: object, *args: object, **kwargs: object) -> list:
+            if not _is_local_host(host):
+                self.refuse("socket.getaddrinfo (name lookup)", (host, port))
+            return real["getaddrinfo"](host, port, *args, **kwargs)
+
+        def create_connection(address: object, *args: object, **kwargs: object) -> socket.socket:
+            if not _is_local_host(_host_port(address)[0]):
+                self.refuse("socket.create_connection", address)
+            return real["create_connection"](address, *args, **kwargs)
+
+        monkeypatch.setattr(socket.socket, "connect", connect)
+        monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+        monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+        monkeypatch.setattr(socket, "create_connection", create_connection)
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch: pytest.MonkeyPatch):
+    """Fail any test that tries to reach the network (a download anywhere); loopback and AF_UNIX stay allowed.
+
+    Connections go through ``socket.socket.connect`` / ``connect_ex``, ``socket.create_connection`` and name
+    resolution through ``socket.getaddrinfo``; each refuses a host that is not local. The attempt raises
+    ``pytest.fail``'s exception (a ``BaseException``, which a library's ``except Exception`` cannot swallow) and is
+    also recorded, so the test fails at teardown even if something caught it. Yields the recorded attempts.
+    Subprocesses (e.g. the proof's example runs) are not covered.
+    """
+    guard = _NetworkGuard()
+    guard.install(monkeypatch)
+    yield guard.attempts
+    if guard.attempts:
+        pytest.fail(f"the test tried to reach the network ({', '.join(guard.attempts)}), even if the error was caught")

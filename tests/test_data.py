@@ -13,6 +13,7 @@ import yaml
 from PIL import Image
 
 from xaiwatch.core.errors import ConfigurationError, DatasetFormatError
+from xaiwatch.core.outputs import MARKER
 from xaiwatch.data import (
     YoloDataModule,
     YoloDataset,
@@ -29,7 +30,10 @@ IMGSZ = 96
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """The dataset files of ``root`` (not xaiwatch's ownership marker, which holds modification times)."""
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != MARKER
+    }
 
 
 def _read_labels(path: Path, imgsz: int) -> list[tuple[int, list[float]]]:

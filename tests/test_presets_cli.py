@@ -107,4 +107,4 @@ def test_cli_rejects_bad_epochs(capsys):
 
     with pytest.raises(SystemExit):
         main(["demo", "--epochs", "0"])
-    assert "--epochs must be >= 1" in capsys.readouterr().err
+    assert "argument --epochs: must be an integer >= 1, got 0" in capsys.readouterr().err

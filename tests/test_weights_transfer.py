@@ -16,7 +16,7 @@ from conftest import tiny_cfg
 from xaiwatch.core.errors import ConfigurationError
 from xaiwatch.data import YoloDataModule
 from xaiwatch.models import WeightsReport, YOLOv8Module, class_branch_names, load_matching_weights
-from xaiwatch.models.yolov8 import build_detection_model, _check_batch_labels
+from xaiwatch.models.yolov8 import _check_batch_labels, build_detection_model
 
 
 def _ultralytics_ckpt(tmp_path: Path, cfg: dict, nc: int, name: str = "src.pt") -> tuple[Path, torch.nn.Module]:

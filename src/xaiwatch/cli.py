@@ -1,15 +1,21 @@
-"""The ``xaiwatch`` command: ``demo``, ``fit`` (LightningCLI), ``explain`` (post-hoc) and ``report`` (HTML)."""
+"""The ``xaiwatch`` command: ``demo``, ``fit`` (LightningCLI), ``explain`` (post-hoc) and ``report`` (HTML).
+
+Each subcommand is one ``_add_<name>(subparsers)`` function that adds its parser and sets ``run`` to the function
+running it; ``fit`` hands its arguments to LightningCLI (see :func:`xaiwatch_cli_class`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-__all__ = ["demo_module", "main", "run_demo"]
+__all__ = ["build_parser", "demo_module", "main", "merge_config_callbacks", "run_demo", "xaiwatch_cli_class"]
 
 DEFAULT_PRESET = "demo.yaml"
 
@@ -39,6 +45,14 @@ def run_demo(
 
     ``model`` is an ultralytics architecture yaml (YOLOv8, default ``yolov8n.yaml``) or ``damo`` / ``damo-tiny`` /
     ``damo-small`` / ``damo-medium`` for DAMO-YOLO-T / S / M (modelscope's code, the ``damo`` extra).
+
+    ``out`` must be a new or empty folder, or one an earlier demo wrote (it holds a ``.xaiwatch-output`` marker):
+    the demo never overwrites or deletes a file it did not write. It writes ``out/data`` (the dataset, replaced on a
+    re-run) and ``out/tensorboard/version_<N>`` (a new version each run, with the checkpoints).
+
+    Raises:
+        ConfigurationError: if ``out`` (or ``out/data``) holds files xaiwatch did not write, before anything is
+            written.
     """
     os.environ.setdefault("YOLO_OFFLINE", "1")
     import pytorch_lightning as pl
@@ -46,9 +60,12 @@ def run_demo(
     from pytorch_lightning.loggers import TensorBoardLogger
 
     from xaiwatch.callbacks import ExplainCallback, load_callbacks
+    from xaiwatch.core.outputs import prepare_output_folder
     from xaiwatch.data import YoloDataModule, generate
 
-    out = Path(out)
+    preset = preset if preset is not None else _default_preset()
+    callbacks = load_callbacks(preset) if preset else [ExplainCallback()]  # a bad preset stops before any write
+    out = prepare_output_folder(out, what="the demo's output (choose it with --out)", keep=True)
     start = time.perf_counter()
     data_yaml = generate(out / "data", num_train=num_train, num_val=num_val, imgsz=imgsz, seed=seed, overwrite=True)
     print(f"[xaiwatch] dataset written to {data_yaml.parent} ({time.perf_counter() - start:.1f} s)", flush=True)
@@ -56,8 +73,6 @@ def run_demo(
     datamodule = YoloDataModule(str(data_yaml), imgsz=imgsz, batch_size=batch_size, num_workers=0, seed=seed)
     datamodule.setup("fit")
     module = demo_module(model, num_classes=datamodule.num_classes, names=datamodule.names)
-    preset = preset if preset is not None else _default_preset()
-    callbacks = load_callbacks(preset) if preset else [ExplainCallback()]
     logger = TensorBoardLogger(str(out), name="tensorboard", default_hp_metric=False)
     trainer = pl.Trainer(
         max_epochs=epochs,
@@ -102,16 +117,201 @@ def demo_module(model: str, num_classes: int, names: list[str]) -> object:
     return YOLOv8Module(model, num_classes=num_classes, names=names)
 
 
-def _fit(argv: Sequence[str]) -> None:
+@functools.cache
+def xaiwatch_cli_class() -> type:
+    """The LightningCLI subclass of ``xaiwatch fit`` (built on first use: ``import xaiwatch.cli`` stays light).
+
+    Returns:
+        A ``LightningCLI`` subclass whose model takes ``num_classes`` and ``names`` from ``--data.dataset_yaml``
+        when they are not given.
+    """
     from pytorch_lightning.cli import LightningCLI
 
+    from xaiwatch.core.errors import ConfigurationError
+
+    class _XaiwatchCLI(LightningCLI):
+        """LightningCLI whose model takes ``num_classes`` and ``names`` from the dataset yaml when not given.
+
+        ``--model.num_classes`` defaults to the number of classes of ``--data.dataset_yaml`` (a different explicit
+        value is an error before anything is built), ``--model.names`` to its ``names``.
+        """
+
+        def add_arguments_to_parser(self, parser: Any) -> None:
+            parser.set_defaults({"model.num_classes": 0})  # 0 = "from the dataset yaml", filled in below
+
+        def before_instantiate_classes(self) -> None:
+            from xaiwatch.data.yolo import _load_dataset_yaml, _parse_names
+
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            model, data = config.get("model"), config.get("data")
+            if model is None or data is None or not data.get("dataset_yaml"):
+                return
+            yaml_path = Path(data["dataset_yaml"])
+            names = _parse_names(yaml_path, _load_dataset_yaml(yaml_path))
+            given = model.get("num_classes")
+            if given in (0, None):
+                model["num_classes"] = len(names)
+            elif given != len(names):
+                raise ConfigurationError(
+                    f"`--model.num_classes` is {given} but {yaml_path} names {len(names)} classes ({names}); "
+                    "leave `--model.num_classes` out (it is read from the dataset yaml) or fix the yaml"
+                )
+            if model.get("names") is None:
+                model["names"] = names
+
+    _XaiwatchCLI.__name__ = _XaiwatchCLI.__qualname__ = "XaiwatchCLI"
+    return _XaiwatchCLI
+
+
+def _config_files(argv: list[str]) -> list[tuple[int, str]]:
+    """``(index in argv of the value, value)`` of every ``--config`` argument."""
+    found = []
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            found.append((i + 1, argv[i + 1]))
+        elif arg.startswith("--config="):
+            found.append((i, arg.partition("=")[2]))
+    return found
+
+
+def merge_config_callbacks(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Make later ``--config`` files add to ``trainer.callbacks`` instead of replacing it.
+
+    LightningCLI (jsonargparse) replaces a list given by an earlier config file with the later one, so with
+    ``--config explain.yaml --config gate.yaml`` the explain callbacks would be silently dropped. Every config file
+    after the first that defines ``trainer.callbacks`` is passed as its YAML text with the key ``callbacks+``
+    (jsonargparse's "append to the list").
+
+    Args:
+        argv: the ``fit`` arguments.
+
+    Returns:
+        The arguments to give LightningCLI, and one note per merged file (empty when nothing was merged).
+
+    Example:
+        >>> merge_config_callbacks(["fit", "--trainer.max_epochs", "1"])
+        (['fit', '--trainer.max_epochs', '1'], [])
+    """
+    import yaml
+
+    argv = list(argv)
+    notes: list[str] = []
+    seen = 0
+    for index, value in _config_files(argv):
+        path = Path(value)
+        if not path.is_file():
+            continue  # LightningCLI reports a missing file (or reads an inline YAML string)
+        config = yaml.safe_load(path.read_text())
+        trainer = config.get("trainer") if isinstance(config, dict) else None
+        if not isinstance(trainer, dict) or "callbacks" not in trainer:
+            continue
+        seen += 1
+        if seen == 1:
+            continue
+        callbacks = trainer.pop("callbacks")
+        trainer["callbacks+"] = callbacks if isinstance(callbacks, list) else [callbacks]
+        text = yaml.safe_dump(config, sort_keys=False)
+        argv[index] = f"--config={text}" if argv[index].startswith("--config=") else text
+        names = [str(c.get("class_path", "?")).rsplit(".", 1)[-1] for c in trainer["callbacks+"] if isinstance(c, dict)]
+        notes.append(f"{value}: its trainer.callbacks ({', '.join(names)}) are added to the earlier config's")
+    return argv, notes
+
+
+def _run_fit(argv: Sequence[str]) -> int:
+    """``xaiwatch fit ...``: LightningCLI with YOLOv8Module and YoloDataModule."""
     from xaiwatch.data import YoloDataModule
     from xaiwatch.models import YOLOv8Module
 
-    LightningCLI(YOLOv8Module, YoloDataModule, args=list(argv), save_config_kwargs={"overwrite": True})
+    args, notes = merge_config_callbacks(argv)
+    for note in notes:
+        print(f"[xaiwatch] {note}", flush=True)
+    xaiwatch_cli_class()(YOLOv8Module, YoloDataModule, args=args)
+    return 0
 
 
-def _add_explain_parser(sub: argparse._SubParsersAction) -> None:
+def _positive_int(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer ``>= minimum`` (else a parser error naming the value)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _add_fit(sub: Any) -> None:
+    sub.add_parser(
+        "fit",
+        help="LightningCLI fit with YOLOv8Module and YoloDataModule (takes --config presets; several are merged)",
+    )
+
+
+def _add_demo(sub: Any) -> None:
+    demo = sub.add_parser(
+        "demo",
+        help="fine-tune YOLOv8n (or DAMO-YOLO: --model damo) on generated data with the callbacks, log to TensorBoard",
+    )
+    demo.add_argument(
+        "--out",
+        default="demo_output",
+        help="output folder (dataset and TensorBoard logs): new, empty or an earlier demo's; never a folder of yours",
+    )
+    demo.add_argument("--epochs", type=_positive_int(1), default=12)
+    demo.add_argument("--imgsz", type=_positive_int(32), default=160, help="image side in pixels (>= 32)")
+    demo.add_argument("--num-train", type=_positive_int(1), default=600)
+    demo.add_argument("--num-val", type=_positive_int(1), default=100)
+    demo.add_argument("--batch-size", type=_positive_int(1), default=16)
+    demo.add_argument(
+        "--model",
+        default="yolov8n.yaml",
+        help="ultralytics architecture yaml (YOLOv8), or damo / damo-tiny / damo-small / damo-medium (DAMO-YOLO)",
+    )
+    demo.add_argument("--callbacks", default=None, help=f"callback preset YAML (default callbacks/{DEFAULT_PRESET})")
+    demo.add_argument("--seed", type=_positive_int(0), default=0)
+    demo.add_argument("--accelerator", default="auto")
+    demo.add_argument("--real", action="store_true", help="real trees and a real checkpoint (xaiwatch.demo_real)")
+    demo.add_argument("--real-model", default="yolov8n-abd", help="with --real: yolov8n-abd|yolov8s-fall|yolov8n")
+    demo.set_defaults(run=_run_demo)
+
+
+#: with ``--real``, the options left at the shapes demo's defaults take the real demo's
+_REAL_DEFAULTS = {
+    "out": ("demo_output", "demo_real_output"),
+    "epochs": (12, 8),
+    "imgsz": (160, 224),
+    "batch_size": (16, 8),
+}
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    if args.real:
+        from xaiwatch.demo_real import run_real_demo
+
+        kw = {k: getattr(args, k) for k in ("out", "epochs", "imgsz", "batch_size", "seed", "accelerator")}
+        kw.update({k: real for k, (shapes, real) in _REAL_DEFAULTS.items() if kw[k] == shapes})
+        run_real_demo(model=args.real_model, preset=args.callbacks, **kw)
+        return 0
+    run_demo(
+        out=args.out,
+        epochs=args.epochs,
+        imgsz=args.imgsz,
+        num_train=args.num_train,
+        num_val=args.num_val,
+        batch_size=args.batch_size,
+        preset=args.callbacks,
+        model=args.model,
+        seed=args.seed,
+        accelerator=args.accelerator,
+    )
+    return 0
+
+
+def _add_explain(sub: Any) -> None:
     p = sub.add_parser("explain", help="explain the detections of a saved detector on images (post-hoc)")
     p.add_argument("--weights", required=True, help="ultralytics .pt, Lightning .ckpt, or a DAMO-YOLO directory")
     p.add_argument("--trust-pickle", action="store_true", help="allow .pt files that store pickled objects")
@@ -124,6 +324,7 @@ def _add_explain_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--conf", type=float, default=0.25)
     p.add_argument("--device", default="cpu")
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events to OUT/tensorboard")
+    p.set_defaults(run=_explain)
 
 
 def _explain(args: argparse.Namespace) -> int:
@@ -147,71 +348,55 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``xaiwatch`` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "fit":
-        _fit(argv)
-        return 0
-    parser = argparse.ArgumentParser(prog="xaiwatch", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("fit", help="LightningCLI fit with YOLOv8Module and YoloDataModule (takes --config presets)")
-    demo = sub.add_parser(
-        "demo",
-        help="fine-tune YOLOv8n (or DAMO-YOLO: --model damo) on generated data with the callbacks, log to TensorBoard",
-    )
-    demo.add_argument("--out", default="demo_output", help="output folder (dataset and TensorBoard logs)")
-    demo.add_argument("--epochs", type=int, default=12)
-    demo.add_argument("--imgsz", type=int, default=160)
-    demo.add_argument("--num-train", type=int, default=600)
-    demo.add_argument("--num-val", type=int, default=100)
-    demo.add_argument("--batch-size", type=int, default=16)
-    demo.add_argument(
-        "--model",
-        default="yolov8n.yaml",
-        help="ultralytics architecture yaml (YOLOv8), or damo / damo-tiny / damo-small / damo-medium (DAMO-YOLO)",
-    )
-    demo.add_argument("--callbacks", default=None, help=f"callback preset YAML (default callbacks/{DEFAULT_PRESET})")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--accelerator", default="auto")
+def _add_report(sub: Any) -> None:
     report = sub.add_parser("report", help="one self-contained HTML page of a run (read from its TensorBoard logs)")
     report.add_argument("logdir", help="a run directory or a folder of runs, e.g. lightning_logs/version_0")
     report.add_argument("-o", "--out", default="report.html", help="the HTML file (never replaces a file of yours)")
     report.add_argument("--all-pictures", action="store_true", help="every epoch's explanation pictures, too")
-    _add_explain_parser(sub)
-    demo.add_argument("--real", action="store_true", help="real trees and a real checkpoint (xaiwatch.demo_real)")
-    demo.add_argument("--real-model", default="yolov8n-abd", help="with --real: yolov8n-abd|yolov8s-fall|yolov8n")
-    if "--real" in (sys.argv[1:] if argv is None else list(argv)):
-        demo.set_defaults(out="demo_real_output", epochs=8, imgsz=224, batch_size=8)
-    args = parser.parse_args(argv)
-    if args.command == "explain":
-        return _explain(args)
-    if args.command == "report":
-        from xaiwatch.report import write_report
+    report.set_defaults(run=_report)
 
-        print(f"[xaiwatch] report written to {write_report(args.logdir, args.out, args.all_pictures)}")
-        return 0
-    if args.epochs < 1:
-        parser.error(f"--epochs must be >= 1, got {args.epochs}")
-    if args.real:
-        from xaiwatch.demo_real import run_real_demo
 
-        kw = {k: getattr(args, k) for k in ("out", "epochs", "imgsz", "batch_size", "seed", "accelerator")}
-        run_real_demo(model=args.real_model, preset=args.callbacks, **kw)
-        return 0
-    run_demo(
-        out=args.out,
-        epochs=args.epochs,
-        imgsz=args.imgsz,
-        num_train=args.num_train,
-        num_val=args.num_val,
-        batch_size=args.batch_size,
-        preset=args.callbacks,
-        model=args.model,
-        seed=args.seed,
-        accelerator=args.accelerator,
-    )
+def _report(args: argparse.Namespace) -> int:
+    from xaiwatch.report import write_report
+
+    print(f"[xaiwatch] report written to {write_report(args.logdir, args.out, args.all_pictures)}")
     return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``xaiwatch`` argument parser: one ``_add_<command>`` per subcommand."""
+    from xaiwatch import __version__
+
+    parser = argparse.ArgumentParser(prog="xaiwatch", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"xaiwatch {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_fit, _add_demo, _add_explain, _add_report):
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``xaiwatch`` console script.
+
+    An :class:`~xaiwatch.core.errors.XaiwatchError` (bad input) ends the command with its message and exit status
+    2, without a traceback.
+    """
+    from xaiwatch.core.errors import XaiwatchError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "fit":
+        try:
+            return _run_fit(argv)
+        except XaiwatchError as err:
+            print(f"xaiwatch fit: error: {err}", file=sys.stderr)
+            return 2
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args))
+    except XaiwatchError as err:
+        print(f"xaiwatch {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -323,12 +324,16 @@ class GatedModelCheckpoint(ModelCheckpoint):
     than ``save_top_k`` exist (Lightning's ``check_monitor_top_k`` would keep a refused model there whatever its
     monitored value). ``save_last=True``: ``last.ckpt`` follows Lightning's rule (it is written together with a
     top-k save) for passing epochs only, so it is always a passing model, and it is never written at the end of
-    training or on an exception for a model that did not pass; keep a plain ``ModelCheckpoint(save_last=True)``
-    beside it if you also want the newest model for resuming.
+    training or on an exception for a model that did not pass.
+
+    Every file in its folder is a passing model: another ``ModelCheckpoint`` writing into the same folder (e.g. a
+    plain ``ModelCheckpoint(save_last=True)`` on the default folder) stops the run at ``setup()``. To also keep the
+    newest model for resuming, give that one its own folder: ``ModelCheckpoint(dirpath="resume", save_last=True)``.
 
     Raises:
         ConfigurationError: for ``every_n_train_steps`` or ``train_time_interval`` (gate decisions exist only at
-            validation), and at ``setup()`` when the trainer has no :class:`SaliencyGate`.
+            validation); at ``setup()`` when the trainer has no :class:`SaliencyGate`, or when another
+            ``ModelCheckpoint`` writes into the same folder.
 
     Example:
         >>> ckpt = GatedModelCheckpoint(monitor="val/map50", mode="max", save_top_k=2)
@@ -355,6 +360,8 @@ class GatedModelCheckpoint(ModelCheckpoint):
                 "GatedModelCheckpoint needs a SaliencyGate in the Trainer's callbacks (it saves only models the gate "
                 "passed): add `SaliencyGate(...)` to `callbacks=[...]`, or use a plain ModelCheckpoint."
             )
+        if stage == "fit":
+            _check_folder_is_ours(self, trainer)
 
     def _allowed(self, trainer: pl.Trainer) -> bool:
         return all(g.allows_checkpoint(trainer.global_step) for g in self._gates)
@@ -393,3 +400,47 @@ class GatedModelCheckpoint(ModelCheckpoint):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.refused = list(state_dict.get("refused", []))
+
+
+def _check_folder_is_ours(gated: GatedModelCheckpoint, trainer: pl.Trainer) -> None:
+    """Stop when another ModelCheckpoint writes into the gated one's folder (its files would not be gated)."""
+    mine = _path_key(gated.dirpath)
+    others = [
+        cb
+        for cb in trainer.checkpoint_callbacks
+        if cb is not gated and isinstance(cb, ModelCheckpoint) and _path_key(_checkpoint_dir(cb, trainer)) == mine
+    ]
+    names = ", ".join(f"{type(cb).__name__}(monitor={cb.monitor!r}, save_last={cb.save_last!r})" for cb in others)
+    names = trainer.strategy.broadcast(names)  # rank zero's view decides on every rank (setup runs on all ranks)
+    if names:
+        raise ConfigurationError(
+            f"{names} writes into the folder of GatedModelCheckpoint ({gated.dirpath}): its files (e.g. last.ckpt) "
+            "would hold models the SaliencyGate refused. Give it its own folder, e.g. "
+            "`ModelCheckpoint(dirpath='checkpoints/resume', save_last=True)`, or remove it "
+            "(GatedModelCheckpoint(save_last=True) keeps the newest passing model)."
+        )
+
+
+def _checkpoint_dir(callback: ModelCheckpoint, trainer: pl.Trainer) -> str:
+    """The folder a ``ModelCheckpoint`` writes into: its ``dirpath``, or the one its ``setup`` will resolve.
+
+    Lightning resolves ``dirpath=None`` in ``ModelCheckpoint.setup`` (the first logger's
+    ``save_dir/name/version/checkpoints``, else ``default_root_dir/checkpoints``); a callback set up after this one
+    has not done it yet, so the same rule is applied here (no collective: every rank computes it).
+    """
+    if callback.dirpath is not None:
+        return str(callback.dirpath)
+    if trainer.loggers:
+        logger = trainer.loggers[0]
+        save_dir = logger.save_dir if logger.save_dir is not None else trainer.default_root_dir
+        version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+        return os.path.join(save_dir, str(logger.name), version, "checkpoints")
+    return os.path.join(trainer.default_root_dir, "checkpoints")
+
+
+def _path_key(path: str | os.PathLike[str] | None) -> str:
+    """A comparable form of a checkpoint folder: local paths resolved (symlinks, ``..``, ``~``), URLs as given."""
+    text = os.fspath(path) if path is not None else ""
+    if "://" in text:
+        return text.rstrip("/")
+    return os.path.realpath(os.path.expanduser(text))

@@ -9,7 +9,8 @@ from typing import Any
 import yaml
 from pytorch_lightning.callbacks import Callback
 
-from xaiwatch.core.errors import ConfigurationError
+from xaiwatch.core.arguments import unknown_arguments
+from xaiwatch.core.errors import ConfigurationError, XaiwatchError
 
 __all__ = ["load_callbacks"]
 
@@ -20,9 +21,20 @@ def load_callbacks(path: str | Path) -> list[Callback]:
     The file is the one ``--config`` takes: ``trainer: callbacks: [{class_path: ..., init_args: {...}}]``.
 
     Raises:
-        ConfigurationError: for a missing file, another layout, or a class that is not a Lightning Callback.
+        ConfigurationError: for a missing file, another layout, a class that is not a Lightning Callback, or an
+            argument the callback does not take (the message names the file, the callback and its valid arguments).
+            An error of a callback's own argument checks is re-raised with the file and the callback prepended.
+
+    Example:
+        >>> import tempfile
+        >>> preset = Path(tempfile.mkdtemp()) / "p.yaml"
+        >>> _ = preset.write_text("trainer:\n  callbacks:\n    - class_path: pytorch_lightning.callbacks.Timer\n")
+        >>> [type(cb).__name__ for cb in load_callbacks(preset)]
+        ['Timer']
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigurationError(f"Callback preset {str(path)!r} is a folder; pass one of its YAML files.")
     if not path.is_file():
         raise ConfigurationError(f"Callback preset {str(path)!r} does not exist.")
     config = yaml.safe_load(path.read_text()) or {}
@@ -40,5 +52,30 @@ def load_callbacks(path: str | Path) -> list[Callback]:
             raise ConfigurationError(f"{str(path)!r}: cannot import {entry['class_path']!r} ({err}).") from err
         if not (isinstance(cls, type) and issubclass(cls, Callback)):
             raise ConfigurationError(f"{str(path)!r}: {entry['class_path']!r} is not a Lightning Callback.")
-        callbacks.append(cls(**(entry.get("init_args") or {})))
+        callbacks.append(_instantiate(path, n, cls, entry.get("init_args") or {}))
     return callbacks
+
+
+def _instantiate(path: Path, n: int, cls: type[Callback], init_args: Any) -> Callback:
+    """``cls(**init_args)``, with the file, the callback and the valid arguments in every error."""
+    where = f"{str(path)!r}: callbacks[{n}] ({cls.__name__})"
+    if not isinstance(init_args, dict):
+        raise ConfigurationError(
+            f"{where}: `init_args` must be a mapping of argument names to values, got {init_args!r}."
+        )
+    unknown, valid = unknown_arguments(cls, init_args)
+    if unknown:
+        raise ConfigurationError(
+            f"{where}: unknown argument{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}. "
+            f"Valid arguments of {cls.__name__}: {', '.join(valid)}."
+        )
+    try:
+        return cls(**init_args)
+    except XaiwatchError as err:
+        try:
+            wrapped = type(err)(f"{where}: {err}")
+        except TypeError:  # an error type with another constructor (ShapeError)
+            raise err from None
+        raise wrapped from err
+    except TypeError as err:  # a value of the wrong type that the constructor did not check itself
+        raise ConfigurationError(f"{where}: {err}. Valid arguments of {cls.__name__}: {', '.join(valid)}.") from err

@@ -16,7 +16,6 @@ one box and label per probe image) explain the class score unchanged.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from xaiwatch.core.errors import ConfigurationError, DatasetFormatError
+from xaiwatch.core.outputs import claim_files, prepare_output_folder, seal_output_folder
 from xaiwatch.data import shapes
 from xaiwatch.data.yolo import IMAGE_EXTENSIONS, letterbox
 
@@ -44,19 +44,8 @@ _SPLITS = ("train", "val")
 
 # --------------------------------------------------------------------------------------------------- generator
 def _prepare_root(root: Path, overwrite: bool) -> Path:
-    owned = [root / "train", root / "val", root / "meta"]
-    if any(p.exists() for p in owned):
-        if not overwrite:
-            raise ConfigurationError(
-                f"{root} already holds a dataset; pass overwrite=True to replace it or choose another root"
-            )
-        for p in owned:
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+    """Make ``root`` an xaiwatch output folder; with ``overwrite``, remove only the files xaiwatch wrote there."""
+    return prepare_output_folder(root, what="the shapes classification dataset", overwrite=overwrite)
 
 
 def _sample_split(
@@ -100,7 +89,8 @@ def generate_classification(
         classes: at least two shape names of :data:`~xaiwatch.data.shapes.SHAPES`. They are sorted, so class
             ``i`` is ``sorted(classes)[i]``, the order in which the class folders are read back.
         seed: random seed; the same arguments give byte-identical files.
-        overwrite: replace the ``train``, ``val`` and ``meta`` folders of an existing dataset in ``root``.
+        overwrite: replace a dataset xaiwatch wrote in ``root`` (only the files it wrote there are removed; a
+            folder holding files xaiwatch did not write is refused).
         shortcut: ``None``, ``"context"`` or ``"marker"``: a cue correlated with the class in train only (see
             :func:`xaiwatch.data.generate`).
         object_size: inclusive range of the object size in pixels; default ``(3 * imgsz // 8, imgsz // 2)`` (the
@@ -133,16 +123,18 @@ def generate_classification(
         "num_train": int(num_train),
         "num_val": int(num_val),
     }
-    (root / "meta").mkdir()
     for split_id, (split, count) in enumerate(zip(_SPLITS, (num_train, num_val))):
-        for name in classes:  # every class folder exists in both splits, also when a split has no such image
-            (root / split / name).mkdir(parents=True)
         specs = _sample_split(split_id, split, count, seed, classes, options)
+        # every class folder exists in both splits, also when a split has no such image
+        folders = [f"{split}/{name}/" for name in classes]
+        claim_files(root, folders + [spec["file"] for spec in specs] + [f"meta/{split}.json"])
         for spec in specs:
             Image.fromarray(shapes.render(spec, imgsz), mode="RGB").save(root / spec["file"], compress_level=1)
         meta = {"split": split, "imgsz": imgsz, "names": classes, "shortcut": shortcut, "specs": specs}
         (root / "meta" / f"{split}.json").write_text(json.dumps(meta, indent=1))
+    claim_files(root, ["meta/info.json"])
     (root / "meta" / "info.json").write_text(json.dumps(info, indent=1))
+    seal_output_folder(root)
     return root
 
 

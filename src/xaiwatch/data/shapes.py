@@ -45,6 +45,7 @@ import numpy as np
 from PIL import Image
 
 from xaiwatch.core.errors import ConfigurationError, DatasetFormatError
+from xaiwatch.core.outputs import claim_files, prepare_output_folder, seal_output_folder
 
 __all__ = [
     "BACKGROUNDS",
@@ -434,8 +435,11 @@ def _write_yaml(path: Path, root: Path, splits: dict[str, str], names: Sequence[
 
 def _write_split(root: Path, split: str, specs: list[dict[str, Any]], imgsz: int, info: dict[str, Any]) -> None:
     img_dir, lbl_dir, meta_dir = root / "images" / split, root / "labels" / split, root / "meta"
-    for d in (img_dir, lbl_dir, meta_dir):
-        d.mkdir(parents=True, exist_ok=True)
+    ids = [spec["id"] for spec in specs]
+    claim_files(
+        root,
+        [f"images/{split}/{i}.png" for i in ids] + [f"labels/{split}/{i}.txt" for i in ids] + [f"meta/{split}.json"],
+    )
     for spec in specs:
         _write_png(img_dir / f"{spec['id']}.png", render(spec, imgsz))
         (lbl_dir / f"{spec['id']}.txt").write_text(_label_text(spec, imgsz))
@@ -519,20 +523,12 @@ def _check_blur(blur: Any, shortcut: str | None) -> Any:
 
 
 def _prepare_root(root: Path, overwrite: bool) -> Path:
-    """Create ``root``, removing the files a previous :func:`generate` wrote there when ``overwrite``."""
-    owned = [root / "dataset.yaml", root / "images", root / "labels", root / "meta", *root.glob("counterfactual_*")]
-    if any(p.exists() for p in owned):
-        if not overwrite:
-            raise ConfigurationError(
-                f"{root} already holds a dataset; pass overwrite=True to replace it or choose another root"
-            )
-        for p in owned:
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+    """Make ``root`` an xaiwatch output folder; with ``overwrite``, remove only the files xaiwatch wrote there.
+
+    A folder holding files xaiwatch did not write (no ``.xaiwatch-output`` marker) is refused, whatever
+    ``overwrite`` says (see :mod:`xaiwatch.core.outputs`).
+    """
+    return prepare_output_folder(root, what="the shapes dataset", overwrite=overwrite)
 
 
 def generate(
@@ -553,7 +549,7 @@ def generate(
     """Generate the shapes detection dataset in the ultralytics layout.
 
     Args:
-        root: output folder (created).
+        root: output folder: new, empty, or written by xaiwatch (it holds a ``.xaiwatch-output`` marker).
         num_train: number of training images.
         num_val: number of validation images.
         imgsz: image side in pixels (square images), at least 32.
@@ -569,14 +565,15 @@ def generate(
             random class background in val) or ``"marker"`` (a 6 px square of colour ``PALETTE[class]`` left of
             each box in train, a random palette colour in val).
         seed: random seed; the same arguments give byte-identical files.
-        overwrite: replace an existing dataset in ``root`` (only the files this function writes are removed).
+        overwrite: replace a dataset xaiwatch wrote in ``root``: only the files the marker lists (unchanged since
+            written) and the counterfactual folders inside are removed; a user's file is never touched.
 
     Returns:
         The path of the written ``dataset.yaml``.
 
     Raises:
-        ConfigurationError: for an invalid argument, or when ``root`` already holds a dataset and
-            ``overwrite`` is false.
+        ConfigurationError: for an invalid argument; when ``root`` holds files xaiwatch did not write; when it
+            holds a dataset xaiwatch wrote and ``overwrite`` is false.
     """
     imgsz = _check_counts(imgsz, num_train, num_val, seed)
     classes = _check_classes(classes, faces)
@@ -614,9 +611,11 @@ def generate(
             for i in range(int(count))
         ]
         _write_split(root, split, specs, imgsz, info)
+    claim_files(root, ["meta/info.json", "dataset.yaml"])
     (root / "meta" / "info.json").write_text(json.dumps(info, indent=1))
     yaml_path = root / "dataset.yaml"
     _write_yaml(yaml_path, root, {"train": "images/train", "val": "images/val"}, classes)
+    seal_output_folder(root)
     return yaml_path
 
 
@@ -708,13 +707,15 @@ def write_counterfactual(
             or ``"absent"`` (no marker / a uniform grey background no class uses).
         split: the split to re-render.
         out: output folder; default ``root/counterfactual_<mode>``. It holds the split under
-            ``images/<split>`` and a ``dataset.yaml`` whose ``train`` and ``val`` both point to it.
+            ``images/<split>`` and a ``dataset.yaml`` whose ``train`` and ``val`` both point to it. It must be
+            new, empty, or written by xaiwatch; its earlier files of this split are replaced, nothing else.
 
     Returns:
         The path of the written ``dataset.yaml``.
 
     Raises:
-        ConfigurationError: for an unknown ``mode``, or when the dataset has no shortcut.
+        ConfigurationError: for an unknown ``mode``, when the dataset has no shortcut, or when ``out`` holds files
+            xaiwatch did not write.
         DatasetFormatError: if the dataset's metadata is missing or malformed.
     """
     if mode not in _COUNTERFACTUAL_MODES:
@@ -731,9 +732,9 @@ def write_counterfactual(
     imgsz = int(info["imgsz"])
     specs = read_specs(root, split)
     out = Path(out) if out is not None else root / f"counterfactual_{mode}"
-    for sub in ("images", "labels", "meta"):
-        if (out / sub / split).exists():
-            shutil.rmtree(out / sub / split)
+    # a new folder, or one xaiwatch wrote: its earlier files of this split (and its yaml) are replaced, nothing else
+    mine = [f"images/{split}/", f"labels/{split}/", f"meta/{split}.json", "meta/info.json", "dataset.yaml"]
+    prepare_output_folder(out, what=f"the {mode} counterfactual", overwrite=True, replace=mine)
     new_specs = [_counterfactual_spec(s, mode, shortcut, len(names)) for s in specs]
     _write_split(out, split, new_specs, imgsz, info)
     # labels are copied byte for byte from the original
@@ -742,7 +743,9 @@ def write_counterfactual(
         if src.is_file():
             shutil.copyfile(src, out / "labels" / split / f"{spec['id']}.txt")
     cf_info = {**info, "counterfactual": mode, "source": str(root.resolve()), "split": split}
+    claim_files(out, ["meta/info.json", "dataset.yaml"])
     (out / "meta" / "info.json").write_text(json.dumps(cf_info, indent=1))
     yaml_path = out / "dataset.yaml"
     _write_yaml(yaml_path, out, {"train": f"images/{split}", "val": f"images/{split}"}, names)
+    seal_output_folder(out)
     return yaml_path

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from xaiwatch.adapters.base import DetectorAdapter
+from xaiwatch.core.arguments import unknown_arguments
 from xaiwatch.core.context import explaining
 from xaiwatch.core.errors import ConfigurationError
 from xaiwatch.core.inputs import check_images
@@ -188,10 +189,19 @@ def engine_class(name: str) -> type[Engine]:
 
 
 def get_engine(name: str, adapter: DetectorAdapter, **options: object) -> Engine:
-    """Build the engine registered as ``name`` for ``adapter`` (options are the engine's keyword arguments).
+    """Build the engine registered as ``name`` for ``adapter``.
+
+    Args:
+        name: a name of :func:`available_methods`.
+        adapter: the model adapter.
+        **options: the engine's options (``layer``, ``seed``, ``max_memory_mb`` and the method's own).
+
+    Returns:
+        The engine.
 
     Raises:
-        ConfigurationError: for an unknown name (the message lists the valid ones) or a bad option.
+        ConfigurationError: for an unknown method or an option the method does not take (the message lists its
+            valid options).
         UnsupportedModelError: when the method cannot be right on this model.
 
     Example:
@@ -201,4 +211,11 @@ def get_engine(name: str, adapter: DetectorAdapter, **options: object) -> Engine
         >>> engine.name, engine.n_steps
         ('integrated_gradients', 8)
     """
-    return engine_class(name)(adapter, **options)
+    cls = engine_class(name)
+    unknown, valid = unknown_arguments(cls, options, exclude=("adapter",))
+    if unknown:
+        raise ConfigurationError(
+            f"Method {name!r} has no option {', '.join(map(repr, unknown))} (in `method_options`). "
+            f"Valid options of {name!r}: {', '.join(valid)}."
+        )
+    return cls(adapter, **options)
