@@ -87,7 +87,7 @@ def test_report_holds_every_picture_curve_and_gate_value(run_dir, tmp_path):
     assert len(images) == len(expected) + len(plots)
     # the gate table: one row per decided epoch, each cell the logged scalar
     verdicts = run.scalar("saliency/gate_pass")
-    assert [s for s, _ in verdicts] == list(range(1, EPOCHS + 1))
+    assert [run.epoch(s) for s, _ in verdicts] == list(range(1, EPOCHS + 1))  # on the global-step axis
     for key in ("saliency/energy_in_box/saliency", "saliency/context_reliance"):
         for _, value in run.scalar(key):
             assert f">{value:.4g}</td>" in text

@@ -98,7 +98,7 @@ def _by_epoch(run: RunData, tag: str) -> list[tuple[int, float]]:
 
 
 def _verdicts(run: RunData) -> dict[int, bool]:
-    return {step: value >= 0.5 for step, value in run.scalar(Tags.GATE_PASS)}
+    return {run.epoch(step): value >= 0.5 for step, value in run.scalar(Tags.GATE_PASS)}
 
 
 def _summary(run: RunData) -> str:
@@ -189,7 +189,7 @@ def _gate(run: RunData) -> str:
     header = ["epoch", "verdict"] + [
         f"{k[len('saliency/') :]} ({thresholds.get(k[len('saliency/') :], 'logged')})" for k in keys
     ]
-    values = {k: dict(run.scalar(k)) for k in keys}
+    values = {k: {run.epoch(s): v for s, v in run.scalar(k)} for k in keys}
     rows, classes = [], []
     for epoch, ok in sorted(verdicts.items()):
         row, cls = [str(epoch), "passed" if ok else "FAILED"], ["", "pass" if ok else "fail"]
@@ -200,7 +200,7 @@ def _gate(run: RunData) -> str:
             cls.append("" if condition is None or value is None else ("pass" if passes(value, condition) else "fail"))
         rows.append(row)
         classes.append(cls)
-    text = "".join(f"<h4>step {s}</h4><pre>{_e(t)}</pre>" for s, t in reasons)
+    text = "".join(f"<h4>epoch {run.epoch(s)} (step {s})</h4><pre>{_e(t)}</pre>" for s, t in reasons)
     details = f"<details><summary>the gate's reason text, every epoch</summary>{text}</details>" if reasons else ""
     return _table(header, rows, classes) + details
 
@@ -213,7 +213,8 @@ def _subjects(run: RunData) -> list[str]:
 
 
 def _score_plot(run: RunData, subject: str) -> str:
-    scores, detected = run.scalar(Tags.tracked_score(subject)), dict(run.scalar(Tags.detected(subject)))
+    scores = [(run.epoch(s), v) for s, v in run.scalar(Tags.tracked_score(subject))]
+    detected = {run.epoch(s): v for s, v in run.scalar(Tags.detected(subject))}
     if not scores:
         return ""
     fig = Figure(figsize=(7.5, 3.2), dpi=100)
@@ -253,7 +254,8 @@ def _per_step_pictures(run: RunData, tags: list[str]) -> str:
     for step in steps:
         pics = [_picture(run, t, e) for t in tags for e in run.images[t] if e[0] == step]
         out.append(
-            f"<details {'open' if step == steps[-1] else ''}><summary>epoch {step}</summary>{''.join(pics)}</details>"
+            f"<details {'open' if step == steps[-1] else ''}><summary>epoch {run.epoch(step)} (step {step})</summary>"
+            f"{''.join(pics)}</details>"
         )
     return "".join(out)
 
@@ -263,8 +265,8 @@ def _scalar_table(run: RunData, tags: list[str], strip: str) -> str:
         return ""
     series = {t: dict(run.scalar(t)) for t in tags}
     steps = sorted({s for values in series.values() for s in values})
-    rows = [[str(s)] + [_fmt(series[t].get(s)) for t in tags] for s in steps]
-    return _table(["epoch"] + [t[len(strip) :] for t in tags], rows)
+    rows = [[str(run.epoch(s)), str(s)] + [_fmt(series[t].get(s)) for t in tags] for s in steps]
+    return _table(["epoch", "step"] + [t[len(strip) :] for t in tags], rows)
 
 
 def _errors(run: RunData) -> str:

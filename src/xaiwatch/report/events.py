@@ -50,6 +50,17 @@ class RunData:
         """Lightning's ``epoch`` scalar: global step to epochs trained (completed epochs, 1-based)."""
         return {step: int(round(value)) + 1 for step, value in self.scalar("epoch")}
 
+    def epoch(self, step: int) -> int:
+        """Epochs trained at global ``step`` (xaiwatch and Lightning both log on the global step): 0 before
+        training, else Lightning's ``epoch`` at that step, or at the last step logged before it."""
+        if step <= 0:
+            return 0
+        known = self.epoch_of_step()
+        if step in known:
+            return known[step]
+        earlier = [s for s in known if s <= step]
+        return known[max(earlier)] if earlier else int(step)
+
 
 def find_runs(logdir: str | Path) -> list[Path]:
     """Directories under ``logdir`` (itself included) holding TensorBoard event files, sorted.
