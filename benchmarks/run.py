@@ -213,6 +213,11 @@ def _bench_training(results: dict, quick: bool, out: Path) -> None:
 
     results["ultralytics_cam"] = bench_ultralytics_cam.run(quick)
     bench_ultralytics_cam.report(results["ultralytics_cam"])
+    print("\n== Explanation wall time per scheduled step, 1 vs 2 gloo ranks (probes shared), tiny YOLOv8 ==")
+    import bench_distributed
+
+    results["distributed"] = bench_distributed.run(quick, out)
+    print(json.dumps(results["distributed"], indent=1))
     print("\n== ExplainCallback share of epoch time, demo configuration ==")
     results["callback_share"] = bench_callback_share(quick, out)
     _print_rows(results["callback_share"], lambda n, v: f"  {n:40s} {v:9.3f}")

@@ -16,12 +16,12 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pytorch_lightning as pl  # noqa: E402
-from helpers import tiny_module  # noqa: E402
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from pytorch_lightning.loggers import TensorBoardLogger  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from conftest import SquaresDataset, collate  # noqa: E402
+from helpers import tiny_module  # noqa: E402
 from xaiwatch.callbacks import ExplainCallback  # noqa: E402
 
 

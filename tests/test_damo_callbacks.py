@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import make_trainer as _trainer
-from helpers import read_events as _events
 from PIL import Image
 from test_damo import responsive
 from test_projection_callback import _projector
 
 from conftest import tiny_damo_module
+from helpers import make_trainer as _trainer
+from helpers import read_events as _events
 from xaiwatch.adapters import DamoYoloAdapter
 from xaiwatch.analysis import COUNT_TYPES, ErrorCounts
 from xaiwatch.callbacks import (

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from helpers import read_events
 
 SCRIPT = Path(__file__).with_name("ddp_run.py")

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import make_trainer as _trainer
-from helpers import read_events as _events
 from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.ops import box_iou
 
 from conftest import SquaresDataset, collate, tiny_cfg
+from helpers import make_trainer as _trainer
+from helpers import read_events as _events
 from xaiwatch.adapters import YOLOv8Adapter
 from xaiwatch.analysis import COUNT_TYPES, ErrorCounts
 from xaiwatch.callbacks import DecisionBoundaryCallback, ErrorAnalysisCallback, load_callbacks

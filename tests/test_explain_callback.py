@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import make_trainer as _trainer
-from helpers import read_events as _events
-from helpers import tiny_module as _module
 from PIL import Image
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader
 
 from conftest import SquaresDataset, collate
+from helpers import make_trainer as _trainer
+from helpers import read_events as _events
+from helpers import tiny_module as _module
 from xaiwatch.callbacks import ExplainCallback
 from xaiwatch.core.errors import ConfigurationError, UnsupportedModelError
 

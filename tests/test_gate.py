@@ -8,9 +8,9 @@ from unittest.mock import patch
 import pytest
 import pytorch_lightning as pl
 import torch
+
 from helpers import make_trainer as _trainer
 from helpers import tiny_module as _module
-
 from xaiwatch.callbacks import GatedModelCheckpoint, SaliencyGate
 from xaiwatch.checks import CheckOptions
 from xaiwatch.core.errors import ConfigurationError

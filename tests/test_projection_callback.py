@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import make_trainer as _trainer
-from helpers import read_events as _events
-from helpers import tiny_module as _module
 from PIL import Image
 from torch.utils.data import DataLoader
 
 from conftest import SquaresDataset, collate, tiny_cfg
+from helpers import make_trainer as _trainer
+from helpers import read_events as _events
+from helpers import tiny_module as _module
 from xaiwatch.callbacks import ProjectionCallback, load_callbacks
 from xaiwatch.core import imports
 from xaiwatch.core.errors import ConfigurationError, MissingDependencyError

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import read_events
 from PIL import Image
 
 from conftest import SquaresDataset
+from helpers import read_events
 from xaiwatch.callbacks import ExplainCallback
 from xaiwatch.core.errors import ConfigurationError
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 
 import pytest
-from helpers import make_trainer, read_events, tiny_module
 
+from helpers import make_trainer, read_events, tiny_module
 from xaiwatch.callbacks import ErrorAnalysisCallback, ExplainCallback
 
 
