@@ -214,7 +214,7 @@ class SaliencyGate(ProbeCallback):
     #: holds the same record and decides alike with no broadcast
     @override
     def _run(self, share: list[int], ctx: RunContext) -> dict[str, Any]:
-        return self._evaluate_safely(ctx.epoch, ctx.step)
+        return self._evaluate_safely(None, ctx.epoch, ctx.step)
 
     @override
     def _on_record(self, trainer: pl.Trainer, record: dict[str, Any], ctx: RunContext) -> None:
