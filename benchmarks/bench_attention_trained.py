@@ -1,7 +1,8 @@
 """A briefly trained small RT-DETR: is its per-box deformable attention specific to the box, and does it depend on the
 weights? Measured, not asserted; also writes docs/images/rtdetr_deformable*.png.
 
-Run: python benchmarks/bench_attention_trained.py [--quick] (or ``run(quick)`` from bench_attention.py).
+Run: python benchmarks/bench_attention_trained.py [--quick] [--steps N] (``--steps 0``: the untrained baseline; it
+also rewrites the pictures, so run it before the trained run), or ``run(quick)`` from bench_attention.py.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ def _train(folder: Path, steps: int, imgsz: int):
         num_sanity_val_steps=0,
         accelerator="cpu",
     )
+    if steps == 0:  # the fresh model: the baseline of the specificity numbers
+        data.setup("validate")
+        return module, data, {"steps": 0}
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
     seconds = time.perf_counter() - start
@@ -155,6 +159,8 @@ def run(quick: bool = False, imgsz: int = 128, steps: int = 400) -> dict:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         module, data, result = _train(Path(tmp), 60 if quick else steps, imgsz)
+        if steps == 0:
+            module.net.eval()
         module.net.eval()
         adapter = module.xai_adapter()
         result["map"] = {}
