@@ -444,6 +444,13 @@ class _AttentionBase(Engine):
         """The head-averaged maps of ``K`` targets of one image from one forward pass: :math:`(K, 1, H, W)`."""
         return self._compute(image, targets, mean_heads=True)
 
+    def _explain_maps(self, image: torch.Tensor, targets: list[Target]) -> tuple[torch.Tensor, dict]:
+        """One forward for both: the per-head maps (``extras["heads"]``, drawn as a heads grid) and their mean."""
+        if not targets:
+            return self.attribute_boxes(image, targets), {}
+        heads = self.heads(image, targets)
+        return heads.mean(dim=1, keepdim=True), {"heads": heads}
+
     def attribute(self, images: torch.Tensor, targets: Target | Sequence[Target]) -> torch.Tensor:
         """Head-averaged maps :math:`(B, 1, H, W)`, one target for the batch or one per image."""
         check_shape(images, ["B", 3, "H", "W"], "images")

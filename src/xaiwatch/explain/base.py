@@ -132,13 +132,17 @@ class Engine(ABC):
             (torch.Size([1, 1, 16, 16]), 0, 'saliency')
         """
         targets = list(targets)
-        maps = self.attribute_boxes(image, targets)
+        maps, extras = self._explain_maps(image, targets)
         raw = None
         if self.needs_raw or any(isinstance(t, MatchedBoxTarget) for t in targets):
             with explaining(self.adapter.model, seed=self.seed), torch.no_grad():
                 raw = self.adapter.raw(image.detach())
         matches: list[Match | None] = [t.match(raw)[0] if isinstance(t, MatchedBoxTarget) else None for t in targets]
-        return Explanation(self.name, maps.detach(), matches, self._extras(image, targets, matches, raw))
+        return Explanation(self.name, maps.detach(), matches, {**extras, **self._extras(image, targets, matches, raw)})
+
+    def _explain_maps(self, image: torch.Tensor, targets: list[Target]) -> tuple[torch.Tensor, dict]:
+        """The maps of :meth:`explain_boxes` and extras computed with them (default: :meth:`attribute_boxes`)."""
+        return self.attribute_boxes(image, targets), {}
 
     #: whether :meth:`_extras` needs the image's raw output
     needs_raw: ClassVar[bool] = False

@@ -75,6 +75,13 @@ def draw_explanation(
     match = explanation.matches[k] if k < len(explanation.matches) else None
     saliency = explanation.maps[k].cpu()
     scores: Any = explanation.extras.get("class_scores")
+    heads: Any = explanation.extras.get("heads")
+    if heads is not None:  # attention: every head and their average (a 2 x 4 grid for 8 heads)
+        from xaiwatch.render.attention import attention_heads_grid
+
+        box = match.box if match is not None else None
+        grid = attention_heads_grid(image, heads[k].cpu(), box=box, title=picture_title(title, **where))
+        return grid, explanation_tile(image, saliency, tracked_box=box, normalize=normalize, scale=scale)
     if method in _PANELS and match is not None and scores is not None:
         panel = box_decision_panel(
             image, saliency, match.box, scores[k], names=names, title=title, normalize=normalize, scale=scale, **where
