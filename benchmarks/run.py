@@ -208,6 +208,11 @@ def _bench_training(results: dict, quick: bool, out: Path) -> None:
 
     results["damo"] = bench_damo.run(quick, out)
     print(json.dumps(results["damo"], indent=1, default=str))
+    print("\n== YoloDataModule's image check at setup, per 1000 files, vs decoding them ==")
+    from bench_images import bench_images
+
+    results["image_check"] = bench_images()
+    print(json.dumps(results["image_check"], indent=1))
     print("\n== ExplainCallback share of epoch time, demo configuration ==")
     results["callback_share"] = bench_callback_share(quick, out)
     _print_rows(results["callback_share"], lambda n, v: f"  {n:40s} {v:9.3f}")
