@@ -74,7 +74,7 @@ def bench_error_share(out: Path, num_val: int = 64) -> dict:
         cb.explain_top_k, cb._engine = top_k, cb._engine if top_k else None
         start = time.perf_counter()
         with torch.inference_mode():
-            cb._run(module, step=99)
+            cb.run_now(trainer, module)
         runs[top_k] = time.perf_counter() - start
     return {
         f"validation pass seconds ({num_val} images)": times["val"],

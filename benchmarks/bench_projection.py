@@ -62,7 +62,7 @@ def _rows(quick: bool) -> dict[str, Callable[[], object]]:
     sizes = (200,) if smoke() else (1000,) if quick else (1000, 5000)
     for n in sizes:
         x, _ = _clusters(n)
-        for method in ("pca", "tsne", "umap"):
+        for method in ("pca", "tsne") if smoke() else ("pca", "tsne", "umap"):  # smoke: no numba compile (minutes)
             rows[f"{method} {n} x 256"] = lambda x=x, m=method: project(x, m)
     return rows
 
@@ -80,8 +80,9 @@ def bench_projection(quick: bool = False, memory: bool = True) -> dict:
     """Seconds (median) and peak memory of each row; capture rows also as a share of the validation pass."""
     from bench_engines import _peak_mb
 
-    results: dict[str, dict[str, float]] = {"umap first call (numba compile), 200 points": {}}
-    results["umap first call (numba compile), 200 points"]["seconds"] = _umap_compile_seconds()
+    results: dict[str, dict[str, float]] = {}
+    if not smoke():
+        results["umap first call (numba compile), 200 points"] = {"seconds": _umap_compile_seconds()}
     rows = _rows(quick)
     rounds = 1 if smoke() else 3 if quick else 7
     for name, fn in rows.items():

@@ -137,7 +137,7 @@ def bench_callback_share(quick: bool, out: Path) -> dict:
         num_sanity_val_steps=0,
     )
     trainer.fit(module, datamodule=dm)
-    explain = timeit(lambda: cb._run(module, step=99), repeat=2, warmup=0)
+    explain = timeit(lambda: cb.run_now(trainer, module), repeat=2, warmup=0)
     epoch = times["epoch"] - explain  # the Clock saw one explanation inside the epoch
     per_epoch = 600 / n_train
     return {
@@ -218,6 +218,11 @@ def _bench_training(results: dict, quick: bool, out: Path) -> None:
 
     results["distributed"] = bench_distributed.run(quick, out)
     print(json.dumps(results["distributed"], indent=1))
+    print("\n== YoloDataModule's image check at setup, per 1000 files, vs decoding them ==")
+    from bench_images import bench_images
+
+    results["image_check"] = bench_images()
+    print(json.dumps(results["image_check"], indent=1))
     print("\n== ExplainCallback share of epoch time, demo configuration ==")
     results["callback_share"] = bench_callback_share(quick, out)
     _print_rows(results["callback_share"], lambda n, v: f"  {n:40s} {v:9.3f}")

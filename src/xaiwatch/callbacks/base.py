@@ -407,6 +407,16 @@ class ProbeCallback(Callback):
         if self._writer is not None:
             self._submit(lambda: self._write(merged, ctx), f"writing step {step}")
 
+    def run_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Run the callback's work now, outside its schedule (every rank must call it), and wait until it is written.
+
+        Raises:
+            ConfigurationError: before ``setup()``.
+        """
+        self._require_setup()
+        self._scheduled(trainer, pl_module, epoch=trainer.current_epoch, force=True)
+        self.flush()
+
     # ------------------------------------------------------------------------------------ background writing
     def _submit(self, fn: Callable[[], Any], what: str) -> None:
         """Rank zero draws and writes on one worker thread, so the next training step does not wait for

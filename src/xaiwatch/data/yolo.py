@@ -64,9 +64,9 @@ def verify_images(paths: Sequence[str | Path]) -> None:
 
     ``verify`` reads the file without decoding the pixels (PNG: every chunk and its CRC); PIL does not check a
     JPEG's data, so a JPEG must also end with its end-of-image marker (the check ultralytics makes). A truncated or
-    corrupt file is found before training rather than at the batch that holds it. Measured here (2 shared cores
-    under load): about 1 s per 1000 files (0.9 s for 160 px PNGs, 1.3 s for 640x480 JPEGs), against 14 s and
-    55 s to decode them.
+    corrupt file is found before training rather than at the batch that holds it. Measured here
+    (``benchmarks/bench_images.py``, 2 shared cores): 0.2 s per 1000 160 px PNGs and 0.25 s per 1000 640x480
+    JPEGs (0.9 s and 1.3 s under heavy load), 10 to 40 times less than decoding them.
 
     Args:
         paths: image paths.
