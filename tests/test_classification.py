@@ -285,7 +285,7 @@ def test_explain_callback_on_the_classifier(tmp_path):
     assert tags == expected
     for tag in expected:
         events = acc.Images(tag)
-        assert [e.step for e in events] == [0, 1]
+        assert [e.step for e in events] == [0, 2]  # global steps: 8 images, batch 4
         assert np.asarray(Image.open(io.BytesIO(events[-1].encoded_image_string)).convert("RGB")).std() > 10
     assert cb.state_dict()["tracked"][0][0][:4] == [0.0, 0.0, 64.0, 64.0]  # the whole image is the tracked box
     assert len(acc.Scalars("explain_tracked/detected_probe_00")) == 2

@@ -147,7 +147,7 @@ def test_demo_command_with_damo(tmp_path, capsys):
     assert f"tensorboard --logdir {out.resolve()}" in capsys.readouterr().out
     acc = _acc(next((out / "tensorboard").glob("version_*")))
     tags = acc.Tags()
-    assert {f"explain/{m}/probe_{i:02d}" for m in ("saliency", "grad_cam") for i in range(8)} <= set(tags["images"])
+    assert {f"explain/{m}/probe_{i:02d}" for m in ("saliency", "layer_cam") for i in range(8)} <= set(tags["images"])
     assert {"projection/neck.p3", "errors/confusion"} <= set(tags["images"])
     assert {"val/map50", "projection/neck.p4/silhouette", "errors/tp/all"} <= set(tags["scalars"])
     assert any(t.startswith("boundary/min_eps/") for t in tags["scalars"])

@@ -43,8 +43,8 @@ def test_demo_command_writes_dataset_and_explanations(tmp_path, capsys):
     assert len(log_dirs) == 1
     acc = _acc(log_dirs[0])
     tags = {t for t in acc.Tags()["images"] if t.startswith("explain/")}
-    assert tags == {f"explain/{m}/probe_{i:02d}" for m in ("saliency", "grad_cam") for i in range(8)}
-    assert [e.step for e in acc.Images("explain/grad_cam/probe_07")] == [0, 1]
+    assert tags == {f"explain/{m}/probe_{i:02d}" for m in ("saliency", "layer_cam") for i in range(8)}
+    assert [e.step for e in acc.Images("explain/layer_cam/probe_07")] == [0, 2]  # global steps: 16 images, batch 8
     assert {"val/map50", "val/map", "xaiwatch/explain_seconds"} <= set(acc.Tags()["scalars"])
     # the saliency gate judged the one epoch; an untrained model fails it, so no checkpoint is written
     assert [e.value for e in acc.Scalars("saliency/gate_pass")] == [0.0]
@@ -96,4 +96,4 @@ def test_example_script_runs(tmp_path, script, extra):
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"tensorboard --logdir {out.resolve()}" in result.stdout
     acc = _acc(next((out / "tensorboard").glob("version_*")))
-    assert "explain/grad_cam/probe_07" in acc.Tags()["images"]
+    assert "explain/layer_cam/probe_07" in acc.Tags()["images"]

@@ -186,7 +186,7 @@ def test_every_n_epochs_schedule(tmp_path, square_loaders):
     cb = ExplainCallback(num_probe=1, every_n_epochs=2, explain_at_start=False, on_error="raise")
     trainer = _trainer(tmp_path, [cb], epochs=3)
     trainer.fit(_module(), *square_loaders)
-    assert [e.step for e in _events(trainer.logger.log_dir).Images("explain/grad_cam/probe_00")] == [4]
+    assert [e.step for e in _events(trainer.logger.log_dir).Images("explain/layer_cam/probe_00")] == [4]
 
 
 def test_other_loggers_alongside(tmp_path, square_loaders):

@@ -42,7 +42,9 @@ class ExplainCallback(ProbeCallback):
     (see :func:`~xaiwatch.core.context.explaining`).
 
     Args:
-        methods: explanation methods by name (see :func:`xaiwatch.explain.available_methods`).
+        methods: explanation methods by name (see :func:`xaiwatch.explain.available_methods`). The default CAM is
+            ``layer_cam``: element-wise, so its map stays on the explained box, while Grad-CAM's spatially averaged
+            weights light every object of the class (measured on a real people detector, docs/real-models.md).
         num_probe: number of probe images chosen (seeded) from the validation set.
         probe_indices: explicit validation indices instead of a seeded choice.
         every_n_epochs: explain after every n-th training epoch's validation (``None``: not by epoch).
@@ -75,7 +77,7 @@ class ExplainCallback(ProbeCallback):
 
     def __init__(
         self,
-        methods: Sequence[str] = ("saliency", "grad_cam"),
+        methods: Sequence[str] = ("saliency", "layer_cam"),
         num_probe: int = 8,
         probe_indices: Sequence[int] | None = None,
         every_n_epochs: int | None = 1,
