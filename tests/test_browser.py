@@ -322,7 +322,7 @@ def test_tensorboard_dashboards_load_without_errors(tensorboard, browser):
         assert shot.stat().st_size > 10_000
         assert page.errors() == [], dashboard
         if dashboard == "projector":  # it opens on the last epoch
-            assert f"projection/neck.p3 (last: epoch {EPOCHS})" in page.evaluate(_DEEP_INPUTS)
+            assert f"projection/neck.p3 (last: step {EPOCHS})" in page.evaluate(_DEEP_INPUTS)
 
 
 def test_report_opens_with_every_picture_loaded(run, browser, tmp_path):

@@ -71,10 +71,10 @@ def test_logged_counts_equal_a_recount(tmp_path, square_loaders):
     adapter = YOLOv8Adapter(module.net, names=module.names, conf=0.3)
     counts = ErrorCounts(3)
     module.eval()
-    for i in cb.state_dict()["indices"]:
+    for i in cb.state_dict()["probe_indices"]:
         item = val[i]
         counts.update(adapter.detect(item["image"][None])[0], item["boxes"], item["labels"])
-    assert len(cb.state_dict()["indices"]) == 6
+    assert len(cb.state_dict()["probe_indices"]) == 6
     for kind in COUNT_TYPES:
         assert acc.Scalars(f"errors/{kind}/all")[-1].value == counts.totals()[kind], kind
         for c, name in enumerate(module.names):
@@ -166,8 +166,8 @@ def test_bad_input(tmp_path, square_loaders):
         item["boxes"], item["labels"] = torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)
     with pytest.raises(ConfigurationError, match="needs ground truth"):
         _trainer(tmp_path, [ErrorAnalysisCallback()]).fit(_module(), train, DataLoader(empty, 4, collate_fn=collate))
-    with pytest.raises(ConfigurationError, match="not a heat map"):
-        _trainer(tmp_path, [ErrorAnalysisCallback(explain_method="feature_maps")]).fit(_module(), *square_loaders)
+    with pytest.raises(ConfigurationError, match="not a heat map"):  # refused at construction, before any fit
+        ErrorAnalysisCallback(explain_method="feature_maps")
     with pytest.raises(ConfigurationError, match="no validation dataloader"):
         _trainer(tmp_path, [ErrorAnalysisCallback()]).fit(_module(), train)
 
@@ -179,7 +179,7 @@ def test_resume_keeps_the_subset(tmp_path, square_loaders):
     restored = ErrorAnalysisCallback(max_images=3, seed=2, explain_top_k=0, on_error="raise")
     restored.load_state_dict(state)
     _trainer(tmp_path, [restored], epochs=1).fit(_module(), *square_loaders)
-    assert restored.state_dict()["indices"] == state["indices"] and len(state["indices"]) == 3
+    assert restored.state_dict()["probe_indices"] == state["probe_indices"] and len(state["probe_indices"]) == 3
     assert ErrorAnalysisCallback(iou_threshold=0.5).state_key != ErrorAnalysisCallback(iou_threshold=0.7).state_key
 
 

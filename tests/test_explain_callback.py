@@ -251,7 +251,9 @@ def test_filmstrips_gifs_and_several_objects(tmp_path):
     assert [len(t) for t in tracked] == [2, 2]
     big, small = tracked[0]
     assert (big[2] - big[0]) * (big[3] - big[1]) > (small[2] - small[0]) * (small[3] - small[1])
-    assert set(cb.state_dict()["scales"]) == {"saliency", "grad_cam"}
+    # normalize="fixed": one scale per method and object, from its first explained step (rank-local, so every
+    # rank draws alike)
+    assert set(cb.state_dict()["scales"]) == {f"{m}/{s}" for m in cb.methods for s in subjects}
 
 
 def test_foundation_state_format_still_loads():

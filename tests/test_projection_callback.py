@@ -84,7 +84,7 @@ def test_max_points_keeps_ground_truth_and_the_best_predictions(tmp_path, square
     (embedding,) = [e for e in _projector(Path(trainer.logger.log_dir)) if e.tensor_name.endswith(":00000")]
     with open(Path(trainer.logger.log_dir) / embedding.metadata_path) as f:
         rows = list(csv.reader(f, delimiter="\t"))[1:]
-    chosen = cb.state_dict()["image_indices"]
+    chosen = cb.state_dict()["probe_indices"]
     assert len(chosen) == 3 and len(rows) == 6 and sum(r[1] == "gt" for r in rows) == 3
     images = torch.stack([square_loaders[1].dataset[i]["image"] for i in chosen])
     scores = torch.cat([d.scores for d in reference.detect(images)])
@@ -136,12 +136,12 @@ def test_state_dict_resume_and_pickle(tmp_path, square_loaders):
     cb = ProjectionCallback(layers="neck.p3", max_points=8, seed=5, on_error="raise")
     _trainer(tmp_path, [cb], epochs=1).fit(_module(), *square_loaders)
     state = cb.state_dict()
-    assert len(state["image_indices"]) == 4  # 1 box per image, max_points // 2 boxes
+    assert len(state["probe_indices"]) == 4  # 1 box per image, max_points // 2 boxes
     assert len(state["layouts"]["neck.p3"]) == 4 and state["last_step"] == 2
     restored = pickle.loads(pickle.dumps(ProjectionCallback(layers="neck.p3", max_points=8, seed=99)))
     restored.load_state_dict(state)
     _trainer(tmp_path, [restored], epochs=1).fit(_module(), *square_loaders)
-    assert restored.state_dict()["image_indices"] == state["image_indices"]  # same images despite another seed
+    assert restored.state_dict()["probe_indices"] == state["probe_indices"]  # same images despite another seed
     assert not math.isnan(restored.history["neck.p3"][1]["displacement"])  # aligned onto the restored layout
     assert ProjectionCallback(method="pca").state_key != ProjectionCallback(method="tsne").state_key
     restored.load_state_dict({})
@@ -215,7 +215,7 @@ def test_preset_loads_and_runs(tmp_path, square_loaders):
     assert isinstance(cb, ProjectionCallback)
     cb.on_error = "raise"
     _trainer(tmp_path, [cb], epochs=1).fit(_module(), *square_loaders)
-    assert sorted(cb.history) == ["neck.p3", "neck.p4", "neck.p5"] and sorted(cb.history["neck.p3"]) == [0, 1]
+    assert sorted(cb.history) == ["neck.p3", "neck.p4", "neck.p5"] and sorted(cb.history["neck.p3"]) == [0, 2]
 
 
 class TexturedSquares(SquaresDataset):
@@ -254,6 +254,6 @@ def test_classes_separate_after_brief_training(tmp_path):
     acc = _events(trainer.logger.log_dir)
     silhouette = {e.step: e.value for e in acc.Scalars("projection/neck.p3/silhouette")}
     knn = {e.step: e.value for e in acc.Scalars("projection/neck.p3/knn_accuracy")}
-    assert sorted(silhouette) == [0, 60]
+    assert sorted(silhouette) == [0, trainer.global_step]
     assert silhouette[0] < 0.05 and silhouette[60] > silhouette[0] + 0.15
     assert knn[60] > knn[0]

@@ -82,15 +82,15 @@ def test_projector_lists_the_last_epoch_first(tmp_path):
     text = (tmp_path / "projector_config.pbtxt").read_text()
     names = [line.split('"')[1] for line in text.splitlines() if "tensor_name" in line]
     assert names == [
-        "projection/backbone (last: epoch 2)",
-        "projection/neck (last: epoch 2)",
+        "projection/backbone (last: step 2)",
+        "projection/neck (last: step 2)",
         "projection/backbone:00001",
         "projection/neck:00001",
         "projection/backbone:00000",
         "projection/neck:00000",
     ]
     # the PROJECTOR sorts equal-sized tensors by name and opens the first: the last epoch's name sorts first
-    assert sorted(names)[0] == "projection/backbone (last: epoch 2)"
+    assert sorted(names)[0] == "projection/backbone (last: step 2)"
 
 
 def test_gate_reason_lists_every_check_every_epoch():

@@ -34,6 +34,7 @@ def test_validate_and_test_explain_at_the_loaded_models_step(tmp_path, square_lo
     cb = ExplainCallback(methods=["saliency"], num_probe=2, on_error="raise")
     trainer = make_trainer(tmp_path, [cb])
     module = tiny_module()
+    module.test_step = module.validation_step  # YOLOv8Module validates; a user's module may also test
     trainer.validate(module, square_loaders[1])
     trainer.test(module, square_loaders[1])
     acc = read_events(trainer.logger.log_dir)

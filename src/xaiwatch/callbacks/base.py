@@ -472,6 +472,10 @@ class ProbeCallback(Callback):
         self.flush()
 
     @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        self.flush()  # what a checkpoint's state says was explained is on disk before the checkpoint is
+
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         futures, self._futures = self._futures, []
         for future in futures:  # what was explained before the failure is still written

@@ -122,7 +122,7 @@ class ErrorAnalysisCallback(ProbeCallback):
         validate_methods([explain_method])
         if not draws_heat_map(explain_method):
             raise ConfigurationError(
-                f"`explain_method={explain_method!r}` draws no heat map over the image; use a map method such as "
+                f"`explain_method={explain_method!r}` is not a heat map over the image; use a map method such as "
                 "saliency, layer_cam or integrated_gradients."
             )
         self.iou_threshold = float(iou_threshold)

@@ -16,7 +16,7 @@ __all__ = ["load_callbacks"]
 
 
 def load_callbacks(path: str | Path) -> list[Callback]:
-    """Instantiate the ``trainer.callbacks`` of a LightningCLI config file.
+    r"""Instantiate the ``trainer.callbacks`` of a LightningCLI config file.
 
     The file is the one ``--config`` takes: ``trainer: callbacks: [{class_path: ..., init_args: {...}}]``.
 

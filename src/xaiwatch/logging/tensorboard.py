@@ -386,7 +386,7 @@ def order_projector_config(run_dir: str | Path) -> Path | None:
 
     The PROJECTOR lists tensors sorted (metadata first, more points first, then by name) and opens the first, so
     ``tag:00000`` wins over ``tag:00011``. This rewrites ``projector_config.pbtxt`` with the last epoch of each tag
-    first and named ``<tag> (last: epoch N)`` (a space sorts before ``:``); the other epochs keep ``<tag>:<step>``.
+    first and named ``<tag> (last: step N)`` (a space sorts before ``:``); the other epochs keep ``<tag>:<step>``.
     With box-level embeddings an older epoch with more points can still be listed first.
 
     Args:
@@ -411,7 +411,7 @@ def order_projector_config(run_dir: str | Path) -> Path | None:
     for (tag, step), e in entries:
         copy = type(e)()
         copy.CopyFrom(e)
-        copy.tensor_name = f"{tag} (last: epoch {step})" if step == last[tag] else f"{tag}:{step:05d}"
+        copy.tensor_name = f"{tag} (last: step {step})" if step == last[tag] else f"{tag}:{step:05d}"
         copies.append(copy)
     del config.embeddings[:]
     config.embeddings.extend(copies)
