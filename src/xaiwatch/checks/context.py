@@ -1,0 +1,226 @@
+"""The automatic counterfactual context test: is an object still itself when its surroundings are replaced?
+
+Each probe's tracked object (its box, pixel for pixel) is kept and everything around it replaced: by the
+context of other probe images (the object pasted onto another validation image whose objects are of other
+classes and do not overlap it), by a blur of its own image, and by grey. The model re-scores the object in each
+variant: a model that recognises the object keeps its class and most of its score; a model that learned the
+context (a class-correlated background, tint or halo) changes its class or loses its score. Nothing is needed
+from the user: the variants are built from the validation images and their boxes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from xaiwatch.checks.counterfactual import object_scores
+from xaiwatch.checks.localization import _as_boxes, box_masks
+from xaiwatch.checks.perturbation import fill_image
+from xaiwatch.core.errors import ConfigurationError, check_shape
+
+__all__ = ["CONTEXT_FILLS", "ContextSwap", "context_donors", "context_swap", "check_context_source"]
+
+#: What replaces a probe object's surroundings: other probes' context, a blur of its own image, grey.
+CONTEXT_FILLS = ("swap", "blur", "grey")
+_MAX_BOX_SHARE = 0.9  # a box covering more of the image leaves no context to replace
+
+
+@dataclass
+class ContextSwap:
+    """Per-probe results of :func:`context_swap`.
+
+    Attributes:
+        flip: :math:`(N,)` share of a probe's variants in which the object's class changes (``nan``: undefined).
+        drop: :math:`(N,)` mean relative drop of the object's class score over its variants, in ``[-1, 1]``.
+        score: :math:`(N,)` the object's class score in the original image.
+        defined: :math:`(N,)` bool: the object scores at least ``min_score`` and has context to replace.
+        by_fill: fill name to :math:`(N,)` flips and drops of that fill alone (``{"swap": (flip, drop), ...}``).
+    """
+
+    flip: torch.Tensor
+    drop: torch.Tensor
+    score: torch.Tensor
+    defined: torch.Tensor
+    by_fill: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+def _overlaps(box: torch.Tensor, others: torch.Tensor, gap: float) -> bool:
+    if not len(others):
+        return False
+    o = others.reshape(-1, 4)
+    return bool(
+        (
+            (o[:, 0] < box[2] + gap) & (box[0] < o[:, 2] + gap) & (o[:, 1] < box[3] + gap) & (box[1] < o[:, 3] + gap)
+        ).any()
+    )
+
+
+def context_donors(
+    boxes: torch.Tensor,
+    labels: torch.Tensor,
+    gt_boxes: Sequence[torch.Tensor],
+    gt_labels: Sequence[torch.Tensor] | None = None,
+    donors: int = 2,
+    gap: float = 2.0,
+) -> list[list[int]]:
+    """For each probe, other probes whose context can surround its object.
+
+    A donor's objects must not overlap the pasted box (grown by ``gap`` pixels); donors none of whose objects
+    share the probe's class come first (their context is another class's), then the others, in cyclic order.
+
+    Args:
+        boxes: :math:`(N, 4)` the tracked boxes.
+        labels: :math:`(N,)` their classes.
+        gt_boxes: per probe, all its ground-truth boxes.
+        gt_labels: per probe, their classes (default: only the tracked labels are known).
+        donors: donors per probe.
+        gap: pixels between the pasted box and a donor's objects.
+
+    Returns:
+        per probe, up to ``donors`` indices of other probes.
+
+    Example:
+        >>> b = torch.tensor([[0.0, 0, 4, 4], [10, 10, 14, 14], [0, 0, 4, 4]])
+        >>> context_donors(b, torch.tensor([0, 1, 1]), [x[None] for x in b], donors=1)
+        [[1], [0], [1]]
+    """
+    boxes = _as_boxes(boxes)
+    labels = torch.as_tensor(labels).reshape(-1).long()
+    n = boxes.shape[0]
+    gt_labels = gt_labels if gt_labels is not None else [labels[i : i + 1] for i in range(n)]
+    out = []
+    for i in range(n):
+        order = [(i + d) % n for d in range(1, n)]
+        usable = [j for j in order if not _overlaps(boxes[i], _as_boxes(gt_boxes[j]), gap)]
+        other = [j for j in usable if int(labels[i]) not in torch.as_tensor(gt_labels[j]).reshape(-1).tolist()]
+        same = [j for j in usable if j not in other]
+        out.append((other + same)[: max(0, int(donors))])
+    return out
+
+
+def check_context_source(boxes: torch.Tensor, size: Sequence[int], name: str = "SaliencyGate") -> None:
+    """Raise when no probe has context to replace (every tracked box covers at least 90% of the image).
+
+    Raises:
+        ConfigurationError: naming the fix (probes with smaller objects, or a gate without context checks).
+    """
+    boxes = _as_boxes(boxes)
+    share = box_masks(boxes, size).float().mean(dim=(1, 2)) if len(boxes) else torch.ones(0)
+    if not bool((share < _MAX_BOX_SHARE).any()):
+        raise ConfigurationError(
+            f"{name}: the context checks replace everything around each probe's object, but every probe's box covers "
+            f"at least {_MAX_BOX_SHARE:.0%} of its image (shares {[round(float(s), 2) for s in share]}): there is no "
+            "context. Choose `probe_indices` with smaller objects or remove 'context_swap' / 'context_reliance' / "
+            "'relative_context_reliance' from `checks`."
+        )
+
+
+def _variants(images, boxes, fill: str, donors: list[list[int]], slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The probes with everything outside their box replaced by ``fill`` (``swap``: donor ``slot``'s image)."""
+    keep = box_masks(boxes, images.shape[-2:])[:, None].to(images.device)
+    if fill == "swap":
+        src = [d[slot] if len(d) > slot else i for i, d in enumerate(donors)]
+        ok = torch.tensor([len(d) > slot for d in donors], device=images.device)
+        background = images[torch.tensor(src, device=images.device)]
+    else:
+        ok = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
+        background = fill_image(images, fill)
+    return torch.where(keep, images, background), ok
+
+
+def context_swap(
+    adapter,
+    images: torch.Tensor,
+    boxes: torch.Tensor,
+    labels: torch.Tensor,
+    gt_boxes: Sequence[torch.Tensor],
+    gt_labels: Sequence[torch.Tensor] | None = None,
+    fills: Sequence[str] = CONTEXT_FILLS,
+    donors: int = 2,
+    min_score: float = 0.25,
+    iou: float = 0.5,
+) -> ContextSwap:
+    """Re-score each probe's object with its surroundings replaced (see the module docstring).
+
+    ``swap`` contributes ``donors`` variants (other probes' contexts), ``blur`` and ``grey`` one each. A probe is
+    defined when its object scores at least ``min_score`` for its class in the original image and its box leaves
+    context (covers less than 90% of the image); a variant counts for the flip when a candidate overlaps the box
+    in both images.
+
+    Args:
+        adapter: the model adapter (``raw``).
+        images: :math:`(N, 3, H, W)` probe images in ``[0, 1]``.
+        boxes: :math:`(N, 4)` the tracked objects' boxes.
+        labels: :math:`(N,)` their classes.
+        gt_boxes: per probe, all its ground-truth boxes (donor choice).
+        gt_labels: per probe, their classes (donors of other classes first).
+        fills: any of :data:`CONTEXT_FILLS`.
+        donors: swap variants per probe.
+        min_score: the score floor below which a probe is undefined.
+        iou: overlap a candidate needs to speak for the object.
+
+    Returns:
+        a :class:`ContextSwap`.
+
+    Raises:
+        ConfigurationError: for an unknown fill.
+    """
+    from xaiwatch.core.context import eval_state
+
+    unknown = [f for f in fills if f not in CONTEXT_FILLS]
+    if unknown or not fills:
+        raise ConfigurationError(f"`fills` must be a non-empty subset of {CONTEXT_FILLS}, got {list(fills)!r}.")
+    check_shape(images, ["N", 3, "H", "W"], "images")
+    images = images.detach()
+    boxes = _as_boxes(boxes, images.shape[0]).to(images.device)
+    labels = torch.as_tensor(labels, device=images.device).reshape(-1).long()
+    pairs = donors and context_donors(
+        boxes.cpu(),
+        labels.cpu(),
+        [torch.as_tensor(b).cpu() for b in gt_boxes],
+        None if gt_labels is None else [torch.as_tensor(x).cpu() for x in gt_labels],
+        donors,
+    )
+    pairs = pairs or [[] for _ in range(images.shape[0])]
+    jobs = [(f, s) for f in fills for s in (range(int(donors)) if f == "swap" else (0,))]
+
+    def score(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s, c = object_scores(adapter.raw(x), boxes, labels, iou)
+        return s.cpu(), c.cpu()
+
+    with torch.no_grad(), eval_state(adapter.model):
+        s0, c0 = score(images)
+        results = []
+        for fill, slot in jobs:
+            variant, ok = _variants(images, boxes, fill, pairs, slot)
+            s1, c1 = score(variant)
+            results.append((fill, ok.cpu(), s1, c1))
+    share = box_masks(boxes, images.shape[-2:]).float().mean(dim=(1, 2)).cpu()
+    defined = (s0 >= float(min_score)) & (share < _MAX_BOX_SHARE)
+    nan = torch.full_like(s0, float("nan"))
+    flips, drops, by_fill = [], [], {}
+    for fill, ok, s1, c1 in results:
+        counted = ok & defined & (c0 >= 0) & (c1 >= 0)
+        flip = torch.where(counted, (c1 != c0).float(), nan)
+        drop = torch.where(ok & defined, ((s0 - s1) / s0.clamp(min=1e-6)).clamp(-1, 1), nan)
+        flips.append(flip)
+        drops.append(drop)
+        prev = by_fill.get(fill)
+        by_fill[fill] = (
+            (flip, drop)
+            if prev is None
+            else (torch.stack([prev[0], flip]).nanmean(0), torch.stack([prev[1], drop]).nanmean(0))
+        )
+    flip = _nanmean_rows(torch.stack(flips))
+    drop = _nanmean_rows(torch.stack(drops))
+    return ContextSwap(flip, torch.where(defined, drop, nan), s0, defined, by_fill)
+
+
+def _nanmean_rows(x: torch.Tensor) -> torch.Tensor:
+    """Column means ignoring ``nan`` (``nan`` where a column has none), without nanmean's warning."""
+    ok = ~x.isnan()
+    total = torch.where(ok, x, torch.zeros_like(x)).sum(0)
+    count = ok.sum(0)
+    return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
