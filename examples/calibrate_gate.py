@@ -48,8 +48,16 @@ def make_data(root: Path, family: str, seed: int, num_train: int, num_val: int, 
         info = folder / "meta" / "info.json"
         wanted = {"num_train": num_train, "num_val": num_val, "imgsz": imgsz, "seed": seed}
         if not info.is_file() or any(json.loads(info.read_text()).get(k) != v for k, v in wanted.items()):
-            generate_family(folder, family, shortcut=twin == "shortcut", seed=seed, num_train=num_train,
-                            num_val=num_val, imgsz=imgsz, overwrite=True)
+            generate_family(
+                folder,
+                family,
+                shortcut=twin == "shortcut",
+                seed=seed,
+                num_train=num_train,
+                num_val=num_val,
+                imgsz=imgsz,
+                overwrite=True,
+            )
         paths[twin] = folder
     for mode in ("consistent", "wrong"):
         folder = base / "shortcut" / f"counterfactual_{mode}"
@@ -84,8 +92,9 @@ def train(args: argparse.Namespace) -> Path:
     run = out / "runs" / f"{args.family}_{args.twin}_s{args.seed}"
     run.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(args.seed, verbose=False)
-    dm = YoloDataModule(str(_train_yaml(paths, args.twin, list(fam.classes))), imgsz=args.imgsz, batch_size=16,
-                        seed=args.seed)
+    dm = YoloDataModule(
+        str(_train_yaml(paths, args.twin, list(fam.classes))), imgsz=args.imgsz, batch_size=16, seed=args.seed
+    )
     module = YOLOv8Module("yolov8n.yaml", num_classes=len(fam.classes), names=list(fam.classes), lr=1e-2)
     per_epoch = math.ceil(args.num_train / 16)
     epochs = max(1, round(args.steps / per_epoch))
@@ -99,17 +108,167 @@ def train(args: argparse.Namespace) -> Path:
                 torch.save(pl_module.net.state_dict(), path)
                 saved.append({"epoch": epoch, "step": trainer.global_step, "path": path.name})
 
-    trainer = pl.Trainer(max_epochs=epochs, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         accelerator="cpu", callbacks=[Save()])
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        callbacks=[Save()],
+    )
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm)
-    meta = {"family": args.family, "twin": args.twin, "seed": args.seed, "imgsz": args.imgsz,
-            "num_train": args.num_train, "epochs": epochs, "steps": trainer.global_step,
-            "seconds": time.perf_counter() - start, "threads": args.threads, "weights": saved}
+    meta = {
+        "family": args.family,
+        "twin": args.twin,
+        "seed": args.seed,
+        "imgsz": args.imgsz,
+        "num_train": args.num_train,
+        "epochs": epochs,
+        "steps": trainer.global_step,
+        "seconds": time.perf_counter() - start,
+        "threads": args.threads,
+        "weights": saved,
+    }
     (run / "train.json").write_text(json.dumps(meta, indent=1))
     print(json.dumps(meta))
     return run
+
+
+# --------------------------------------------------------------------------------------------------- evaluate
+#: Every check recorded per model (saliency maps for the map checks; the costly ones are left out).
+RECORDED = {
+    "pointing_game",
+    "energy_in_box",
+    "energy_concentration",
+    "rank_accuracy",
+    "off_object_energy",
+    "context_reliance",
+    "relative_context_reliance",
+    "context_swap",
+    "context_swap_drop",
+}
+
+
+def _dataset(folder: Path, names: list[str], imgsz: int):
+    from xaiwatch.data.yolo import YoloDataset
+
+    return YoloDataset(folder / "images" / "val", names=names, imgsz=imgsz)
+
+
+def flip_of(adapter, consistent, wrong) -> dict:
+    """The positive control: share of all validation objects whose class changes when only the cue is made wrong."""
+    from xaiwatch.callbacks.probes import probe_item
+    from xaiwatch.checks import object_classes
+
+    changed = counted = 0
+    for start in range(0, len(consistent), 16):
+        idx = range(start, min(start + 16, len(consistent)))
+        a = [probe_item(consistent[i]) for i in idx]
+        b = torch.stack([probe_item(wrong[i])[0] for i in idx])
+        boxes = [bx for _, bx, _ in a]
+        with torch.no_grad():
+            ca = object_classes(adapter.raw(torch.stack([im for im, _, _ in a])), boxes)
+            cb = object_classes(adapter.raw(b), boxes)
+        for x, y in zip(ca, cb):
+            both = (x >= 0) & (y >= 0)
+            changed += int((x[both] != y[both]).sum())
+            counted += int(both.sum())
+    return {"flip": changed / counted if counted else math.nan, "objects": counted}
+
+
+def evaluate_model(run: Path, weights: str, num_probe: int, seed: int = 0) -> dict:
+    """Every recorded check (per probe) on ``num_probe`` probes chosen as the gate chooses them, and the flip rate."""
+    from xaiwatch.callbacks.probes import choose_probe_indices, largest_objects, load_probes
+    from xaiwatch.checks import CheckOptions, context_swap, evaluate_probes
+    from xaiwatch.data.shapes import FAMILIES
+    from xaiwatch.explain import get_engine
+    from xaiwatch.models import YOLOv8Module
+    from xaiwatch.targets import MatchedBoxTarget
+
+    meta = json.loads((run / "train.json").read_text())
+    fam = FAMILIES[meta["family"]]
+    names = list(fam.classes)
+    module = YOLOv8Module("yolov8n.yaml", num_classes=len(names), names=names)
+    module.net.load_state_dict(torch.load(run / weights, weights_only=True))
+    module.eval()
+    adapter = module.xai_adapter()
+    base = run.parents[1] / "data" / f"{meta['family']}_s{meta['seed']}" / "shortcut"
+    consistent = _dataset(base / "counterfactual_consistent", names, meta["imgsz"])
+    wrong = _dataset(base / "counterfactual_wrong", names, meta["imgsz"])
+    start = time.perf_counter()
+    control = flip_of(adapter, consistent, wrong)
+    indices = choose_probe_indices(consistent, num_probe, seed, "calibrate")
+    probes = load_probes(consistent, indices, "calibrate")
+    tracked = [largest_objects(b, lab, 1)[0] for b, lab in zip(probes.boxes, probes.labels)]
+    targets = [MatchedBoxTarget(t[:4], int(t[4]), conf=adapter.conf) for t in tracked]
+    boxes = torch.tensor([t[:4] for t in tracked])
+    labels = torch.tensor([int(t[4]) for t in tracked])
+    options = CheckOptions(seed=seed)
+    values, _ = evaluate_probes(
+        adapter,
+        {"saliency": get_engine("saliency", adapter)},
+        probes.images,
+        targets,
+        boxes,
+        probes.boxes,
+        RECORDED,
+        options,
+        labels=labels,
+        gt_labels=probes.labels,
+    )
+    swap = context_swap(adapter, probes.images, boxes, labels, probes.boxes, probes.labels, min_score=adapter.conf)
+    by_fill = {f: {"flip": _nanmean(a), "drop": _nanmean(b)} for f, (a, b) in swap.by_fill.items()}
+    epoch = int(weights.split("_e")[1].split(".")[0])
+    return {
+        "family": meta["family"],
+        "twin": meta["twin"],
+        "seed": meta["seed"],
+        "weights": weights,
+        "epoch": epoch,
+        "final": epoch == meta["epochs"],
+        "train_seconds": meta["seconds"],
+        "eval_seconds": time.perf_counter() - start,
+        **control,
+        "probes": num_probe,
+        "checks": {k: [None if math.isnan(float(x)) else float(x) for x in v.tolist()] for k, v in values.items()},
+        "by_fill": by_fill,
+    }
+
+
+def _nanmean(v: torch.Tensor) -> float | None:
+    ok = v[~v.isnan()]
+    return float(ok.mean()) if ok.numel() else None
+
+
+def evaluate(args: argparse.Namespace) -> Path:
+    """Evaluate every saved model under ``<out>/runs`` (``--all-epochs``: every saved epoch, else the final one)."""
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    path = out / "records.json"
+    records = json.loads(path.read_text()) if path.is_file() else []
+    done = {(r["family"], r["twin"], r["seed"], r["weights"]) for r in records}
+    for run in sorted((out / "runs").glob("*/train.json")):
+        meta = json.loads(run.read_text())
+        weights = [w["path"] for w in meta["weights"]]
+        for w in weights if args.all_epochs else weights[-1:]:
+            if (meta["family"], meta["twin"], meta["seed"], w) in done:
+                continue
+            rec = evaluate_model(run.parent, w, args.num_probe)
+            records.append(rec)
+            path.write_text(json.dumps(records, indent=1))
+            short = {
+                k: _nanmean(torch.tensor([math.nan if x is None else x for x in v])) for k, v in rec["checks"].items()
+            }
+            print(
+                f"{run.parent.name} {w} flip {rec['flip']:.2f} "
+                + " ".join(f"{k}={v:.3f}" for k, v in short.items() if v is not None),
+                flush=True,
+            )
+    return path
 
 
 def main() -> None:
@@ -127,9 +286,16 @@ def main() -> None:
         p.add_argument("--steps", type=int, default=250)
         p.add_argument("--save-every", type=int, default=0)
         p.add_argument("--threads", type=int, default=1)
+    e = sub.add_parser("evaluate", help="record every check of every trained model")
+    e.add_argument("--out", default=str(OUT))
+    e.add_argument("--num-probe", type=int, default=16)
+    e.add_argument("--all-epochs", action="store_true")
+    e.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     if args.command == "train":
         train(args)
+    elif args.command == "evaluate":
+        evaluate(args)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -10,15 +11,17 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from xaiwatch.adapters import DetectorAdapter
 from xaiwatch.callbacks.probes import choose_probe_indices, largest_objects, load_probes, validation_dataset
 from xaiwatch.callbacks.scheduled import ScheduledCallback
 from xaiwatch.callbacks.validation import validate_methods, validate_positive, validate_probe_indices
-from xaiwatch.checks.evaluate import CheckOptions, evaluate_checks
-from xaiwatch.checks.rule import MAP_CHECKS, decide, parse_rules
+from xaiwatch.checks.context import check_context_source
+from xaiwatch.checks.evaluate import CheckOptions, evaluate_probes
+from xaiwatch.checks.rule import MAP_CHECKS, parse_rules
+from xaiwatch.checks.verdict import INCONCLUSIVE, judge
 from xaiwatch.core.errors import ConfigurationError
 from xaiwatch.core.types import ProbeSet
 from xaiwatch.logging.tensorboard import Tags
@@ -31,6 +34,7 @@ __all__ = ["SaliencyGate", "GatedModelCheckpoint", "DEFAULT_CHECKS"]
 #: every seed measured; the pointing game is logged, not gated on.
 DEFAULT_CHECKS: dict[str, float | None] = {"energy_in_box": 0.45, "context_reliance": 0.05, "pointing_game": None}
 MODES = ("block", "warn", "stop")
+INCONCLUSIVE_STATUS = "inconclusive"
 
 Counterfactual = Callable[[torch.Tensor, list, list], torch.Tensor]
 
@@ -94,6 +98,8 @@ class SaliencyGate(ScheduledCallback):
         layer: str | None = None,
         on_error: str = "warn",
         seed: int = 0,
+        inconclusive: str = "warn",
+        min_defined: int | None = None,
     ) -> None:
         methods = [methods] if isinstance(methods, str) else list(methods)
         if methods:
@@ -105,7 +111,18 @@ class SaliencyGate(ScheduledCallback):
         if probe_indices is not None:
             probe_indices = validate_probe_indices(probe_indices)
             num_probe = len(probe_indices)
-        validate_positive(num_probe=num_probe, patience=patience)
+        min_defined = max(1, math.ceil(num_probe / 4)) if min_defined is None else min_defined
+        validate_positive(num_probe=num_probe, patience=patience, min_defined=min_defined)
+        if int(min_defined) > int(num_probe):
+            raise ConfigurationError(
+                f"`min_defined={min_defined}` is more than `num_probe={num_probe}`: every check would be inconclusive. "
+                "Lower `min_defined` or raise `num_probe`."
+            )
+        if inconclusive not in INCONCLUSIVE:
+            raise ConfigurationError(
+                f"`inconclusive` can be {', '.join(INCONCLUSIVE)} (what GatedModelCheckpoint does when too few probes "
+                f"are defined to decide), got {inconclusive!r}."
+            )
         if "counterfactual_flip" in self.needed and counterfactual is None:
             raise ConfigurationError(
                 "The check 'counterfactual_flip' needs `counterfactual=`: a function (images, boxes, labels) -> images "
@@ -135,6 +152,8 @@ class SaliencyGate(ScheduledCallback):
         self.adapter = adapter
         self.layer = layer
         self.seed = int(seed)
+        self.inconclusive = inconclusive
+        self.min_defined = int(min_defined)
         # state (state_dict)
         self.history: list[dict[str, Any]] = []
         self._probe_indices: list[int] | None = None
@@ -171,6 +190,9 @@ class SaliencyGate(ScheduledCallback):
                 f"{name}: probe images {empty} (validation indices) have no ground-truth boxes; the saliency checks "
                 "need the object's box. Choose `probe_indices` with boxes or a validation set whose images have labels."
             )
+        if self.needed & {"context_swap", "context_swap_drop", "context_reliance", "relative_context_reliance"}:
+            tracked = [largest_objects(b, lab, 1)[0][:4] for b, lab in zip(self._probes.boxes, self._probes.labels)]
+            check_context_source(torch.tensor(tracked), self._probes.images.shape[-2:], name)
         if self.counterfactual is not None:
             self._counterfactuals = self._load_counterfactuals(self.counterfactual, name)
         if self._writer is not None:
@@ -229,13 +251,12 @@ class SaliencyGate(ScheduledCallback):
     def _evaluate_safely(self, pl_module: pl.LightningModule, step: int, global_step: int) -> dict[str, Any]:
         start = time.perf_counter()
         try:
-            values = self.evaluate(pl_module)
-            passed, reasons = decide(values, self.rules)
+            verdict = judge(self.evaluate(pl_module), self.rules, self.min_defined, seed=self.seed)
         except Exception as err:
             if self.on_error == "raise":
                 raise
-            values, passed = {}, False
-            reasons = [f"the checks failed with {type(err).__name__}: {err}"]
+            verdict = judge({}, self.rules, self.min_defined)
+            verdict.status, verdict.error = "fail", f"the checks failed with {type(err).__name__}: {err}"
             rank_zero_warn(
                 f"{type(self).__name__} failed at step {step} ({type(err).__name__}: {err}); the gate fails."
             )
@@ -243,50 +264,77 @@ class SaliencyGate(ScheduledCallback):
         return {
             "step": step,
             "global_step": int(global_step),
-            "passed": bool(passed),
-            "reasons": reasons,
-            "values": {k: float(v) for k, v in values.items()},
+            "status": verdict.status,
+            "passed": verdict.passed,
+            "reasons": verdict.reasons,
+            "lines": verdict.lines(),
+            "values": {r.key: float(r.value) for r in verdict.results},
+            "defined": {r.key: int(r.defined) for r in verdict.results},
+            "verdict": verdict.to_dict(),
             "seconds": seconds,
         }
 
-    def evaluate(self, pl_module: pl.LightningModule | None = None) -> dict[str, float]:
-        """Run the checks now on the probe set: the mean value of each check (keys as in the rules)."""
+    def evaluate(self, pl_module: pl.LightningModule | None = None) -> dict[str, Any]:
+        """Run the checks now on the probe set: per check key, one value per probe (``nan`` where undefined)."""
         self._require_setup(self._adapter, self._probes)
         device = next(self._adapter.model.parameters()).device
         probes = self._probes.to(device)
         tracked = [largest_objects(b, lab, 1)[0] for b, lab in zip(probes.boxes, probes.labels)]
         targets = [MatchedBoxTarget(t[:4], int(t[4]), conf=self._adapter.conf) for t in tracked]
         boxes = torch.tensor([t[:4] for t in tracked], device=device)
+        labels = torch.tensor([int(t[4]) for t in tracked], device=device)
         cf = self._counterfactuals.to(device) if self._counterfactuals is not None else None
-        values, _ = evaluate_checks(
-            self._adapter, self._engines, probes.images, targets, boxes, probes.boxes, self.needed, self.options, cf
+        values, _ = evaluate_probes(
+            self._adapter,
+            self._engines,
+            probes.images,
+            targets,
+            boxes,
+            probes.boxes,
+            self.needed,
+            self.options,
+            cf,
+            labels=labels,
+            gt_labels=probes.labels,
         )
         return values
 
     def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: dict[str, Any]) -> None:
         self.history.append(record)
-        passed = record["passed"]
-        self._failures = 0 if passed else self._failures + 1
-        trainer.callback_metrics[Tags.GATE_PASS] = torch.tensor(float(passed))
+        status = record.get("status", "pass" if record["passed"] else "fail")
+        self._failures = 0 if status != "fail" else self._failures + 1
+        trainer.callback_metrics[Tags.GATE_PASS] = torch.tensor(float(status == "pass"))
+        step = record["step"]
         if self._writer is not None:
-            step = record["step"]
-            for key, value in record["values"].items():
-                if value == value:
-                    self._writer.scalar(Tags.check(key), value, step)
-            self._writer.scalar(Tags.GATE_PASS, float(passed), step)
+            for key, value in record["values"].items():  # every check, every epoch: nan too, so it has a line
+                self._writer.scalar(Tags.check(key), value, step)
+                if key in record.get("defined", {}):
+                    self._writer.scalar(Tags.check(f"defined/{key}"), record["defined"][key], step)
+            self._writer.scalar(Tags.GATE_PASS, float(status == "pass"), step)
+            self._writer.scalar(Tags.check("gate_inconclusive"), float(status == INCONCLUSIVE_STATUS), step)
             self._writer.scalar(Tags.GATE_SECONDS, record["seconds"], step)
-            text = "passed" if passed else "failed:\n\n" + "\n".join(f"- {r}" for r in record["reasons"])
-            self._writer.text(Tags.GATE_REASON, f"epoch {step}: {text}", step)
+            lines = record.get("lines") or record["reasons"]
+            self._writer.text(
+                Tags.GATE_REASON, f"epoch {step}: {status}\n\n" + "\n".join(f"- {r}" for r in lines), step
+            )
             self._writer.flush()
-        if not passed:
-            reasons = "; ".join(record["reasons"])
+        reasons = "; ".join(record["reasons"])
+        if status == "fail":
             if self.mode == "warn":
-                rank_zero_warn(f"SaliencyGate: epoch {record['step']} failed the saliency checks: {reasons}.")
+                rank_zero_warn(f"SaliencyGate: epoch {step} failed the saliency checks: {reasons}.")
+            else:
+                rank_zero_info(f"SaliencyGate: epoch {step} refused (no checkpoint of these weights): {reasons}")
             if self.mode == "stop" and self._failures >= self.patience:
                 trainer.should_stop = True
                 rank_zero_warn(
                     f"SaliencyGate: stopping training after {self._failures} failing validation(s): {reasons}."
                 )
+        elif status == INCONCLUSIVE_STATUS and self.inconclusive != "pass":
+            action = "refused" if self.inconclusive == "refuse" and self.mode != "warn" else "not refused"
+            rank_zero_warn(
+                f"SaliencyGate: epoch {step} is inconclusive (fewer than {self.min_defined} probes where the tracked "
+                f"object is detected), checkpoint {action} (`inconclusive={self.inconclusive!r}`): {reasons}"
+            )
 
     def _run(self, pl_module: pl.LightningModule, step: int) -> dict[str, Any]:
         """Evaluate on this rank (rank zero); the hook broadcasts the record so that every rank decides alike."""
@@ -301,12 +349,16 @@ class SaliencyGate(ScheduledCallback):
     def allows_checkpoint(self, global_step: int) -> bool:
         """Whether the weights after ``global_step`` optimiser steps may be saved.
 
-        In ``"warn"`` mode always; otherwise only when the gate evaluated exactly these weights and they passed.
+        In ``"warn"`` mode always; otherwise only when the gate evaluated exactly these weights and they passed,
+        or the verdict was inconclusive and ``inconclusive`` is ``"pass"`` or ``"warn"``.
         """
         if self.mode == "warn":
             return True
         last = self.last
-        return last is not None and last["global_step"] == int(global_step) and bool(last["passed"])
+        if last is None or last["global_step"] != int(global_step):
+            return False
+        status = last.get("status", "pass" if last["passed"] else "fail")
+        return status == "pass" or (status == INCONCLUSIVE_STATUS and self.inconclusive != "refuse")
 
     # ---------------------------------------------------------------------------------------------- state
     @override

@@ -18,10 +18,12 @@ import torch
 from xaiwatch.checks.rule import CHECKS, Rule, format_value
 from xaiwatch.core.errors import ConfigurationError
 
-__all__ = ["CheckResult", "Verdict", "STATUSES", "bootstrap_ci", "format_value", "judge"]
+__all__ = ["CheckResult", "Verdict", "INCONCLUSIVE", "STATUSES", "bootstrap_ci", "format_value", "judge"]
 
 #: The states of a check and of a verdict (``"logged"``: a check without threshold).
 STATUSES = ("pass", "fail", "inconclusive", "logged")
+#: What a checkpoint gate does with an inconclusive verdict: save silently, save and warn, or refuse.
+INCONCLUSIVE = ("pass", "warn", "refuse")
 
 
 def bootstrap_ci(
@@ -64,7 +66,7 @@ class CheckResult:
         key: the value's name (``energy_concentration/saliency``, ``context_swap``).
         value: mean over defined probes (``nan`` when none).
         defined: number of probes where the check is defined.
-        total: number of probes.
+        total: number of probes (``None`` for a value given already averaged).
         ci: bootstrap confidence interval of ``value`` over the defined probes.
         threshold: the gate's threshold (``None`` for a logged check).
         direction: ``"min"`` (value must be >= threshold) or ``"max"``.
@@ -74,21 +76,25 @@ class CheckResult:
     key: str
     value: float
     defined: int
-    total: int
+    total: int | None
     ci: tuple[float, float] = (math.nan, math.nan)
     threshold: float | None = None
     direction: str = "min"
     status: str = "logged"
 
     def describe(self) -> str:
-        """One line: value, interval, probe count, threshold and status (failing values never print as passing)."""
+        """``key = value [ci] on d/n probes (needs >= t)``: failing values never print as passing."""
         value = format_value(self.value, self.threshold, self.direction)
         if self.defined > 1 and not math.isnan(self.ci[0]):
             value += f" [{self.ci[0]:.3f}, {self.ci[1]:.3f}]"
-        text = f"{self.key} = {value} on {self.defined}/{self.total} probes"
+        text = f"{self.key} = {value}"
+        if self.total is not None:
+            text += f" on {self.defined}/{self.total} probes"
         if self.threshold is not None:
             text += f" (needs {'>=' if self.direction == 'min' else '<='} {self.threshold:g})"
-        return f"{text}: {self.status}"
+        if self.status == "inconclusive":
+            text += " inconclusive: too few probes where the tracked object is detected"
+        return text
 
 
 @dataclass
@@ -122,8 +128,8 @@ class Verdict:
         return lines + [r.describe() for r in self.results if r.status in ("fail", "inconclusive")]
 
     def lines(self) -> list[str]:
-        """One line per check (every check, passing or not)."""
-        return ([self.error] if self.error else []) + [r.describe() for r in self.results]
+        """One line per check, passing or not, led by its status (``fail: energy_concentration/saliency = ...``)."""
+        return ([self.error] if self.error else []) + [f"{r.status}: {r.describe()}" for r in self.results]
 
     def to_dict(self) -> dict:
         """A picklable, JSON-serialisable form (for ``state_dict`` and reports)."""
@@ -173,7 +179,7 @@ def judge(
         raw = values.get(key, math.nan)
         v, per_probe = _as_probe_values(raw)
         ok = v[~v.isnan()]
-        defined, total = int(ok.numel()), int(v.numel())
+        defined, total = int(ok.numel()), (int(v.numel()) if per_probe else None)
         mean = float(ok.mean()) if defined else math.nan
         ci = bootstrap_ci(ok, level, seed=seed) if per_probe and defined else (math.nan, math.nan)
         rule = by_key.get(key)

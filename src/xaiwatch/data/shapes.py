@@ -899,14 +899,16 @@ FAMILIES: dict[str, Family] = {
     "context3": Family(
         ("circle", "square", "triangle"), (0.11, 0.15), "context", ("grass", "brick", "hubble_deep_field"), (1, 4), 2.5
     ),
-    "tint2": Family(("ring", "cross"), (0.20, 0.40), "tint", ("astronaut", "coffee", "chelsea", "rocket"), (1, 2), 1.5),
+    "tint2": Family(
+        ("circle", "hexagon"), (0.20, 0.40), "tint", ("astronaut", "coffee", "chelsea", "rocket"), (1, 2), 3.0
+    ),
     "halo4": Family(
         ("star", "hexagon", "circle", "square"),
         (0.10, 0.22),
         "halo",
         ("gravel", "camera", "brick", "grass"),
         (1, 3),
-        1.0,
+        1.5,
     ),
     "spot5": Family(
         ("circle", "square", "triangle", "ring", "hexagon"),
@@ -914,7 +916,7 @@ FAMILIES: dict[str, Family] = {
         "spot",
         ("hubble_deep_field", "coffee", "rocket", "astronaut"),
         (1, 3),
-        1.0,
+        1.5,
     ),
     "context6": Family(
         ("circle", "square", "triangle", "ring", "cross", "star"),
