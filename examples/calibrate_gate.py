@@ -271,6 +271,191 @@ def evaluate(args: argparse.Namespace) -> Path:
     return path
 
 
+# --------------------------------------------------------------------------------------------------- report
+#: Checks a gate may decide on, with the side that passes.
+CANDIDATES = {
+    "relative_context_reliance": "max",
+    "context_reliance": "max",
+    "context_swap": "max",
+    "context_swap_drop": "max",
+    "energy_concentration/saliency": "min",
+    "rank_accuracy/saliency": "min",
+    "energy_in_box/saliency": "min",
+}
+LEARNED = 0.5  # flip rate from which a shortcut model must be refused
+MIN_DEFINED = 4  # the gate's default for 16 probes
+
+
+def _summary(rec: dict, key: str) -> tuple[float, int]:
+    vals = [v for v in rec["checks"].get(key, []) if v is not None]
+    return (sum(vals) / len(vals) if vals else math.nan), len(vals)
+
+
+def choose_threshold(records: list[dict], key: str, direction: str) -> float | None:
+    """A threshold from training families: halfway between the worst clean and the mildest learned shortcut.
+
+    When they overlap, just past the worst clean value (no false refusal on the data it is chosen on). Rounded
+    to 0.01 away from the clean side. ``None`` without a defined clean value.
+    """
+    sign = 1.0 if direction == "max" else -1.0
+    clean = [sign * _summary(r, key)[0] for r in records if r["twin"] == "clean" and _summary(r, key)[1]]
+    short = [
+        sign * _summary(r, key)[0]
+        for r in records
+        if r["twin"] == "shortcut" and r["flip"] >= LEARNED and _summary(r, key)[1]
+    ]
+    if not clean:
+        return None
+    worst = max(clean)
+    mild = min(short) if short else math.inf
+    t = (worst + mild) / 2 if mild > worst else worst + max(0.02, 0.1 * abs(worst))
+    if math.isinf(t):
+        t = worst + max(0.02, 0.1 * abs(worst))
+    t = math.ceil(t * 100) / 100 if sign > 0 else -math.floor(-t * 100) / 100
+    return max(0.0, sign * t) if key != "energy_concentration/saliency" else sign * t
+
+
+def _decide(rec: dict, thresholds: dict[str, float]) -> str:
+    from xaiwatch.checks import judge, parse_rules
+
+    rules, _ = parse_rules(
+        {
+            k: min(max(v, 0.0), 1.0) if not k.startswith("energy_concentration") else max(v, 0.0)
+            for k, v in thresholds.items()
+        },
+        ["saliency"],
+    )
+    values = {k: torch.tensor([math.nan if x is None else x for x in rec["checks"][k]]) for k in thresholds}
+    return judge(values, rules, MIN_DEFINED).status
+
+
+def _family_rows(records: list[dict], family: str, thresholds: dict[str, float]) -> dict:
+    mine = [r for r in records if r["family"] == family]
+    clean = [r for r in mine if r["twin"] == "clean"]
+    learned = [r for r in mine if r["twin"] == "shortcut" and r["flip"] >= LEARNED]
+    between = [r for r in mine if r["twin"] == "shortcut" and 0.2 <= r["flip"] < LEARNED]
+    verdict = {f"{r['twin']}_s{r['seed']}": _decide(r, thresholds) for r in mine}
+    refused_clean = [r for r in clean if verdict[f"clean_s{r['seed']}"] == "fail"]
+    caught = [r for r in learned if verdict[f"shortcut_s{r['seed']}"] == "fail"]
+    return {
+        "thresholds": thresholds,
+        "models": {
+            f"{r['twin']}_s{r['seed']}": {
+                "flip": r["flip"],
+                "verdict": verdict[f"{r['twin']}_s{r['seed']}"],
+                **{k: _summary(r, k)[0] for k in thresholds},
+            }
+            for r in mine
+        },
+        "clean": len(clean),
+        "clean_refused": len(refused_clean),
+        "learned_shortcuts": len(learned),
+        "caught": len(caught),
+        "between_0.2_0.5": {f"shortcut_s{r['seed']}": verdict[f"shortcut_s{r['seed']}"] for r in between},
+    }
+
+
+def report(args: argparse.Namespace) -> Path:
+    """Leave-one-family-out calibration: per check and for the chosen gate; the defaults without the proof family."""
+    out = Path(args.out)
+    records = [r for r in json.loads((out / "records.json").read_text()) if r["final"]]
+    families = sorted({r["family"] for r in records})
+    per_check = {}
+    for key, direction in CANDIDATES.items():
+        rows = {}
+        for fam in families:
+            t = choose_threshold([r for r in records if r["family"] != fam], key, direction)
+            rows[fam] = None if t is None else _family_rows(records, fam, {key: t})
+        fr = sum(r["clean_refused"] for r in rows.values() if r)
+        caught = sum(r["caught"] for r in rows.values() if r)
+        per_check[key] = {"lofo_false_refusals": fr, "lofo_caught": caught, "families": rows}
+    usable = [k for k, v in per_check.items() if v["lofo_false_refusals"] == 0 and v["lofo_caught"] > 0]
+    gated = sorted(usable, key=lambda k: -per_check[k]["lofo_caught"])[: args.max_checks] or list(args.fallback)
+    lofo = {}
+    for fam in families:
+        train_recs = [r for r in records if r["family"] != fam]
+        th = {k: choose_threshold(train_recs, k, CANDIDATES[k]) for k in gated}
+        lofo[fam] = _family_rows(records, fam, {k: v for k, v in th.items() if v is not None})
+    tuning = [r for r in records if r["family"] != args.proof_family]
+    defaults = {k: choose_threshold(tuning, k, CANDIDATES[k]) for k in gated}
+    held = _family_rows(records, args.proof_family, defaults) if args.proof_family in families else None
+    result = {
+        "records": len(records),
+        "families": families,
+        "learned_flip": LEARNED,
+        "min_defined": MIN_DEFINED,
+        "per_check": per_check,
+        "gated": gated,
+        "lofo": lofo,
+        "proof_family": args.proof_family,
+        "defaults_chosen_on": sorted({r["family"] for r in tuning}),
+        "defaults": defaults,
+        "defaults_on_proof_family": held,
+    }
+    (out / "calibration.json").write_text(json.dumps(result, indent=1))
+    (out / "calibration.md").write_text(_markdown(result, records))
+    print(_markdown(result, records))
+    return out / "calibration.json"
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def _markdown(res: dict, records: list[dict]) -> str:
+    keys = list(CANDIDATES)
+    lines = [
+        "### Every check at the final epoch (mean over defined probes / defined of 16)",
+        "",
+        "| family | model | flip | " + " | ".join(keys) + " |",
+        "|---|---|---|" + "---|" * len(keys),
+    ]
+    for r in sorted(records, key=lambda r: (r["family"], r["twin"], r["seed"])):
+        cells = []
+        for k in keys:
+            v, n = _summary(r, k)
+            cells.append(f"{_fmt(v)} ({n})")
+        lines.append(f"| {r['family']} | {r['twin']} s{r['seed']} | {r['flip']:.2f} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "### Each check alone, leave-one-family-out (threshold chosen on the other families)",
+        "",
+        "| check | clean false refusals | learned shortcuts caught (flip >= 0.5) |",
+        "|---|---|---|",
+    ]
+    for k, v in res["per_check"].items():
+        total_clean = sum(r["clean"] for r in v["families"].values() if r)
+        total_learned = sum(r["learned_shortcuts"] for r in v["families"].values() if r)
+        lines.append(f"| `{k}` | {v['lofo_false_refusals']} / {total_clean} | {v['lofo_caught']} / {total_learned} |")
+    lines += [
+        "",
+        f"### The gate ({', '.join(f'`{k}`' for k in res['gated'])}), leave-one-family-out",
+        "",
+        "| held-out family | thresholds (chosen on the others) | clean false-refusal rate | shortcut catch rate "
+        "(flip >= 0.5) | models: flip -> verdict |",
+        "|---|---|---|---|---|",
+    ]
+    for fam, row in res["lofo"].items():
+        th = ", ".join(f"{k} {v:g}" for k, v in row["thresholds"].items())
+        models = "; ".join(f"{m} {d['flip']:.2f} -> {d['verdict']}" for m, d in row["models"].items())
+        fr = f"{row['clean_refused']}/{row['clean']}"
+        cr = f"{row['caught']}/{row['learned_shortcuts']}" if row["learned_shortcuts"] else "no learned shortcut"
+        lines.append(f"| {fam} | {th} | {fr} | {cr} | {models} |")
+    d = res["defaults"]
+    lines += [
+        "",
+        f"Defaults chosen on {', '.join(res['defaults_chosen_on'])}: "
+        + ", ".join(f"`{k}` {v:g}" for k, v in d.items() if v is not None),
+    ]
+    if res["defaults_on_proof_family"]:
+        row = res["defaults_on_proof_family"]
+        lines.append(
+            f"On the held-out proof family {res['proof_family']}: clean refused {row['clean_refused']}/"
+            f"{row['clean']}, learned shortcuts caught {row['caught']}/{row['learned_shortcuts']}."
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -291,7 +476,14 @@ def main() -> None:
     e.add_argument("--num-probe", type=int, default=16)
     e.add_argument("--all-epochs", action="store_true")
     e.add_argument("--threads", type=int, default=1)
+    r = sub.add_parser("report", help="leave-one-family-out thresholds and tables")
+    r.add_argument("--out", default=str(OUT))
+    r.add_argument("--proof-family", default="tint2")
+    r.add_argument("--max-checks", type=int, default=2)
+    r.add_argument("--fallback", nargs="+", default=["relative_context_reliance", "context_swap"])
     args = parser.parse_args()
+    if args.command == "report":
+        report(args)
     if args.command == "train":
         train(args)
     elif args.command == "evaluate":
