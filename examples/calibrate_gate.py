@@ -163,6 +163,7 @@ def flip_of(adapter, consistent, wrong) -> dict:
     """The positive control: share of all validation objects whose class changes when only the cue is made wrong."""
     from xaiwatch.callbacks.probes import probe_item
     from xaiwatch.checks import object_classes
+    from xaiwatch.core.context import eval_state
 
     changed = counted = 0
     for start in range(0, len(consistent), 16):
@@ -170,7 +171,7 @@ def flip_of(adapter, consistent, wrong) -> dict:
         a = [probe_item(consistent[i]) for i in idx]
         b = torch.stack([probe_item(wrong[i])[0] for i in idx])
         boxes = [bx for _, bx, _ in a]
-        with torch.no_grad():
+        with torch.no_grad(), eval_state(adapter.model):
             ca = object_classes(adapter.raw(torch.stack([im for im, _, _ in a])), boxes)
             cb = object_classes(adapter.raw(b), boxes)
         for x, y in zip(ca, cb):

@@ -99,7 +99,7 @@ def test_judge_statuses_counts_intervals_and_lines():
         "context_swap = 0.500 [0.500, 0.500] on 3/5 probes (needs <= 0.3)"
     ]
     few = C.judge({**values, "context_swap": torch.tensor([0.9, nan, nan, nan, nan])}, rules, min_defined=3)
-    assert few.status == "inconclusive" and "inconclusive" in few.reasons[0] and "on 1/5 probes" in few.reasons[0]
+    assert few.status == "inconclusive" and "too few probes" in few.reasons[0] and "on 1/5 probes" in few.reasons[0]
     # a failing check outweighs an inconclusive one
     both = C.judge({**values, "context_swap": torch.full((5,), nan), "energy_concentration/saliency": [1.0] * 5}, rules)
     assert both.status == "fail"

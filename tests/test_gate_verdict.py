@@ -77,7 +77,7 @@ def test_inconclusive_epochs_follow_the_option(tmp_path, square_loaders, inconcl
     assert [r["status"] for r in gate.history] == ["inconclusive", "pass", "inconclusive"]
     assert len(list((tmp_path / "ckpt").iterdir())) == saved
     assert gate.history[2]["defined"] == {"context_swap": 1}
-    assert "on 1/4 probes" in gate.history[2]["reasons"][0] and "inconclusive" in gate.history[2]["reasons"][0]
+    assert "on 1/4 probes" in gate.history[2]["reasons"][0] and "too few probes" in gate.history[2]["reasons"][0]
     acc = _events(trainer)
     swap = [e.value for e in acc.Scalars("saliency/context_swap")]
     assert len(swap) == 3 and swap[0] != swap[0] and swap[1:] == pytest.approx([0.1 / 3, 0.9], rel=1e-6)

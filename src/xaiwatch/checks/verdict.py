@@ -93,7 +93,7 @@ class CheckResult:
         if self.threshold is not None:
             text += f" (needs {'>=' if self.direction == 'min' else '<='} {self.threshold:g})"
         if self.status == "inconclusive":
-            text += " inconclusive: too few probes where the tracked object is detected"
+            text += " - too few probes where the tracked object is detected"
         return text
 
 
