@@ -292,28 +292,40 @@ def _summary(rec: dict, key: str) -> tuple[float, int]:
     return (sum(vals) / len(vals) if vals else math.nan), len(vals)
 
 
-def choose_threshold(records: list[dict], key: str, direction: str) -> float | None:
-    """A threshold from training families: halfway between the worst clean and the mildest learned shortcut.
+def _bound(rec: dict, key: str, direction: str) -> float | None:
+    """The clean side's reach: the 90% bootstrap bound of a model's mean on the failing side (upper for max)."""
+    from xaiwatch.checks import bootstrap_ci
 
-    When they overlap, just past the worst clean value (no false refusal on the data it is chosen on). Rounded
-    to 0.01 away from the clean side. ``None`` without a defined clean value.
+    vals = [v for v in rec["checks"].get(key, []) if v is not None]
+    if not vals:
+        return None
+    lo, hi = bootstrap_ci(vals, level=0.9)
+    return hi if direction == "max" else lo
+
+
+def choose_threshold(records: list[dict], key: str, direction: str) -> float | None:
+    """A threshold from the training families' final models.
+
+    The clean bound is the worst clean model's 90% bootstrap bound on its mean (how far probe sampling alone takes
+    a clean model). With learned shortcuts (flip >= 0.5) beyond it, the threshold is halfway between the bound and
+    the mildest learned shortcut's mean; otherwise the bound itself. Rounded to 0.01 away from the clean side.
+    ``None`` without a defined clean value.
     """
     sign = 1.0 if direction == "max" else -1.0
-    clean = [sign * _summary(r, key)[0] for r in records if r["twin"] == "clean" and _summary(r, key)[1]]
+    bounds = [_bound(r, key, direction) for r in records if r["twin"] == "clean"]
+    bounds = [sign * b for b in bounds if b is not None]
     short = [
         sign * _summary(r, key)[0]
         for r in records
         if r["twin"] == "shortcut" and r["flip"] >= LEARNED and _summary(r, key)[1]
     ]
-    if not clean:
+    if not bounds:
         return None
-    worst = max(clean)
-    mild = min(short) if short else math.inf
-    t = (worst + mild) / 2 if mild > worst else worst + max(0.02, 0.1 * abs(worst))
-    if math.isinf(t):
-        t = worst + max(0.02, 0.1 * abs(worst))
-    t = math.ceil(t * 100) / 100 if sign > 0 else -math.floor(-t * 100) / 100
-    return max(0.0, sign * t) if key != "energy_concentration/saliency" else sign * t
+    worst = max(bounds)
+    mild = min(short) if short else -math.inf
+    t = (worst + mild) / 2 if mild > worst else worst
+    t = math.ceil(t * 100 - 1e-9) / 100
+    return sign * t
 
 
 def _decide(rec: dict, thresholds: dict[str, float]) -> str:
@@ -370,8 +382,7 @@ def report(args: argparse.Namespace) -> Path:
         fr = sum(r["clean_refused"] for r in rows.values() if r)
         caught = sum(r["caught"] for r in rows.values() if r)
         per_check[key] = {"lofo_false_refusals": fr, "lofo_caught": caught, "families": rows}
-    usable = [k for k, v in per_check.items() if v["lofo_false_refusals"] == 0 and v["lofo_caught"] > 0]
-    gated = sorted(usable, key=lambda k: -per_check[k]["lofo_caught"])[: args.max_checks] or list(args.fallback)
+    gated = list(args.gated)
     lofo = {}
     for fam in families:
         train_recs = [r for r in records if r["family"] != fam]
@@ -480,8 +491,7 @@ def main() -> None:
     r = sub.add_parser("report", help="leave-one-family-out thresholds and tables")
     r.add_argument("--out", default=str(OUT))
     r.add_argument("--proof-family", default="tint2")
-    r.add_argument("--max-checks", type=int, default=2)
-    r.add_argument("--fallback", nargs="+", default=["relative_context_reliance", "context_swap"])
+    r.add_argument("--gated", nargs="+", default=["relative_context_reliance", "context_swap"], choices=CANDIDATES)
     args = parser.parse_args()
     if args.command == "report":
         report(args)
