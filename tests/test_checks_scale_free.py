@@ -235,3 +235,18 @@ def test_evaluate_probes_context_swap_on_the_toy_with_one_probe_undetected():
     assert values["context_swap_drop"].isnan().tolist() == [False, False, True, False]
     verdict = C.judge(values, C.parse_rules({"context_swap": 0.3}, [])[0], min_defined=3)
     assert verdict.status == "fail" and verdict.results[0].defined == 3
+
+
+def test_relative_context_reliance_shares_the_grey_variant_of_context_swap():
+    images, boxes, labels = _toy_scene()
+    adapter = _ToyAdapter(_Toy(boxes, "context"))
+    targets = [SimpleNamespace(label=int(c)) for c in labels]
+    gt = [b[None] for b in boxes]
+    values, _ = C.evaluate_probes(
+        adapter, {}, images, targets, boxes, gt, {"relative_context_reliance"}, C.CheckOptions(min_score=0.0)
+    )
+    grey = torch.where(C.box_masks(boxes, (32, 32))[:, None], images, torch.full_like(images, 0.5))
+    with torch.no_grad():
+        s0, _ = C.object_scores(adapter.raw(images), boxes, labels)
+        s1, _ = C.object_scores(adapter.raw(grey), boxes, labels)
+    assert torch.allclose(values["relative_context_reliance"], ((s0 - s1) / s0).clamp(-1, 1))

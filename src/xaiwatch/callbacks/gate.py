@@ -29,10 +29,15 @@ from xaiwatch.targets import MatchedBoxTarget
 
 __all__ = ["SaliencyGate", "GatedModelCheckpoint", "DEFAULT_CHECKS"]
 
-#: Default thresholds (see the README, "Choosing thresholds"): input-gradient energy inside the tracked box and
-#: the score lost when the context is replaced by grey separated context-shortcut models from clean ones on
-#: every seed measured; the pointing game is logged, not gated on.
-DEFAULT_CHECKS: dict[str, float | None] = {"energy_in_box": 0.45, "context_reliance": 0.05, "pointing_game": None}
+#: Default thresholds, calibrated across generated dataset families (docs/gate.md, examples/calibrate_gate.py):
+#: the scale-free score share lost without context and the automatic context-swap flip rate are gated; the
+#: map's energy concentration on the box (1 = uniform) and the pointing game are logged, not gated on.
+DEFAULT_CHECKS: dict[str, float | None] = {
+    "relative_context_reliance": 0.2,
+    "context_swap": 0.25,
+    "energy_concentration": None,
+    "pointing_game": None,
+}
 MODES = ("block", "warn", "stop")
 INCONCLUSIVE_STATUS = "inconclusive"
 

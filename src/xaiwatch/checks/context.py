@@ -141,6 +141,8 @@ def context_swap(
     donors: int = 2,
     min_score: float = 0.25,
     iou: float = 0.5,
+    extra_fills: Sequence[str] = (),
+    original: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> ContextSwap:
     """Re-score each probe's object with its surroundings replaced (see the module docstring).
 
@@ -160,6 +162,10 @@ def context_swap(
         donors: swap variants per probe.
         min_score: the score floor below which a probe is undefined.
         iou: overlap a candidate needs to speak for the object.
+        extra_fills: fills scored into ``by_fill`` only, not into ``flip`` / ``drop`` (one forward pass shared with
+            another check: the grey fill's drop is ``relative_context_reliance``).
+        original: the originals' ``(scores, classes)`` from :func:`~xaiwatch.checks.object_scores` when already
+            computed (saves a forward pass).
 
     Returns:
         a :class:`ContextSwap`.
@@ -169,7 +175,7 @@ def context_swap(
     """
     from xaiwatch.core.context import eval_state
 
-    unknown = [f for f in fills if f not in CONTEXT_FILLS]
+    unknown = [f for f in (*fills, *extra_fills) if f not in CONTEXT_FILLS]
     if unknown or not fills:
         raise ConfigurationError(f"`fills` must be a non-empty subset of {CONTEXT_FILLS}, got {list(fills)!r}.")
     check_shape(images, ["N", 3, "H", "W"], "images")
@@ -184,14 +190,15 @@ def context_swap(
         donors,
     )
     pairs = pairs or [[] for _ in range(images.shape[0])]
-    jobs = [(f, s) for f in fills for s in (range(int(donors)) if f == "swap" else (0,))]
+    every = list(dict.fromkeys([*fills, *extra_fills]))
+    jobs = [(f, s) for f in every for s in (range(int(donors)) if f == "swap" else (0,))]
 
     def score(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s, c = object_scores(adapter.raw(x), boxes, labels, iou)
         return s.cpu(), c.cpu()
 
     with torch.no_grad(), eval_state(adapter.model):
-        s0, c0 = score(images)
+        s0, c0 = score(images) if original is None else (original[0].cpu().float(), original[1].cpu().long())
         results = []
         for fill, slot in jobs:
             variant, ok = _variants(images, boxes, fill, pairs, slot)
@@ -205,8 +212,9 @@ def context_swap(
         counted = ok & defined & (c0 >= 0) & (c1 >= 0)
         flip = torch.where(counted, (c1 != c0).float(), nan)
         drop = torch.where(ok & defined, ((s0 - s1) / s0.clamp(min=1e-6)).clamp(-1, 1), nan)
-        flips.append(flip)
-        drops.append(drop)
+        if fill in fills:
+            flips.append(flip)
+            drops.append(drop)
         prev = by_fill.get(fill)
         by_fill[fill] = (
             (flip, drop)

@@ -33,7 +33,8 @@ class CheckOptions:
         seed: seed of the noise and of the randomised weights.
         stages: randomisation stages (default: the adapter's ``randomization_stages()``, all of them).
         batch_size: probes explained per pass.
-        fills: the surroundings of ``context_swap`` (see :data:`~xaiwatch.checks.context.CONTEXT_FILLS`).
+        fills: the surroundings of ``context_swap`` (see :data:`~xaiwatch.checks.context.CONTEXT_FILLS`; other
+            probes' contexts by default: on the calibration families blur never flipped a shortcut model's class).
         donors: other probes' contexts per probe in ``context_swap``.
     """
 
@@ -46,7 +47,7 @@ class CheckOptions:
     seed: int = 0
     stages: list | None = field(default=None)
     batch_size: int = 8
-    fills: tuple[str, ...] = ("swap", "blur", "grey")
+    fills: tuple[str, ...] = ("swap",)
     donors: int = 2
 
 
@@ -145,7 +146,7 @@ def evaluate_probes(
     labels = _labels(targets, labels)
     floor = _floor(adapter, o)
     with explaining(adapter.model, seed=o.seed), torch.no_grad():
-        score, _ = object_scores(adapter.raw(images.detach()), boxes, labels.to(images.device))
+        score, cls = object_scores(adapter.raw(images.detach()), boxes, labels.to(images.device))
     defined = score.cpu() >= floor
     nan = torch.tensor(float("nan"))
     maps = {m: _maps(e, images, targets, o.batch_size) for m, e in engines.items()}
@@ -153,8 +154,9 @@ def evaluate_probes(
     for method, engine in engines.items():
         found = _map_checks(adapter, engine, method, maps[method], images, targets, boxes, gt_boxes, checks, o)
         values.update({k: torch.where(defined, v.float().cpu(), nan) for k, v in found.items()})
+    shared = "relative_context_reliance" in checks and o.fill == "grey"  # the grey variant of context_swap
     for name, relative in (("context_reliance", o.relative), ("relative_context_reliance", True)):
-        if name in checks:
+        if name in checks and not (shared and name == "relative_context_reliance"):
             with explaining(adapter.model, seed=o.seed):
                 drop = perturbation.context_reliance(
                     functools.partial(adapter.score, targets=list(targets)),
@@ -165,12 +167,27 @@ def evaluate_probes(
                     min_score=0.0,
                 )
             values[name] = torch.where(defined, drop.float().cpu(), nan)
-    if {"context_swap", "context_swap_drop"} & checks:
+    if {"context_swap", "context_swap_drop"} & checks or shared:
+        fills = tuple(o.fills) if {"context_swap", "context_swap_drop"} & checks else ()
         with explaining(adapter.model, seed=o.seed):
-            swap = context_swap(adapter, images, boxes, labels, gt_boxes, gt_labels, o.fills, o.donors, min_score=floor)
+            swap = context_swap(
+                adapter,
+                images,
+                boxes,
+                labels,
+                gt_boxes,
+                gt_labels,
+                fills or ("grey",),
+                o.donors,
+                min_score=floor,
+                extra_fills=("grey",) if shared else (),
+                original=(score, cls),
+            )
         for name, v in (("context_swap", swap.flip), ("context_swap_drop", swap.drop)):
             if name in checks:
                 values[name] = v
+        if shared:
+            values["relative_context_reliance"] = torch.where(defined, swap.by_fill["grey"][1], nan)
     if "counterfactual_flip" in checks and counterfactuals is not None:
         with explaining(adapter.model, seed=o.seed):
             values["counterfactual_flip"] = image_flips(adapter, images, counterfactuals, gt_boxes)
