@@ -148,8 +148,10 @@ def context_swap(
 
     ``swap`` contributes ``donors`` variants (other probes' contexts), ``blur`` and ``grey`` one each. A probe is
     defined when its object scores at least ``min_score`` for its class in the original image and its box leaves
-    context (covers less than 90% of the image); a variant counts for the flip when a candidate overlaps the box
-    in both images.
+    context (covers less than 90% of the image). A variant counts for the flip only when the object is still
+    detected in it (a candidate overlapping the box scores at least ``min_score`` for some class): the flip asks
+    *as what* the model sees the object on new surroundings; an object that is simply lost (the surroundings
+    carried its objectness, not its class) shows in ``drop`` instead.
 
     Args:
         adapter: the model adapter (``raw``).
@@ -193,23 +195,23 @@ def context_swap(
     every = list(dict.fromkeys([*fills, *extra_fills]))
     jobs = [(f, s) for f in every for s in (range(int(donors)) if f == "swap" else (0,))]
 
-    def score(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s, c = object_scores(adapter.raw(x), boxes, labels, iou)
-        return s.cpu(), c.cpu()
+    def score(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        s, c, top = object_scores(adapter.raw(x), boxes, labels, iou, best=True)
+        return s.cpu(), c.cpu(), top.cpu()
 
     with torch.no_grad(), eval_state(adapter.model):
-        s0, c0 = score(images) if original is None else (original[0].cpu().float(), original[1].cpu().long())
+        s0, c0, _ = score(images) if original is None else (original[0].cpu().float(), original[1].cpu().long(), None)
         results = []
         for fill, slot in jobs:
             variant, ok = _variants(images, boxes, fill, pairs, slot)
-            s1, c1 = score(variant)
-            results.append((fill, ok.cpu(), s1, c1))
+            s1, c1, top1 = score(variant)
+            results.append((fill, ok.cpu(), s1, c1, top1))
     share = box_masks(boxes, images.shape[-2:]).float().mean(dim=(1, 2)).cpu()
     defined = (s0 >= float(min_score)) & (share < _MAX_BOX_SHARE)
     nan = torch.full_like(s0, float("nan"))
     flips, drops, by_fill = [], [], {}
-    for fill, ok, s1, c1 in results:
-        counted = ok & defined & (c0 >= 0) & (c1 >= 0)
+    for fill, ok, s1, c1, top1 in results:
+        counted = ok & defined & (c0 >= 0) & (c1 >= 0) & (top1 >= float(min_score))  # still detected, as what?
         flip = torch.where(counted, (c1 != c0).float(), nan)
         drop = torch.where(ok & defined, ((s0 - s1) / s0.clamp(min=1e-6)).clamp(-1, 1), nan)
         if fill in fills:

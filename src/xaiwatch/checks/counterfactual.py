@@ -75,8 +75,8 @@ def flip_rate(
 
 
 def object_scores(
-    raw: RawOutput, boxes: torch.Tensor, labels: torch.Tensor, iou: float = 0.5
-) -> tuple[torch.Tensor, torch.Tensor]:
+    raw: RawOutput, boxes: torch.Tensor, labels: torch.Tensor, iou: float = 0.5, best: bool = False
+) -> tuple[torch.Tensor, ...]:
     """Per image, one object's score for its class and the class the model gives it.
 
     Among the raw candidates overlapping the object's box with IoU ``>= iou``: the highest probability of
@@ -88,10 +88,11 @@ def object_scores(
         boxes: :math:`(N, 4)` one ``xyxy`` box per image.
         labels: :math:`(N,)` the objects' classes.
         iou: overlap a candidate needs.
+        best: also return the best-scoring overlapping candidate's score (for its own class).
 
     Returns:
         ``(scores, classes)``: :math:`(N,)` float (0 without an overlapping candidate) and :math:`(N,)` long
-        (``-1`` without one).
+        (``-1`` without one); with ``best``, a third :math:`(N,)` float.
 
     Example:
         >>> raw = RawOutput(torch.tensor([[[0.0, 0, 10, 10], [20, 20, 30, 30]]]), torch.tensor([[[0.2, 0.7], [0.9, 0]]]))
@@ -103,18 +104,21 @@ def object_scores(
     labels = torch.as_tensor(labels, device=raw.boxes.device).long().reshape(-1)
     if boxes.shape[0] != n or labels.shape[0] != n:
         raise ShapeError("boxes / labels", (boxes.shape[0], labels.shape[0]), [n, n])
-    scores, classes = [], []
+    scores, classes, tops = [], [], []
     for i in range(n):
         overlap = box_iou(boxes[i : i + 1], raw.boxes[i])[0] >= iou  # (K,)
         if not bool(overlap.any()):
             scores.append(raw.scores.new_zeros(()))
+            tops.append(raw.scores.new_zeros(()))
             classes.append(torch.tensor(-1, device=raw.boxes.device))
             continue
         probs = raw.scores[i][overlap]  # (k, C)
         scores.append(probs[:, int(labels[i])].max())
-        best, label = probs.max(dim=1)
-        classes.append(label[best.argmax()])
-    return torch.stack(scores).detach().float(), torch.stack(classes).long()
+        top, label = probs.max(dim=1)
+        tops.append(top.max())
+        classes.append(label[top.argmax()])
+    out = torch.stack(scores).detach().float(), torch.stack(classes).long()
+    return (*out, torch.stack(tops).detach().float()) if best else out
 
 
 def image_flips(
