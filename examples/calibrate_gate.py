@@ -221,8 +221,17 @@ def evaluate_model(run: Path, weights: str, num_probe: int, seed: int = 0) -> di
         labels=labels,
         gt_labels=probes.labels,
     )
-    swap = context_swap(adapter, probes.images, boxes, labels, probes.boxes, probes.labels, min_score=adapter.conf)
-    by_fill = {f: {"flip": _nanmean(a), "drop": _nanmean(b)} for f, (a, b) in swap.by_fill.items()}
+    by_fill = {}
+    for margin in (0.0, 0.25):
+        swap = context_swap(
+            adapter, probes.images, boxes, labels, probes.boxes, probes.labels, min_score=adapter.conf, margin=margin
+        )
+        by_fill.update(
+            {f"{f}@{margin:g}": {"flip": _nanmean(a), "drop": _nanmean(b)} for f, (a, b) in swap.by_fill.items()}
+        )
+        if margin:
+            values["context_swap@0.25"] = swap.flip
+            values["relative_context_reliance@0.25"] = torch.where(swap.defined, swap.by_fill["grey"][1], torch.nan)
     epoch = int(weights.split("_e")[1].split(".")[0])
     return {
         "family": meta["family"],
@@ -282,6 +291,8 @@ CANDIDATES = {
     "energy_concentration/saliency": "min",
     "rank_accuracy/saliency": "min",
     "energy_in_box/saliency": "min",
+    "context_swap@0.25": "max",
+    "relative_context_reliance@0.25": "max",
 }
 LEARNED = 0.5  # flip rate from which a shortcut model must be refused
 MIN_DEFINED = 4  # the gate's default for 16 probes
@@ -329,15 +340,10 @@ def choose_threshold(records: list[dict], key: str, direction: str) -> float | N
 
 
 def _decide(rec: dict, thresholds: dict[str, float]) -> str:
-    from xaiwatch.checks import judge, parse_rules
+    """The gate's verdict on one model's recorded per-probe values (the gate's own rule, ``judge``)."""
+    from xaiwatch.checks import Rule, judge
 
-    rules, _ = parse_rules(
-        {
-            k: min(max(v, 0.0), 1.0) if not k.startswith("energy_concentration") else max(v, 0.0)
-            for k, v in thresholds.items()
-        },
-        ["saliency"],
-    )
+    rules = [Rule(k, k.split("/")[0].split("@")[0], float(v), CANDIDATES[k]) for k, v in thresholds.items()]
     values = {k: torch.tensor([math.nan if x is None else x for x in rec["checks"][k]]) for k in thresholds}
     return judge(values, rules, MIN_DEFINED).status
 

@@ -243,10 +243,34 @@ def test_relative_context_reliance_shares_the_grey_variant_of_context_swap():
     targets = [SimpleNamespace(label=int(c)) for c in labels]
     gt = [b[None] for b in boxes]
     values, _ = C.evaluate_probes(
-        adapter, {}, images, targets, boxes, gt, {"relative_context_reliance"}, C.CheckOptions(min_score=0.0)
+        adapter,
+        {},
+        images,
+        targets,
+        boxes,
+        gt,
+        {"relative_context_reliance"},
+        C.CheckOptions(min_score=0.0, context_margin=0.0),
     )
     grey = torch.where(C.box_masks(boxes, (32, 32))[:, None], images, torch.full_like(images, 0.5))
     with torch.no_grad():
         s0, _ = C.object_scores(adapter.raw(images), boxes, labels)
         s1, _ = C.object_scores(adapter.raw(grey), boxes, labels)
     assert torch.allclose(values["relative_context_reliance"], ((s0 - s1) / s0).clamp(-1, 1))
+
+
+def test_context_margin_keeps_the_immediate_surroundings():
+    images, boxes, labels = _toy_scene()
+    adapter = _ToyAdapter(_Toy(boxes, "context"))
+    gt = [b[None] for b in boxes]
+    tight = C.context_swap(adapter, images, boxes, labels, gt, fills=("grey",))
+    wide = C.context_swap(adapter, images, boxes, labels, gt, fills=("grey",), margin=0.5)
+    grown = boxes + 5.0 * torch.tensor([-1.0, -1, 1, 1])  # half the 10 px side on every side
+    grey = torch.where(C.box_masks(grown, (32, 32))[:, None], images, torch.full_like(images, 0.5))
+    with torch.no_grad():
+        s0, _ = C.object_scores(adapter.raw(images), boxes, labels)
+        s1, _ = C.object_scores(adapter.raw(grey), boxes, labels)
+    assert torch.allclose(wide.drop, ((s0 - s1) / s0).clamp(-1, 1))
+    assert (wide.drop < tight.drop).all()  # the kept band of context colour holds part of the score
+    with pytest.raises(ConfigurationError, match="margin"):
+        C.context_swap(adapter, images, boxes, labels, gt, margin=-0.1)

@@ -33,8 +33,8 @@ __all__ = ["SaliencyGate", "GatedModelCheckpoint", "DEFAULT_CHECKS"]
 #: the scale-free score share lost without context and the automatic context-swap flip rate are gated; the
 #: map's energy concentration on the box (1 = uniform) and the pointing game are logged, not gated on.
 DEFAULT_CHECKS: dict[str, float | None] = {
-    "relative_context_reliance": 0.2,
-    "context_swap": 0.25,
+    "relative_context_reliance": 0.06,
+    "context_swap": 0.24,
     "energy_concentration": None,
     "pointing_game": None,
 }

@@ -117,8 +117,14 @@ def check_context_source(boxes: torch.Tensor, size: Sequence[int], name: str = "
         )
 
 
+def _kept(boxes: torch.Tensor, margin: float) -> torch.Tensor:
+    """The boxes grown by ``margin`` times their shorter side on every side (what a variant keeps)."""
+    side = torch.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])[:, None]
+    return boxes + float(margin) * side * torch.tensor([-1.0, -1.0, 1.0, 1.0], device=boxes.device)
+
+
 def _variants(images, boxes, fill: str, donors: list[list[int]], slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The probes with everything outside their box replaced by ``fill`` (``swap``: donor ``slot``'s image)."""
+    """The probes with everything outside ``boxes`` replaced by ``fill`` (``swap``: donor ``slot``'s image)."""
     keep = box_masks(boxes, images.shape[-2:])[:, None].to(images.device)
     if fill == "swap":
         src = [d[slot] if len(d) > slot else i for i, d in enumerate(donors)]
@@ -143,6 +149,7 @@ def context_swap(
     iou: float = 0.5,
     extra_fills: Sequence[str] = (),
     original: tuple[torch.Tensor, torch.Tensor] | None = None,
+    margin: float = 0.0,
 ) -> ContextSwap:
     """Re-score each probe's object with its surroundings replaced (see the module docstring).
 
@@ -168,6 +175,8 @@ def context_swap(
             another check: the grey fill's drop is ``relative_context_reliance``).
         original: the originals' ``(scores, classes)`` from :func:`~xaiwatch.checks.object_scores` when already
             computed (saves a forward pass).
+        margin: keep this much of the surroundings too, as a share of the box's shorter side on every side (the
+            immediate surroundings an object always has, such as a frame, are then kept as part of it).
 
     Returns:
         a :class:`ContextSwap`.
@@ -184,6 +193,9 @@ def context_swap(
     images = images.detach()
     boxes = _as_boxes(boxes, images.shape[0]).to(images.device)
     labels = torch.as_tensor(labels, device=images.device).reshape(-1).long()
+    if not 0.0 <= float(margin) <= 2.0:
+        raise ConfigurationError(f"`margin` must be in [0, 2] (a share of the box's side), got {margin!r}.")
+    kept = _kept(boxes, margin)
     pairs = donors and context_donors(
         boxes.cpu(),
         labels.cpu(),
@@ -203,10 +215,10 @@ def context_swap(
         s0, c0, _ = score(images) if original is None else (original[0].cpu().float(), original[1].cpu().long(), None)
         results = []
         for fill, slot in jobs:
-            variant, ok = _variants(images, boxes, fill, pairs, slot)
+            variant, ok = _variants(images, kept, fill, pairs, slot)
             s1, c1, top1 = score(variant)
             results.append((fill, ok.cpu(), s1, c1, top1))
-    share = box_masks(boxes, images.shape[-2:]).float().mean(dim=(1, 2)).cpu()
+    share = box_masks(kept, images.shape[-2:]).float().mean(dim=(1, 2)).cpu()
     defined = (s0 >= float(min_score)) & (share < _MAX_BOX_SHARE)
     nan = torch.full_like(s0, float("nan"))
     flips, drops, by_fill = [], [], {}

@@ -36,6 +36,9 @@ class CheckOptions:
         fills: the surroundings of ``context_swap`` (see :data:`~xaiwatch.checks.context.CONTEXT_FILLS`; other
             probes' contexts by default: on the calibration families blur never flipped a shortcut model's class).
         donors: other probes' contexts per probe in ``context_swap``.
+        context_margin: ``context_swap`` / ``relative_context_reliance`` keep the box grown by this share of its
+            shorter side (see :func:`~xaiwatch.checks.context_swap`). 0.25: on the calibration families a tight box
+            refused a clean model whose objects always carry a frame (docs/gate.md).
     """
 
     tolerance: float = 15.0
@@ -49,6 +52,7 @@ class CheckOptions:
     batch_size: int = 8
     fills: tuple[str, ...] = ("swap",)
     donors: int = 2
+    context_margin: float = 0.25
 
 
 def _maps(engine, images: torch.Tensor, targets: Sequence, batch_size: int) -> torch.Tensor:
@@ -182,6 +186,7 @@ def evaluate_probes(
                 min_score=floor,
                 extra_fills=("grey",) if shared else (),
                 original=(score, cls),
+                margin=o.context_margin,
             )
         for name, v in (("context_swap", swap.flip), ("context_swap_drop", swap.drop)):
             if name in checks:
