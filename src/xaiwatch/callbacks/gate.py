@@ -81,10 +81,21 @@ class SaliencyGate(ScheduledCallback):
         on_error: ``"warn"``: an error while checking fails the gate for that epoch and training continues;
             ``"raise"``.
         seed: probe choice and stochastic parts.
+        inconclusive: what :class:`GatedModelCheckpoint` does with an *inconclusive* epoch (fewer than
+            ``min_defined`` probes where the tracked object is detected, so a gated check cannot be decided):
+            ``"warn"`` (default) saves and warns, ``"pass"`` saves silently, ``"refuse"`` refuses like a failure.
+        min_defined: defined probes a gated check needs (default: a quarter of the probes, at least 1).
+
+    Each verdict (``history`` entries: ``status`` pass / fail / inconclusive, ``values``, ``defined`` counts,
+    ``reasons``, ``lines``, ``verdict`` with bootstrap intervals, see :func:`xaiwatch.checks.judge`) writes every
+    check every epoch, ``nan`` included, with ``saliency/defined/<key>`` and ``saliency/gate_inconclusive``; a
+    refused epoch prints one console line on rank zero. docs/gate.md explains every check and how the defaults
+    were calibrated.
 
     Raises:
-        ConfigurationError: for an unknown check or method, a threshold outside its range, an unknown mode, and
-            at ``setup()`` for missing validation data, probes without ground-truth boxes, or
+        ConfigurationError: for an unknown check or method, a threshold outside its range, an unknown mode or
+            ``inconclusive``, ``min_defined`` above ``num_probe``, and at ``setup()`` for missing validation data,
+            probes without ground-truth boxes, context checks on probes whose boxes leave no context, or
             ``counterfactual_flip`` without ``counterfactual``.
     """
 
