@@ -243,6 +243,9 @@ def test_rules_parse_validate_and_decide():
         ({"energy": 0.2}, "Unknown check 'energy'"),
         ({"energy_in_box": 1.5}, r"in \[0, 1\]"),
         ({"energy_in_box": True}, r"in \[0, 1\]"),
+        ({"energy_concentration": -0.5}, r"in \[0, inf\]"),
+        ({"energy_concentration": float("inf")}, r"finite number"),
+        ({"context_swap": 1.2}, r"in \[0, 1\]"),
         ({"randomization_spearman": -2}, r"in \[-1, 1\]"),
         ({"energy_in_box/occlusion": 0.2}, "not in `methods`"),
         ({"context_reliance/saliency": 0.2}, "check of the model"),
@@ -276,8 +279,10 @@ def test_evaluate_checks_on_a_detector(tiny_net):
         C.CheckOptions(steps=4, min_score=0.0),
     )
     assert all(torch.equal(v, tiny_net.state_dict()[k]) for k, v in state.items())
-    expected = {f"{c}/saliency" for c in C.CHECKS if c not in ("context_reliance", "counterfactual_flip")}
-    assert set(values) == expected | {"context_reliance"}
+    from xaiwatch.checks.rule import MAP_CHECKS, MODEL_CHECKS
+
+    expected = {f"{c}/saliency" for c in MAP_CHECKS} | set(MODEL_CHECKS) - {"counterfactual_flip"}
+    assert set(values) == expected
     assert maps["saliency"].shape == (2, 1, 64, 64)
     one_by_one = torch.cat([engines["saliency"].attribute_boxes(x[i : i + 1], [t]) for i, t in enumerate(targets)])
     assert torch.allclose(maps["saliency"], one_by_one, atol=1e-6)  # probes explained in one batch: same maps

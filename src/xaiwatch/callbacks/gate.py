@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -11,15 +12,17 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from xaiwatch.adapters import DetectorAdapter
 from xaiwatch.callbacks.base import ProbeCallback, RunContext
 from xaiwatch.callbacks.probes import largest_objects, load_probes
 from xaiwatch.callbacks.validation import validate_methods
-from xaiwatch.checks.evaluate import CheckOptions, evaluate_checks
-from xaiwatch.checks.rule import MAP_CHECKS, decide, parse_rules
+from xaiwatch.checks.context import check_context_source
+from xaiwatch.checks.evaluate import CheckOptions, evaluate_probes
+from xaiwatch.checks.rule import MAP_CHECKS, parse_rules
+from xaiwatch.checks.verdict import INCONCLUSIVE, judge
 from xaiwatch.core.errors import ConfigurationError
 from xaiwatch.core.validation import choice, positive_int
 from xaiwatch.logging.tensorboard import Tags
@@ -27,11 +30,17 @@ from xaiwatch.targets import MatchedBoxTarget
 
 __all__ = ["SaliencyGate", "GatedModelCheckpoint", "DEFAULT_CHECKS"]
 
-#: Default thresholds (see the README, "Choosing thresholds"): input-gradient energy inside the tracked box and
-#: the score lost when the context is replaced by grey separated context-shortcut models from clean ones on
-#: every seed measured; the pointing game is logged, not gated on.
-DEFAULT_CHECKS: dict[str, float | None] = {"energy_in_box": 0.45, "context_reliance": 0.05, "pointing_game": None}
+#: Default thresholds, calibrated across generated dataset families (docs/gate.md, examples/calibrate_gate.py):
+#: the scale-free score share lost without context and the automatic context-swap flip rate are gated; the
+#: map's energy concentration on the box (1 = uniform) and the pointing game are logged, not gated on.
+DEFAULT_CHECKS: dict[str, float | None] = {
+    "relative_context_reliance": 0.06,
+    "context_swap": 0.24,
+    "energy_concentration": None,
+    "pointing_game": None,
+}
 MODES = ("block", "warn", "stop")
+INCONCLUSIVE_STATUS = "inconclusive"
 
 Counterfactual = Callable[[torch.Tensor, list, list], torch.Tensor]
 
@@ -73,10 +82,21 @@ class SaliencyGate(ProbeCallback):
         on_error: ``"warn"``: an error while checking fails the gate for that epoch and training continues;
             ``"raise"``.
         seed: probe choice and stochastic parts.
+        inconclusive: what :class:`GatedModelCheckpoint` does with an *inconclusive* epoch (fewer than
+            ``min_defined`` probes where the tracked object is detected, so a gated check cannot be decided):
+            ``"warn"`` (default) saves and warns, ``"pass"`` saves silently, ``"refuse"`` refuses like a failure.
+        min_defined: defined probes a gated check needs (default: a quarter of the probes, at least 1).
+
+    Each verdict (``history`` entries: ``status`` pass / fail / inconclusive, ``values``, ``defined`` counts,
+    ``reasons``, ``lines``, ``verdict`` with bootstrap intervals, see :func:`xaiwatch.checks.judge`) writes every
+    check every epoch, ``nan`` included, with ``saliency/defined/<key>`` and ``saliency/gate_inconclusive``; a
+    refused epoch prints one console line on rank zero. docs/gate.md explains every check and how the defaults
+    were calibrated.
 
     Raises:
-        ConfigurationError: for an unknown check or method, a threshold outside its range, an unknown mode, and
-            at ``setup()`` for missing validation data, probes without ground-truth boxes, or
+        ConfigurationError: for an unknown check or method, a threshold outside its range, an unknown mode or
+            ``inconclusive``, ``min_defined`` above ``num_probe``, and at ``setup()`` for missing validation data,
+            probes without ground-truth boxes, context checks on probes whose boxes leave no context, or
             ``counterfactual_flip`` without ``counterfactual``.
 
     Example:
@@ -100,6 +120,8 @@ class SaliencyGate(ProbeCallback):
         layer: str | None = None,
         on_error: str = "warn",
         seed: int = 0,
+        inconclusive: str = "warn",
+        min_defined: int | None = None,
     ) -> None:
         methods = [methods] if isinstance(methods, str) else list(methods)
         if methods:
@@ -107,6 +129,22 @@ class SaliencyGate(ProbeCallback):
         checks = dict(DEFAULT_CHECKS if checks is None else checks)
         self.rules, self.needed = parse_rules(checks, methods)
         choice("mode", mode, MODES)
+        if probe_indices is not None:
+            num_probe = len(probe_indices)
+        num_probe = positive_int("num_probe", num_probe)
+        min_defined = (
+            max(1, math.ceil(num_probe / 4)) if min_defined is None else positive_int("min_defined", min_defined)
+        )
+        if min_defined > num_probe:
+            raise ConfigurationError(
+                f"`min_defined={min_defined}` is more than `num_probe={num_probe}`: every check would be inconclusive. "
+                "Lower `min_defined` or raise `num_probe`."
+            )
+        if inconclusive not in INCONCLUSIVE:
+            raise ConfigurationError(
+                f"`inconclusive` can be {', '.join(INCONCLUSIVE)} (what GatedModelCheckpoint does when too few probes "
+                f"are defined to decide), got {inconclusive!r}."
+            )
         if "counterfactual_flip" in self.needed and counterfactual is None:
             raise ConfigurationError(
                 "The check 'counterfactual_flip' needs `counterfactual=`: a function (images, boxes, labels) -> images "
@@ -141,6 +179,8 @@ class SaliencyGate(ProbeCallback):
         self.counterfactual = counterfactual
         self.options = options or CheckOptions(seed=seed)
         self.layer = layer
+        self.inconclusive = inconclusive
+        self.min_defined = int(min_defined)
         # state (state_dict)
         self.history: list[dict[str, Any]] = []
         self._failures = 0
@@ -166,6 +206,9 @@ class SaliencyGate(ProbeCallback):
                 f"{name}: probe images {empty} (validation indices) have no ground-truth boxes; the saliency checks "
                 "need the object's box. Choose `probe_indices` with boxes or a validation set whose images have labels."
             )
+        if self.needed & {"context_swap", "context_swap_drop", "context_reliance", "relative_context_reliance"}:
+            tracked = [largest_objects(b, lab, 1)[0][:4] for b, lab in zip(self.probes.boxes, self.probes.labels)]
+            check_context_source(torch.tensor(tracked), self.probes.images.shape[-2:], name)
         if self.counterfactual is not None:
             self._counterfactuals = self._load_counterfactuals(self.counterfactual, name)
         if self._writer is not None:
@@ -222,19 +265,19 @@ class SaliencyGate(ProbeCallback):
 
     @override
     def _on_failure(self, trainer: pl.Trainer, reasons: list[str], ctx: RunContext) -> None:
-        record = {"step": ctx.epoch, "global_step": ctx.step, "passed": False, "values": {}, "seconds": 0.0}
+        record = {"step": ctx.epoch, "global_step": ctx.step, "status": "fail", "passed": False, "values": {}}
+        record["seconds"] = 0.0
         self._record(trainer, {**record, "reasons": [f"the checks failed with {r}" for r in reasons]})
 
     def _evaluate_safely(self, pl_module: pl.LightningModule, step: int, global_step: int) -> dict[str, Any]:
         start = time.perf_counter()
         try:
-            values = self.evaluate(pl_module)
-            passed, reasons = decide(values, self.rules)
+            verdict = judge(self.evaluate(pl_module), self.rules, self.min_defined, seed=self.seed)
         except Exception as err:
             if self.on_error == "raise":
                 raise
-            values, passed = {}, False
-            reasons = [f"the checks failed with {type(err).__name__}: {err}"]
+            verdict = judge({}, self.rules, self.min_defined)
+            verdict.status, verdict.error = "fail", f"the checks failed with {type(err).__name__}: {err}"
             rank_zero_warn(
                 f"{type(self).__name__} failed at step {step} ({type(err).__name__}: {err}); the gate fails."
             )
@@ -242,50 +285,79 @@ class SaliencyGate(ProbeCallback):
         return {
             "step": step,
             "global_step": int(global_step),
-            "passed": bool(passed),
-            "reasons": reasons,
-            "values": {k: float(v) for k, v in values.items()},
+            "status": verdict.status,
+            "passed": verdict.passed,
+            "reasons": verdict.reasons,
+            "lines": verdict.lines(),
+            "values": {r.key: float(r.value) for r in verdict.results},
+            "defined": {r.key: int(r.defined) for r in verdict.results},
+            "verdict": verdict.to_dict(),
             "seconds": seconds,
         }
 
-    def evaluate(self, pl_module: pl.LightningModule | None = None) -> dict[str, float]:
-        """Run the checks now on the probe set: the mean value of each check (keys as in the rules)."""
+    def evaluate(self, pl_module: pl.LightningModule | None = None) -> dict[str, Any]:
+        """Run the checks now on the probe set: per check key, one value per probe (``nan`` where undefined)."""
         self._require_setup()
         device = next(self._adapter.model.parameters()).device
         probes = self.probes.to(device)
         tracked = [largest_objects(b, lab, 1)[0] for b, lab in zip(probes.boxes, probes.labels)]
         targets = [MatchedBoxTarget(t[:4], int(t[4]), conf=self._adapter.conf) for t in tracked]
         boxes = torch.tensor([t[:4] for t in tracked], device=device)
+        labels = torch.tensor([int(t[4]) for t in tracked], device=device)
         cf = self._counterfactuals.to(device) if self._counterfactuals is not None else None
-        values, _ = evaluate_checks(
-            self._adapter, self._engines, probes.images, targets, boxes, probes.boxes, self.needed, self.options, cf
+        values, _ = evaluate_probes(
+            self._adapter,
+            self._engines,
+            probes.images,
+            targets,
+            boxes,
+            probes.boxes,
+            self.needed,
+            self.options,
+            cf,
+            labels=labels,
+            gt_labels=probes.labels,
         )
         return values
 
     def _record(self, trainer: pl.Trainer, record: dict[str, Any]) -> None:
         self.history.append(record)
-        passed = record["passed"]
-        self._failures = 0 if passed else self._failures + 1
-        trainer.callback_metrics[Tags.GATE_PASS] = torch.tensor(float(passed))
+        status = record.get("status", "pass" if record["passed"] else "fail")
+        self._failures = 0 if status != "fail" else self._failures + 1
+        trainer.callback_metrics[Tags.GATE_PASS] = torch.tensor(float(status == "pass"))
+        step, gstep = record["step"], record["global_step"]
         if self._writer is not None:
-            step = record["global_step"]
-            for key, value in record["values"].items():
-                if value == value:
-                    self._writer.scalar(Tags.check(key), value, step)
-            self._writer.scalar(Tags.GATE_PASS, float(passed), step)
-            self._writer.scalar(Tags.GATE_SECONDS, record["seconds"], step)
-            text = "passed" if passed else "failed:\n\n" + "\n".join(f"- {r}" for r in record["reasons"])
-            self._writer.text(Tags.GATE_REASON, f"epoch {record['step']} | step {step}: {text}", step)
+            for key, value in record["values"].items():  # every check, every epoch: nan too, so it has a line
+                self._writer.scalar(Tags.check(key), value, gstep)
+                if key in record.get("defined", {}):
+                    self._writer.scalar(Tags.check(f"defined/{key}"), record["defined"][key], gstep)
+            self._writer.scalar(Tags.GATE_PASS, float(status == "pass"), gstep)
+            self._writer.scalar(Tags.check("gate_inconclusive"), float(status == INCONCLUSIVE_STATUS), gstep)
+            self._writer.scalar(Tags.GATE_SECONDS, record["seconds"], gstep)
+            lines = record.get("lines") or record["reasons"]
+            self._writer.text(
+                Tags.GATE_REASON,
+                f"epoch {step} | step {gstep}: {status}\n\n" + "\n".join(f"- {r}" for r in lines),
+                gstep,
+            )
             self._writer.flush()
-        if not passed:
-            reasons = "; ".join(record["reasons"])
+        reasons = "; ".join(record["reasons"])
+        if status == "fail":
             if self.mode == "warn":
-                rank_zero_warn(f"SaliencyGate: epoch {record['step']} failed the saliency checks: {reasons}.")
+                rank_zero_warn(f"SaliencyGate: epoch {step} failed the saliency checks: {reasons}.")
+            else:
+                rank_zero_info(f"SaliencyGate: epoch {step} refused (no checkpoint of these weights): {reasons}")
             if self.mode == "stop" and self._failures >= self.patience:
                 trainer.should_stop = True
                 rank_zero_warn(
                     f"SaliencyGate: stopping training after {self._failures} failing validation(s): {reasons}."
                 )
+        elif status == INCONCLUSIVE_STATUS and self.inconclusive != "pass":
+            action = "refused" if self.inconclusive == "refuse" and self.mode != "warn" else "not refused"
+            rank_zero_warn(
+                f"SaliencyGate: epoch {step} is inconclusive (fewer than {self.min_defined} probes where the tracked "
+                f"object is detected), checkpoint {action} (`inconclusive={self.inconclusive!r}`): {reasons}"
+            )
 
     # ------------------------------------------------------------------------------------------- decisions
     @property
@@ -296,12 +368,16 @@ class SaliencyGate(ProbeCallback):
     def allows_checkpoint(self, global_step: int) -> bool:
         """Whether the weights after ``global_step`` optimiser steps may be saved.
 
-        In ``"warn"`` mode always; otherwise only when the gate evaluated exactly these weights and they passed.
+        In ``"warn"`` mode always; otherwise only when the gate evaluated exactly these weights and they passed,
+        or the verdict was inconclusive and ``inconclusive`` is ``"pass"`` or ``"warn"``.
         """
         if self.mode == "warn":
             return True
         last = self.last
-        return last is not None and last["global_step"] == int(global_step) and bool(last["passed"])
+        if last is None or last["global_step"] != int(global_step):
+            return False
+        status = last.get("status", "pass" if last["passed"] else "fail")
+        return status == "pass" or (status == INCONCLUSIVE_STATUS and self.inconclusive != "refuse")
 
     # ---------------------------------------------------------------------------------------------- state
     @override

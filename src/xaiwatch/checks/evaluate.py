@@ -10,38 +10,49 @@ from dataclasses import dataclass, field
 import torch
 
 from xaiwatch.checks import localization, perturbation, randomization, similarity
-from xaiwatch.checks.counterfactual import flip_rate
+from xaiwatch.checks.context import context_swap
+from xaiwatch.checks.counterfactual import image_flips, object_scores
 from xaiwatch.checks.rule import value_key
 from xaiwatch.core.context import explaining
 
-__all__ = ["CheckOptions", "evaluate_checks"]
+__all__ = ["CheckOptions", "evaluate_checks", "evaluate_probes"]
 
 
 @dataclass
 class CheckOptions:
-    """Settings of the checks (the defaults are those the gate's default thresholds were chosen with).
+    """Settings of the checks.
 
     Args:
         tolerance: pointing-game tolerance in pixels.
         steps: deletion / insertion steps.
         fill: what replaces the context in ``context_reliance`` (see :func:`~xaiwatch.checks.fill_image`).
-        relative: ``context_reliance`` as a share of the original score.
-        min_score: probes whose tracked object scores below this do not count in ``context_reliance``.
+        relative: ``context_reliance`` as a share of the original score (``relative_context_reliance`` always is).
+        min_score: the score floor: a probe whose tracked object scores below it for its class is not *defined*
+            (its checks are ``nan`` and it does not count). ``None``: the adapter's detection threshold ``conf``.
         noise: input noise of ``stability``.
         seed: seed of the noise and of the randomised weights.
         stages: randomisation stages (default: the adapter's ``randomization_stages()``, all of them).
         batch_size: probes explained per pass.
+        fills: the surroundings of ``context_swap`` (see :data:`~xaiwatch.checks.context.CONTEXT_FILLS`; other
+            probes' contexts by default: on the calibration families blur never flipped a shortcut model's class).
+        donors: other probes' contexts per probe in ``context_swap``.
+        context_margin: ``context_swap`` / ``relative_context_reliance`` keep the box grown by this share of its
+            shorter side (see :func:`~xaiwatch.checks.context_swap`). 0.25: on the calibration families a tight box
+            refused a clean model whose objects always carry a frame (docs/gate.md).
     """
 
     tolerance: float = 15.0
     steps: int = 16
     fill: str | float = "grey"
     relative: bool = False
-    min_score: float = 0.05
+    min_score: float | None = None
     noise: float = 0.02
     seed: int = 0
     stages: list | None = field(default=None)
     batch_size: int = 8
+    fills: tuple[str, ...] = ("swap",)
+    donors: int = 2
+    context_margin: float = 0.25
 
 
 def _maps(engine, images: torch.Tensor, targets: Sequence, batch_size: int) -> torch.Tensor:
@@ -57,8 +68,18 @@ def _maps(engine, images: torch.Tensor, targets: Sequence, batch_size: int) -> t
 
 
 def _mean(values: torch.Tensor) -> float:
-    values = values.float()
+    values = torch.as_tensor(values).float()
     return float(values.nanmean()) if values.numel() and not bool(values.isnan().all()) else math.nan
+
+
+def _floor(adapter, options: CheckOptions) -> float:
+    return float(getattr(adapter, "conf", 0.25) if options.min_score is None else options.min_score)
+
+
+def _labels(targets: Sequence, labels) -> torch.Tensor:
+    if labels is not None:
+        return torch.as_tensor(labels).reshape(-1).long()
+    return torch.tensor([int(t.label) for t in targets], dtype=torch.long)
 
 
 def evaluate_checks(
@@ -71,8 +92,42 @@ def evaluate_checks(
     checks: set[str],
     options: CheckOptions | None = None,
     counterfactuals: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    gt_labels: Sequence[torch.Tensor] | None = None,
 ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """Run ``checks`` on ``N`` probes with one tracked object each.
+    """Run ``checks`` on ``N`` probes with one tracked object each: the mean over defined probes of each check.
+
+    See :func:`evaluate_probes` (same arguments); this averages its per-probe values.
+
+    Returns:
+        ``(values, maps)``: the mean over defined probes of each check (keys ``check/method`` or ``check``;
+        ``nan`` when no probe is defined) and each method's :math:`(N, 1, H, W)` maps.
+    """
+    per_probe, maps = evaluate_probes(
+        adapter, engines, images, targets, boxes, gt_boxes, checks, options, counterfactuals, labels, gt_labels
+    )
+    return {k: _mean(v) for k, v in per_probe.items()}, maps
+
+
+def evaluate_probes(
+    adapter,
+    engines: Mapping[str, object],
+    images: torch.Tensor,
+    targets: Sequence,
+    boxes: torch.Tensor,
+    gt_boxes: Sequence[torch.Tensor],
+    checks: set[str],
+    options: CheckOptions | None = None,
+    counterfactuals: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    gt_labels: Sequence[torch.Tensor] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Run ``checks`` on ``N`` probes with one tracked object each: one value per probe, ``nan`` where undefined.
+
+    A probe is defined when its tracked object scores at least the floor (``options.min_score``, default the
+    adapter's ``conf``) for its class on a candidate overlapping its box (IoU >= 0.5): a check on an object the
+    model does not detect measures noise, not reliance. ``counterfactual_flip`` is defined per probe where an
+    object is found in both images.
 
     Args:
         adapter: the model adapter.
@@ -80,47 +135,84 @@ def evaluate_checks(
         images: :math:`(N, 3, H, W)` probe images.
         targets: ``N`` targets (one tracked object per probe).
         boxes: :math:`(N, 4)` boxes of the tracked objects.
-        gt_boxes: per probe, all its ground-truth boxes (``off_object_energy``, ``counterfactual_flip``).
+        gt_boxes: per probe, all its ground-truth boxes (``off_object_energy``, ``counterfactual_flip``, donors).
         checks: names of the checks to run (see :data:`~xaiwatch.checks.rule.CHECKS`).
         options: settings.
         counterfactuals: :math:`(N, 3, H, W)` the probes with a suspected cue changed (``counterfactual_flip``).
+        labels: :math:`(N,)` classes of the tracked objects (default: each target's ``label``).
+        gt_labels: per probe, the classes of ``gt_boxes`` (``context_swap`` prefers donors of other classes).
 
     Returns:
-        ``(values, maps)``: the mean over probes of each check (keys ``check/method`` or ``check``; ``nan`` when no
-        probe could be measured) and each method's :math:`(N, 1, H, W)` maps.
+        ``(values, maps)``: :math:`(N,)` values per check key (``check/method`` or ``check``), and each method's
+        :math:`(N, 1, H, W)` maps.
     """
     o = options or CheckOptions()
+    labels = _labels(targets, labels)
+    floor = _floor(adapter, o)
+    with explaining(adapter.model, seed=o.seed), torch.no_grad():
+        score, cls = object_scores(adapter.raw(images.detach()), boxes, labels.to(images.device))
+    defined = score.cpu() >= floor
+    nan = torch.tensor(float("nan"))
     maps = {m: _maps(e, images, targets, o.batch_size) for m, e in engines.items()}
-    values: dict[str, float] = {}
+    values: dict[str, torch.Tensor] = {}
     for method, engine in engines.items():
-        values.update(_map_checks(adapter, engine, method, maps[method], images, targets, boxes, gt_boxes, checks, o))
-    if "context_reliance" in checks:
+        found = _map_checks(adapter, engine, method, maps[method], images, targets, boxes, gt_boxes, checks, o)
+        values.update({k: torch.where(defined, v.float().cpu(), nan) for k, v in found.items()})
+    shared = "relative_context_reliance" in checks and o.fill == "grey"  # the grey variant of context_swap
+    for name, relative in (("context_reliance", o.relative), ("relative_context_reliance", True)):
+        if name in checks and not (shared and name == "relative_context_reliance"):
+            with explaining(adapter.model, seed=o.seed):
+                drop = perturbation.context_reliance(
+                    functools.partial(adapter.score, targets=list(targets)),
+                    images,
+                    boxes,
+                    fill=o.fill,
+                    relative=relative,
+                    min_score=0.0,
+                )
+            values[name] = torch.where(defined, drop.float().cpu(), nan)
+    if {"context_swap", "context_swap_drop"} & checks or shared:
+        fills = tuple(o.fills) if {"context_swap", "context_swap_drop"} & checks else ()
         with explaining(adapter.model, seed=o.seed):
-            drop = perturbation.context_reliance(
-                functools.partial(adapter.score, targets=list(targets)),
+            swap = context_swap(
+                adapter,
                 images,
                 boxes,
-                fill=o.fill,
-                relative=o.relative,
-                min_score=o.min_score,
+                labels,
+                gt_boxes,
+                gt_labels,
+                fills or ("grey",),
+                o.donors,
+                min_score=floor,
+                extra_fills=("grey",) if shared else (),
+                original=(score, cls),
+                margin=o.context_margin,
             )
-        values["context_reliance"] = _mean(drop)
+        for name, v in (("context_swap", swap.flip), ("context_swap_drop", swap.drop)):
+            if name in checks:
+                values[name] = v
+        if shared:
+            values["relative_context_reliance"] = torch.where(defined, swap.by_fill["grey"][1], nan)
     if "counterfactual_flip" in checks and counterfactuals is not None:
         with explaining(adapter.model, seed=o.seed):
-            values["counterfactual_flip"] = flip_rate(adapter, images, counterfactuals, gt_boxes)
+            values["counterfactual_flip"] = image_flips(adapter, images, counterfactuals, gt_boxes)
     return values, maps
 
 
-def _map_checks(adapter, engine, method, m, images, targets, boxes, gt_boxes, checks, o) -> dict[str, float]:
-    """The checks of one method's maps ``m`` :math:`(N, 1, H, W)`."""
+def _map_checks(adapter, engine, method, m, images, targets, boxes, gt_boxes, checks, o) -> dict[str, torch.Tensor]:
+    """The checks of one method's maps ``m`` :math:`(N, 1, H, W)`: one value per probe."""
     key = functools.partial(value_key, method=method)
     values = {}
-    if "pointing_game" in checks:
-        values[key("pointing_game")] = _mean(localization.pointing_game(m, boxes, o.tolerance))
-    if "energy_in_box" in checks:
-        values[key("energy_in_box")] = _mean(localization.energy_in_box(m, boxes))
-    if "off_object_energy" in checks:
-        values[key("off_object_energy")] = _mean(localization.off_object_energy(m, gt_boxes))
+    simple = {
+        "pointing_game": lambda: localization.pointing_game(m, boxes, o.tolerance),
+        "energy_in_box": lambda: localization.energy_in_box(m, boxes),
+        "energy_concentration": lambda: localization.energy_concentration(m, boxes),
+        "rank_accuracy": lambda: localization.rank_accuracy(m, boxes),
+        "off_object_energy": lambda: localization.off_object_energy(m, gt_boxes),
+    }
+    for name, fn in simple.items():
+        if name in checks:
+            values[key(name)] = fn()
     for mode in ("deletion", "insertion"):
         if f"{mode}_auc" in checks:
             with explaining(adapter.model, seed=o.seed):
@@ -130,10 +222,10 @@ def _map_checks(adapter, engine, method, m, images, targets, boxes, gt_boxes, ch
                     )[0]
                     for i, t in enumerate(targets)
                 ]
-            values[key(f"{mode}_auc")] = _mean(torch.stack(aucs))
+            values[key(f"{mode}_auc")] = torch.stack(aucs)
     if "stability" in checks:
-        values[key("stability")] = _mean(
-            perturbation.stability(lambda x: engine.attribute(x, list(targets)), images, o.noise, o.seed)
+        values[key("stability")] = perturbation.stability(
+            lambda x: engine.attribute(x, list(targets)), images, o.noise, o.seed
         )
     wanted = [c for c in ("randomization_ssim", "randomization_spearman") if c in checks]
     if wanted:
@@ -141,8 +233,8 @@ def _map_checks(adapter, engine, method, m, images, targets, boxes, gt_boxes, ch
     return values
 
 
-def _randomization(adapter, engine, method, m, images, targets, wanted, o) -> dict[str, float]:
-    """Similarity of ``m`` with the maps of the fully randomised cascade (one value per similarity)."""
+def _randomization(adapter, engine, method, m, images, targets, wanted, o) -> dict[str, torch.Tensor]:
+    """Similarity of ``m`` with the maps of the fully randomised cascade (one value per similarity and probe)."""
     from xaiwatch.explain import get_engine
 
     def map_fn(model) -> torch.Tensor:
@@ -154,4 +246,4 @@ def _randomization(adapter, engine, method, m, images, targets, wanted, o) -> di
     stages = o.stages or adapter.randomization_stages()
     *_, (_, randomized) = randomization.cascading_randomization(adapter.model, stages, seed=o.seed)
     other = map_fn(randomized)  # maps of the fully randomised copy, shared by both similarities
-    return {value_key(c, method): _mean(getattr(similarity, c.split("_", 1)[1])(m, other)) for c in wanted}
+    return {value_key(c, method): getattr(similarity, c.split("_", 1)[1])(m, other) for c in wanted}

@@ -8,7 +8,15 @@ import torch
 
 from xaiwatch.core.errors import ConfigurationError, ShapeError
 
-__all__ = ["as_maps", "box_masks", "pointing_game", "energy_in_box", "off_object_energy"]
+__all__ = [
+    "as_maps",
+    "box_masks",
+    "pointing_game",
+    "energy_in_box",
+    "energy_concentration",
+    "rank_accuracy",
+    "off_object_energy",
+]
 
 
 def as_maps(maps: torch.Tensor) -> torch.Tensor:
@@ -98,6 +106,65 @@ def energy_in_box(maps: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     maps = as_maps(maps)
     boxes = _as_boxes(boxes, maps.shape[0]).to(maps.device)
     return _positive_share(maps, box_masks(boxes, maps.shape[-2:]))
+
+
+def energy_concentration(maps: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """:func:`energy_in_box` divided by the box's share of the image: how concentrated the evidence is on the box.
+
+    1 means the map is as concentrated on the box as a uniform map (no localisation), above 1 more, below 1
+    less (the evidence is elsewhere). Unlike the energy share itself, it does not grow with object size: a map
+    that puts 40% of its energy on a box covering 10% of the image scores 4, on a box covering 40% scores 1.
+
+    Args:
+        maps: :math:`(N, 1, H, W)` maps (only positive values count).
+        boxes: :math:`(N, 4)` ``xyxy`` box of the object each map explains.
+
+    Returns:
+        :math:`(N,)` in ``[0, H W / area]``; 0 for a map without positive values, ``nan`` for an empty box.
+
+    Example:
+        >>> m = torch.zeros(1, 1, 10, 10); m[0, 0, :5, :5] = 1.0; m[0, 0, 5:, 5:] = 1.0
+        >>> energy_concentration(m, torch.tensor([[0.0, 0.0, 5.0, 5.0]]))  # half the energy on a quarter
+        tensor([2.])
+    """
+    maps = as_maps(maps)
+    boxes = _as_boxes(boxes, maps.shape[0]).to(maps.device)
+    masks = box_masks(boxes, maps.shape[-2:])
+    share = masks.float().mean(dim=(1, 2))
+    energy = _positive_share(maps, masks)
+    return torch.where(share > 0, energy / share.clamp(min=1e-12), torch.full_like(energy, float("nan")))
+
+
+def rank_accuracy(maps: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Arras et al. (2022) relevance rank accuracy: the share of the ``K`` highest-ranked pixels inside the box.
+
+    ``K`` is the number of pixels of the box. 1 means the box's pixels are exactly the map's top ``K``; a random
+    map scores the box's area share on average. Ties at the ``K``-th value are broken by pixel order.
+
+    Args:
+        maps: :math:`(N, 1, H, W)` maps (ranked by value; pass ``abs`` for magnitude).
+        boxes: :math:`(N, 4)` ``xyxy`` boxes.
+
+    Returns:
+        :math:`(N,)` in ``[0, 1]``; ``nan`` for an empty box or a constant map (no ranking).
+
+    Example:
+        >>> m = torch.zeros(1, 1, 4, 4); m[0, 0, 0, :3] = 1.0
+        >>> rank_accuracy(m, torch.tensor([[0.0, 0.0, 2.0, 2.0]]))  # top 4 = 3 ones + first zero; 2 in the box
+        tensor([0.5000])
+    """
+    maps = as_maps(maps)
+    n = maps.shape[0]
+    boxes = _as_boxes(boxes, n).to(maps.device)
+    masks = box_masks(boxes, maps.shape[-2:]).reshape(n, -1)
+    flat = maps.reshape(n, -1)
+    order = flat.argsort(dim=1, descending=True, stable=True)
+    k = masks.sum(dim=1)
+    top = torch.arange(flat.shape[1], device=flat.device)[None] < k[:, None]  # (N, HW) in rank order
+    hits = (masks.gather(1, order) & top).sum(dim=1).float()
+    out = hits / k.clamp(min=1).float()
+    constant = flat.amax(dim=1) <= flat.amin(dim=1)
+    return torch.where((k > 0) & ~constant, out, torch.full_like(out, float("nan")))
 
 
 def off_object_energy(maps: torch.Tensor, gt_boxes: Sequence[torch.Tensor]) -> torch.Tensor:

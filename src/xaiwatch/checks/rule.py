@@ -8,12 +8,14 @@ from dataclasses import dataclass
 
 from xaiwatch.core.errors import ConfigurationError
 
-__all__ = ["CHECKS", "MODEL_CHECKS", "Rule", "parse_rules", "decide", "value_key"]
+__all__ = ["CHECKS", "MODEL_CHECKS", "RANGES", "Rule", "parse_rules", "decide", "value_key", "format_value"]
 
 #: Checks of a map, computed for every method: name -> ("min" | "max": which side of the threshold passes).
 MAP_CHECKS: dict[str, str] = {
     "pointing_game": "min",
     "energy_in_box": "min",
+    "energy_concentration": "min",
+    "rank_accuracy": "min",
     "off_object_energy": "max",
     "deletion_auc": "max",
     "insertion_auc": "min",
@@ -22,9 +24,47 @@ MAP_CHECKS: dict[str, str] = {
     "stability": "min",
 }
 #: Checks of the model itself (no map): name -> direction.
-MODEL_CHECKS: dict[str, str] = {"context_reliance": "max", "counterfactual_flip": "max"}
+MODEL_CHECKS: dict[str, str] = {
+    "context_reliance": "max",
+    "relative_context_reliance": "max",
+    "context_swap": "max",
+    "context_swap_drop": "max",
+    "counterfactual_flip": "max",
+}
+#: Threshold ranges other than ``[0, 1]``: ``energy_concentration`` is a ratio to a uniform map (1 = uniform).
+RANGES: dict[str, tuple[float, float]] = {
+    "randomization_spearman": (-1.0, 1.0),
+    "energy_concentration": (0.0, math.inf),
+}
 #: Every check the gate knows.
 CHECKS: dict[str, str] = {**MAP_CHECKS, **MODEL_CHECKS}
+
+
+def format_value(value: float, threshold: float | None = None, direction: str = "min") -> str:
+    """``value`` with enough digits that the printed number passes ``threshold`` exactly when ``value`` does.
+
+    Three decimals by default; more when rounding would move the value across the threshold (``0.4497`` against
+    ``>= 0.45`` prints ``0.4497``, not ``0.450``).
+
+    Example:
+        >>> format_value(0.4497, 0.45, "min"), format_value(0.4497, 0.2, "min"), format_value(float("nan"))
+        ('0.4497', '0.450', 'n/a')
+    """
+    if value is None or math.isnan(value):
+        return "n/a"
+    if math.isinf(value):
+        return str(value)
+    for digits in range(3, 13):
+        text = f"{value:.{digits}f}"
+        if threshold is None:
+            return text
+        if _passes(float(text), threshold, direction) == _passes(value, threshold, direction):
+            return text
+    return repr(float(value))
+
+
+def _passes(value: float, threshold: float, direction: str) -> bool:
+    return value >= threshold if direction == "min" else value <= threshold
 
 
 def value_key(check: str, method: str | None = None) -> str:
@@ -48,8 +88,9 @@ class Rule:
         return value >= self.threshold if self.direction == "min" else value <= self.threshold
 
     def describe(self, value: float | None) -> str:
+        """``key = value (needs >= threshold)``, with enough digits that a failing value never prints as passing."""
         sign = ">=" if self.direction == "min" else "<="
-        shown = "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
+        shown = format_value(math.nan if value is None else float(value), self.threshold, self.direction)
         return f"{self.key} = {shown} (needs {sign} {self.threshold:g})"
 
 
@@ -87,9 +128,12 @@ def parse_rules(checks: Mapping[str, float | None], methods: Sequence[str]) -> t
         needed.add(check)
         if threshold is None:
             continue
-        low = -1.0 if check == "randomization_spearman" else 0.0
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not low <= threshold <= 1.0:
-            raise ConfigurationError(f"The threshold of {key!r} must be a number in [{low:g}, 1], got {threshold!r}.")
+        low, high = RANGES.get(check, (0.0, 1.0))
+        number = isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
+        if not number or not math.isfinite(threshold) or not low <= threshold <= high:
+            raise ConfigurationError(
+                f"The threshold of {key!r} must be a finite number in [{low:g}, {high:g}], got {threshold!r}."
+            )
         targets = [method] if method else (methods if check in MAP_CHECKS else [None])
         rules += [Rule(value_key(check, m), check, float(threshold), CHECKS[check]) for m in targets]
     return rules, needed

@@ -38,6 +38,7 @@ import json
 import math
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,9 @@ from xaiwatch.core.outputs import claim_files, prepare_output_folder, seal_outpu
 __all__ = [
     "BACKGROUNDS",
     "CONTEXT_BACKGROUNDS",
+    "FAMILIES",
+    "Family",
+    "generate_family",
     "NEUTRAL_BACKGROUND",
     "PALETTE",
     "SHAPES",
@@ -102,7 +106,18 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
 )
 #: Shapes that can be used as class names.
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "ring", "cross", "star", "hexagon", "face")
-_SHORTCUTS = (None, "context", "marker")
+#: Cues planted per object (a value per object) and per image (one class per image, the value is its class).
+PER_OBJECT_SHORTCUTS: tuple[str, ...] = ("marker", "spot", "halo")
+IMAGE_SHORTCUTS: tuple[str, ...] = ("context", "tint")
+_SHORTCUTS = (None, *IMAGE_SHORTCUTS, *PER_OBJECT_SHORTCUTS)
+#: ``shortcut="tint"``: the background is blended with ``PALETTE[class]`` at this weight.
+TINT_ALPHA = 0.45
+#: ``shortcut="halo"``: halo width as a share of the object's nominal size.
+HALO_WIDTH = 0.25
+#: ``shortcut="spot"``: side of the on-object marker as a share of the box's shorter side.
+SPOT_FRACTION = 0.35
+#: ``shortcut="halo"``: the number of texture patterns (class ``k`` gets pattern ``k``).
+NUM_TEXTURES = 6
 _COUNTERFACTUAL_MODES = ("consistent", "wrong", "absent")
 _MAX_TRIES = 100
 _GAP = 2  # minimum free pixels between two objects (their boxes never overlap)
@@ -262,6 +277,23 @@ def object_masks(spec: dict[str, Any], imgsz: int) -> np.ndarray:
     return out
 
 
+def _texture(value: int, x1: int, y1: int, x2: int, y2: int) -> np.ndarray:
+    """Black-and-white texture ``value`` (stripes, checks, diagonals, dots) over an image region, uint8 (h, w, 3).
+
+    The pattern is a function of absolute pixel coordinates, so the same value gives the same texture everywhere.
+    """
+    ys, xs = np.mgrid[y1:y2, x1:x2]
+    pattern = [
+        (ys // 2) % 2,
+        (xs // 2) % 2,
+        (xs // 2 + ys // 2) % 2,
+        ((xs + ys) // 2) % 2,
+        ((xs - ys) // 2) % 2,
+        (xs % 4 < 2) & (ys % 4 < 2),
+    ][int(value) % NUM_TEXTURES]
+    return np.repeat((np.asarray(pattern, dtype=bool) * 255).astype(np.uint8)[..., None], 3, axis=2)
+
+
 def render(spec: dict[str, Any], imgsz: int) -> np.ndarray:
     """Render one image from its spec (a pure function: the same spec gives the same pixels).
 
@@ -280,8 +312,17 @@ def render(spec: dict[str, Any], imgsz: int) -> np.ndarray:
         DatasetFormatError: if the spec's boxes do not match its shapes.
     """
     img = _background(spec, imgsz)
+    cue = spec.get("cue") or {}
+    if cue.get("type") == "tint" and cue.get("value") is not None:
+        color = np.asarray(PALETTE[int(cue["value"])], dtype=np.float64)
+        img = np.clip(np.round((1 - TINT_ALPHA) * img + TINT_ALPHA * color), 0, 255).astype(np.uint8)
     objects = spec.get("objects", [])
     masks = object_masks(spec, imgsz)
+    for obj in objects:
+        halo = obj.get("cue")
+        if halo and halo.get("type") == "halo" and halo.get("value") is not None:
+            hx1, hy1, hx2, hy2 = (int(v) for v in halo["region"])
+            img[hy1:hy2, hx1:hx2] = _texture(int(halo["value"]), hx1, hy1, hx2, hy2)
     for obj, mask in zip(objects, masks):
         x1, y1, x2, y2 = (int(v) for v in obj["box"])
         local = mask[y1:y2, x1:x2]
@@ -303,7 +344,7 @@ def render(spec: dict[str, Any], imgsz: int) -> np.ndarray:
         img[union] = np.clip(np.round(blurred[union]), 0, 255).astype(np.uint8)
     for obj in objects:
         cue = obj.get("cue")
-        if cue and cue.get("type") == "marker" and cue.get("value") is not None:
+        if cue and cue.get("type") in ("marker", "spot") and cue.get("value") is not None:
             mx1, my1, mx2, my2 = (int(v) for v in cue["region"])
             img[my1:my2, mx1:mx2] = np.asarray(PALETTE[int(cue["value"])], dtype=np.uint8)
     return img
@@ -342,6 +383,50 @@ def _sample_crop(rng: np.random.Generator, name: str, imgsz: int) -> list[float]
     return [round(float(rng.random()), 4), round(float(rng.random()), 4), round(scale, 4)]
 
 
+def _halo_width(size: int) -> int:
+    """Width in pixels of the texture halo around an object of nominal ``size``."""
+    return max(2, round(HALO_WIDTH * size))
+
+
+def _spot_region(box: Sequence[int]) -> list[int]:
+    """The on-object marker square: centred in the box, side 35% of the box's shorter side (at least 3 px)."""
+    x1, y1, x2, y2 = (int(v) for v in box)
+    m = max(3, round(SPOT_FRACTION * min(x2 - x1, y2 - y1)))
+    cx, cy = (x1 + x2) // 2, (y1 + y2) // 2
+    return [cx - m // 2, cy - m // 2, cx - m // 2 + m, cy - m // 2 + m]
+
+
+def _cue_region(shortcut: str, box: list[int], halo: int, imgsz: int) -> list[int]:
+    """The pixels a per-object cue occupies: marker (left of the box), spot (centre) or halo (the grown box)."""
+    if shortcut == "marker":
+        return _marker_region(box, imgsz)
+    if shortcut == "spot":
+        return _spot_region(box)
+    return [max(0, box[0] - halo), max(0, box[1] - halo), min(imgsz, box[2] + halo), min(imgsz, box[3] + halo)]
+
+
+def _image_cue(
+    rng: np.random.Generator, shortcut: str | None, k: int, planted: bool, photos: tuple[str, ...] | None, imgsz: int
+) -> tuple[str, int | None, dict[str, Any] | None]:
+    """The background, the class of the image (image-level cues) and the image's cue spec."""
+    if shortcut == "context":
+        image_class = int(rng.integers(k))
+        value = image_class if planted else int(rng.integers(k))
+        cue = {"type": "context", "variant": "planted", "value": value, "region": [0, 0, imgsz, imgsz]}
+        return (photos or CONTEXT_BACKGROUNDS)[value], image_class, cue
+    pool = photos or BACKGROUNDS
+    background = pool[int(rng.integers(len(pool)))]
+    if shortcut != "tint":
+        return background, None, None
+    image_class = int(rng.integers(k))
+    value = image_class if planted else int(rng.integers(k))
+    return (
+        background,
+        image_class,
+        {"type": "tint", "variant": "planted", "value": value, "region": [0, 0, imgsz, imgsz]},
+    )
+
+
 def _sample_spec(
     rng: np.random.Generator,
     index: int,
@@ -353,18 +438,14 @@ def _sample_spec(
     object_size: tuple[int, int],
     blur: float,
     shortcut: str | None,
+    backgrounds: Sequence[str] | None = None,
+    correlated: bool = True,
 ) -> dict[str, Any]:
     k = len(classes)
+    planted = split == "train" and correlated  # the cue follows the class only in a correlated training split
     n = int(rng.integers(objects_per_image[0], objects_per_image[1] + 1))
-    cue: dict[str, Any] | None = None
-    image_class: int | None = None
-    if shortcut == "context":
-        image_class = int(rng.integers(k))
-        value = image_class if split == "train" else int(rng.integers(k))
-        background = CONTEXT_BACKGROUNDS[value]
-        cue = {"type": "context", "variant": "planted", "value": value, "region": [0, 0, imgsz, imgsz]}
-    else:
-        background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+    photos = tuple(backgrounds) if backgrounds else None
+    background, image_class, cue = _image_cue(rng, shortcut, k, planted, photos, imgsz)
     crop = _sample_crop(rng, background, imgsz)
     margin = _marker_size(imgsz) if shortcut == "marker" else 0
     occupied: list[list[int]] = []
@@ -382,28 +463,30 @@ def _sample_spec(
             obj["color"] = _saturated_color(rng)
         obj["rotation"] = rotation
         h, w = _local_mask(obj).shape
+        halo = _halo_width(size) if shortcut == "halo" else 0
         if w + margin > imgsz or h > imgsz:
             continue
         for _try in range(_MAX_TRIES):
             x1 = int(rng.integers(margin, imgsz - w + 1))
             y1 = int(rng.integers(0, imgsz - h + 1))
             box = [x1, y1, x1 + w, y1 + h]
-            footprint = [x1 - margin, y1, x1 + w, y1 + h]
+            footprint = [x1 - margin - halo, y1 - halo, x1 + w + halo, y1 + h + halo]
             if not any(_overlaps(footprint, o, _GAP) for o in occupied):
                 break
         else:
             continue  # give up on this object: the image gets fewer objects
         occupied.append(footprint)
         obj["box"] = box
-        if shortcut == "marker":
-            value = cls if split == "train" else int(rng.integers(k))
-            obj["cue"] = {"type": "marker", "variant": "planted", "value": value, "region": _marker_region(box, imgsz)}
+        if shortcut in ("marker", "spot", "halo"):
+            value = cls if planted else int(rng.integers(k))
+            region = _cue_region(shortcut, box, halo, imgsz)
+            obj["cue"] = {"type": shortcut, "variant": "planted", "value": value, "region": region}
         elif cue is not None:
             obj["cue"] = dict(cue)
         objects.append(obj)
-    if shortcut == "marker":
+    if shortcut in PER_OBJECT_SHORTCUTS:
         cue = {
-            "type": "marker",
+            "type": shortcut,
             "variant": "planted",
             "value": [o["cue"]["value"] for o in objects],
             "region": [o["cue"]["region"] for o in objects],
@@ -493,9 +576,26 @@ def _check_shortcut(shortcut: Any, classes: list[str]) -> None:
         raise ConfigurationError(f"`shortcut` must be one of {_SHORTCUTS}, got {shortcut!r}")
     if shortcut is not None and len(classes) < 2:
         raise ConfigurationError(f"shortcut={shortcut!r} needs at least 2 classes, got {classes}")
-    max_k = len(CONTEXT_BACKGROUNDS) if shortcut == "context" else len(PALETTE)
+    max_k = {"context": len(CONTEXT_BACKGROUNDS), "halo": NUM_TEXTURES}.get(shortcut, len(PALETTE))
     if shortcut is not None and len(classes) > max_k:
         raise ConfigurationError(f"shortcut={shortcut!r} supports at most {max_k} classes, got {len(classes)}")
+
+
+def _check_backgrounds(backgrounds: Any, shortcut: str | None, classes: list[str]) -> list[str] | None:
+    """Validate ``backgrounds`` (photo names; with ``shortcut="context"`` one per class at least)."""
+    if backgrounds is None:
+        return None
+    if isinstance(backgrounds, str) or not isinstance(backgrounds, Sequence) or not backgrounds:
+        raise ConfigurationError(f"`backgrounds` must be a non-empty sequence of photo names, got {backgrounds!r}")
+    names = [str(b) for b in backgrounds]
+    unknown = [b for b in names if b not in BACKGROUNDS + (NEUTRAL_BACKGROUND,)]
+    if unknown:
+        raise ConfigurationError(f"unknown background(s) {unknown} in `backgrounds`; each must be one of {BACKGROUNDS}")
+    if shortcut == "context" and len(names) < len(classes):
+        raise ConfigurationError(
+            f"shortcut='context' shows class k on backgrounds[k]: give at least {len(classes)} backgrounds, got {names}"
+        )
+    return names
 
 
 def _check_sizes(
@@ -543,6 +643,8 @@ def generate(
     faces: bool = False,
     blur: float | None = None,
     shortcut: str | None = None,
+    backgrounds: Sequence[str] | None = None,
+    correlated: bool = True,
     seed: int = 0,
     overwrite: bool = False,
 ) -> Path:
@@ -563,7 +665,14 @@ def generate(
         shortcut: plant a cue correlated with the class in train and uncorrelated in val: ``None``,
             ``"context"`` (one class per image, class ``k`` on background ``CONTEXT_BACKGROUNDS[k]`` in train,
             random class background in val) or ``"marker"`` (a 6 px square of colour ``PALETTE[class]`` left of
-            each box in train, a random palette colour in val).
+            each box in train, a random palette colour in val), ``"tint"`` (one class per image, the background
+            blended with ``PALETTE[class]`` at weight :data:`TINT_ALPHA`), ``"halo"`` (a black-and-white texture,
+            pattern ``class``, in a band of :data:`HALO_WIDTH` x size around each object's box) or ``"spot"`` (a
+            square of colour ``PALETTE[class]`` at the centre of each object, :data:`SPOT_FRACTION` of its side).
+        backgrounds: photographs to draw backgrounds from (default :data:`BACKGROUNDS`); with
+            ``shortcut="context"`` class ``k`` is shown on ``backgrounds[k]`` (default :data:`CONTEXT_BACKGROUNDS`).
+        correlated: ``False`` draws the training split's cue at random as in validation: the *clean twin* of a
+            shortcut dataset (the same pixels statistics, no class information in the cue).
         seed: random seed; the same arguments give byte-identical files.
         overwrite: replace a dataset xaiwatch wrote in ``root``: only the files the marker lists (unchanged since
             written) and the counterfactual folders inside are removed; a user's file is never touched.
@@ -580,6 +689,9 @@ def generate(
     _check_shortcut(shortcut, classes)
     opi, osz = _check_sizes(imgsz, objects_per_image, object_size, shortcut)
     blur = _check_blur(blur, shortcut)
+    photos = _check_backgrounds(backgrounds, shortcut, classes)
+    if not isinstance(correlated, bool):
+        raise ConfigurationError(f"`correlated` must be True or False, got {correlated!r}")
     root = _prepare_root(Path(root), overwrite)
 
     info = {
@@ -590,6 +702,8 @@ def generate(
         "object_size": list(osz),
         "blur": float(blur),
         "shortcut": shortcut,
+        "backgrounds": photos,
+        "correlated": bool(correlated),
         "seed": int(seed),
         "num_train": int(num_train),
         "num_val": int(num_val),
@@ -607,6 +721,8 @@ def generate(
                 object_size=osz,
                 blur=float(blur),
                 shortcut=shortcut,
+                backgrounds=photos,
+                correlated=correlated,
             )
             for i in range(int(count))
         ]
@@ -656,7 +772,9 @@ def read_specs(root: str | Path, split: str = "val") -> list[dict[str, Any]]:
     return meta["specs"]
 
 
-def _counterfactual_spec(spec: dict[str, Any], mode: str, shortcut: str, k: int) -> dict[str, Any]:
+def _counterfactual_spec(
+    spec: dict[str, Any], mode: str, shortcut: str, k: int, backgrounds: Sequence[str] | None = None
+) -> dict[str, Any]:
     spec = json.loads(json.dumps(spec))  # deep copy
 
     def value_for(cls: int) -> int | None:
@@ -666,13 +784,14 @@ def _counterfactual_spec(spec: dict[str, Any], mode: str, shortcut: str, k: int)
             return (cls + 1) % k
         return None
 
-    if shortcut == "context":
+    if shortcut in IMAGE_SHORTCUTS:
         classes = {o["cls"] for o in spec["objects"]}
         if spec["objects"]:
             value = value_for(min(classes))
-        else:  # no object: keep the background for consistent/wrong, drop it for absent
+        else:  # no object: keep the cue for consistent/wrong, drop it for absent
             value = None if mode == "absent" else spec["cue"]["value"]
-        spec["background"] = NEUTRAL_BACKGROUND if value is None else CONTEXT_BACKGROUNDS[value]
+        if shortcut == "context":
+            spec["background"] = NEUTRAL_BACKGROUND if value is None else (backgrounds or CONTEXT_BACKGROUNDS)[value]
         spec["cue"] = {**spec["cue"], "variant": mode, "value": value}
         for obj in spec["objects"]:
             obj["cue"] = dict(spec["cue"])
@@ -680,7 +799,7 @@ def _counterfactual_spec(spec: dict[str, Any], mode: str, shortcut: str, k: int)
         for obj in spec["objects"]:
             obj["cue"] = {**obj["cue"], "variant": mode, "value": value_for(int(obj["cls"]))}
         spec["cue"] = {
-            "type": "marker",
+            "type": shortcut,
             "variant": mode,
             "value": [o["cue"]["value"] for o in spec["objects"]],
             "region": [o["cue"]["region"] for o in spec["objects"]],
@@ -723,10 +842,10 @@ def write_counterfactual(
     root = _dataset_root(root)
     info = _read_json(root / "meta" / "info.json")
     shortcut = info.get("shortcut")
-    if shortcut not in ("context", "marker"):
+    if shortcut not in _SHORTCUTS[1:]:
         raise ConfigurationError(
             f"{root} was generated with shortcut={shortcut!r}; counterfactuals need a dataset generated with "
-            "shortcut='context' or 'marker'"
+            f"a shortcut, one of {_SHORTCUTS[1:]}"
         )
     names = list(info["names"])
     imgsz = int(info["imgsz"])
@@ -735,7 +854,7 @@ def write_counterfactual(
     # a new folder, or one xaiwatch wrote: its earlier files of this split (and its yaml) are replaced, nothing else
     mine = [f"images/{split}/", f"labels/{split}/", f"meta/{split}.json", "meta/info.json", "dataset.yaml"]
     prepare_output_folder(out, what=f"the {mode} counterfactual", overwrite=True, replace=mine)
-    new_specs = [_counterfactual_spec(s, mode, shortcut, len(names)) for s in specs]
+    new_specs = [_counterfactual_spec(s, mode, shortcut, len(names), info.get("backgrounds")) for s in specs]
     _write_split(out, split, new_specs, imgsz, info)
     # labels are copied byte for byte from the original
     for spec in specs:
@@ -749,3 +868,123 @@ def write_counterfactual(
     _write_yaml(yaml_path, out, {"train": f"images/{split}", "val": f"images/{split}"}, names)
     seal_output_folder(out)
     return yaml_path
+
+
+# --------------------------------------------------------------------------------------------------- families
+@dataclass(frozen=True)
+class Family:
+    """A generated dataset family for calibrating the saliency gate: classes, sizes, photos and a shortcut kind.
+
+    Args:
+        classes: the class shapes (2-6).
+        object_size: object size range as a share of the image side.
+        shortcut: the planted cue (see :func:`generate`).
+        backgrounds: the photographs (with ``"context"``: class ``k`` on ``backgrounds[k]``).
+        objects_per_image: object count range.
+        blur: Gaussian sigma inside the object masks (hides shape detail so that the cue is the easier signal).
+    """
+
+    classes: tuple[str, ...]
+    object_size: tuple[float, float]
+    shortcut: str
+    backgrounds: tuple[str, ...]
+    objects_per_image: tuple[int, int] = (1, 3)
+    blur: float = 0.0
+
+    def sizes(self, imgsz: int) -> tuple[int, int]:
+        """The object size range in pixels at ``imgsz`` (at least 6 px)."""
+        return (max(6, round(self.object_size[0] * imgsz)), max(6, round(self.object_size[1] * imgsz)))
+
+
+#: Five families that differ in class count (2-6), shapes, object sizes (8-40% of the side), photographs and
+#: shortcut kind (class-correlated background photo, background tint, texture halo, on-object marker).
+FAMILIES: dict[str, Family] = {
+    "context3": Family(
+        ("circle", "square", "triangle"), (0.11, 0.15), "context", ("grass", "brick", "hubble_deep_field"), (1, 4), 2.5
+    ),
+    "tint2": Family(
+        ("circle", "hexagon"), (0.20, 0.40), "tint", ("astronaut", "coffee", "chelsea", "rocket"), (1, 2), 3.0
+    ),
+    "halo4": Family(
+        ("star", "hexagon", "circle", "square"),
+        (0.10, 0.22),
+        "halo",
+        ("gravel", "camera", "brick", "grass"),
+        (1, 3),
+        1.5,
+    ),
+    "spot5": Family(
+        ("circle", "square", "triangle", "ring", "hexagon"),
+        (0.15, 0.30),
+        "spot",
+        ("hubble_deep_field", "coffee", "rocket", "astronaut"),
+        (1, 3),
+        1.5,
+    ),
+    "context6": Family(
+        ("circle", "square", "triangle", "ring", "cross", "star"),
+        (0.08, 0.16),
+        "context",
+        ("gravel", "coffee", "rocket", "chelsea", "astronaut", "camera"),
+        (1, 4),
+        2.0,
+    ),
+}
+
+
+def generate_family(
+    root: str | Path,
+    family: str | Family,
+    *,
+    shortcut: bool = True,
+    num_train: int = 300,
+    num_val: int = 64,
+    imgsz: int = 128,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Path:
+    """Generate one member of a calibration family: its shortcut dataset or its clean twin.
+
+    Both twins draw the cue in every image; only the shortcut twin's training split ties it to the class
+    (``correlated=True``). Validation is uncorrelated in both (use :func:`write_counterfactual` for cue-consistent
+    and cue-wrong copies of it).
+
+    Args:
+        root: output folder.
+        family: a name of :data:`FAMILIES` or a :class:`Family`.
+        shortcut: the shortcut twin (``True``) or the clean twin.
+        num_train: training images.
+        num_val: validation images.
+        imgsz: image side.
+        seed: random seed.
+        overwrite: see :func:`generate`.
+
+    Returns:
+        the written ``dataset.yaml``.
+
+    Raises:
+        ConfigurationError: for an unknown family name.
+
+    Example:
+        >>> FAMILIES["tint2"].sizes(128)
+        (26, 51)
+    """
+    if isinstance(family, str):
+        if family not in FAMILIES:
+            raise ConfigurationError(f"unknown family {family!r}; known families: {sorted(FAMILIES)}")
+        family = FAMILIES[family]
+    return generate(
+        root,
+        num_train=num_train,
+        num_val=num_val,
+        imgsz=imgsz,
+        classes=family.classes,
+        objects_per_image=family.objects_per_image,
+        object_size=family.sizes(imgsz),
+        blur=family.blur,
+        shortcut=family.shortcut,
+        backgrounds=family.backgrounds,
+        correlated=bool(shortcut),
+        seed=seed,
+        overwrite=overwrite,
+    )

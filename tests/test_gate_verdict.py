@@ -1,0 +1,154 @@
+"""SaliencyGate verdicts: inconclusive epochs, every check written every epoch (nan too), console lines, bad input."""
+
+from __future__ import annotations
+
+import logging
+from unittest.mock import patch
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+from torch.utils.data import DataLoader
+
+from conftest import SquaresDataset, collate, tiny_cfg
+from xaiwatch.callbacks import GatedModelCheckpoint, SaliencyGate
+from xaiwatch.core.errors import ConfigurationError
+from xaiwatch.models import YOLOv8Module
+
+NAN = float("nan")
+
+
+def _module() -> YOLOv8Module:
+    pl.seed_everything(0)
+    return YOLOv8Module(tiny_cfg(), num_classes=3, lr=5e-3, warmup_steps=1)
+
+
+def _trainer(tmp_path, callbacks, epochs) -> pl.Trainer:
+    return pl.Trainer(
+        max_epochs=epochs,
+        limit_train_batches=1,
+        logger=TensorBoardLogger(str(tmp_path), name="tb"),
+        callbacks=callbacks,
+        enable_checkpointing=True,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+    )
+
+
+def _scripted(per_epoch):
+    calls = iter(per_epoch)
+    return patch.object(SaliencyGate, "evaluate", lambda self, pl_module=None: next(calls))
+
+
+def _events(trainer):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+@pytest.mark.parametrize("inconclusive, saved", [("warn", 3), ("pass", 3), ("refuse", 1)])
+def test_inconclusive_epochs_follow_the_option(tmp_path, square_loaders, inconclusive, saved):
+    gate = SaliencyGate(
+        checks={"context_swap": 0.3},
+        methods=[],
+        num_probe=4,
+        min_defined=2,
+        inconclusive=inconclusive,
+        on_error="raise",
+    )
+    ckpt = GatedModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)
+    values = [
+        {"context_swap": torch.tensor([NAN, NAN, NAN, NAN])},  # nothing detected: inconclusive
+        {"context_swap": torch.tensor([0.0, 0.1, NAN, 0.0])},  # pass on 3 probes
+        {"context_swap": torch.tensor([0.9, NAN, NAN, NAN])},  # one defined probe < min_defined: inconclusive
+    ]
+    trainer = _trainer(tmp_path, [gate, ckpt], 3)
+    if inconclusive == "pass":
+        with _scripted(values):
+            trainer.fit(_module(), *square_loaders)
+    else:
+        with _scripted(values), pytest.warns(UserWarning, match="epoch 1 is inconclusive"):
+            trainer.fit(_module(), *square_loaders)
+    assert [r["status"] for r in gate.history] == ["inconclusive", "pass", "inconclusive"]
+    assert len(list((tmp_path / "ckpt").iterdir())) == saved
+    assert gate.history[2]["defined"] == {"context_swap": 1}
+    assert "on 1/4 probes" in gate.history[2]["reasons"][0] and "too few probes" in gate.history[2]["reasons"][0]
+    acc = _events(trainer)
+    swap = [e.value for e in acc.Scalars("saliency/context_swap")]
+    assert len(swap) == 3 and swap[0] != swap[0] and swap[1:] == pytest.approx([0.1 / 3, 0.9], rel=1e-6)
+    assert [e.value for e in acc.Scalars("saliency/defined/context_swap")] == [0, 3, 1]
+    assert [e.value for e in acc.Scalars("saliency/gate_inconclusive")] == [1, 0, 1]
+    assert [e.value for e in acc.Scalars("saliency/gate_pass")] == [0, 1, 0]
+    texts = [e.tensor_proto.string_val[0].decode() for e in acc.Tensors("saliency/gate_reason/text_summary")]
+    assert texts[0].startswith("epoch 1: inconclusive") and "context_swap = n/a on 0/4 probes" in texts[0]
+
+
+def test_every_check_has_a_line_and_a_refused_epoch_prints_one_console_line(tmp_path, square_loaders, caplog):
+    gate = SaliencyGate(
+        checks={"energy_concentration": 1.5, "relative_context_reliance": 0.45, "pointing_game": None},
+        num_probe=4,
+        min_defined=2,
+        on_error="raise",
+    )
+    ckpt = GatedModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)
+    values = [
+        {
+            "energy_concentration/saliency": torch.tensor([2.0, 2.5, NAN, 2.0]),
+            "relative_context_reliance": torch.tensor([0.45, 0.4497, 0.46, 0.44]),  # mean 0.4499: passes <= 0.45
+            "pointing_game/saliency": torch.tensor([NAN] * 4),
+        },
+        {
+            "energy_concentration/saliency": torch.tensor([2.0, 2.5, NAN, 2.0]),
+            "relative_context_reliance": torch.tensor([0.45, 0.4504, 0.45, 0.45]),  # mean 0.4501: fails
+            "pointing_game/saliency": torch.tensor([1.0, 1.0, 0.0, NAN]),
+        },
+    ]
+    trainer = _trainer(tmp_path, [gate, ckpt], 2)
+    with _scripted(values), caplog.at_level(logging.INFO):
+        trainer.fit(_module(), *square_loaders)
+    assert [r["status"] for r in gate.history] == ["pass", "fail"]
+    assert [p.name.startswith("epoch=0") for p in (tmp_path / "ckpt").iterdir()] == [True]
+    refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refused) == 1 and refused[0].startswith("SaliencyGate: epoch 2 refused")
+    assert "relative_context_reliance = 0.450100" in refused[0] or "relative_context_reliance = 0.4501" in refused[0]
+    lines = gate.history[1]["lines"]
+    assert len(lines) == 3 and lines[0].startswith("pass: energy_concentration/saliency = 2.167")
+    assert lines[1].startswith("fail: relative_context_reliance = 0.4501") and "(needs <= 0.45)" in lines[1]
+    assert lines[2].startswith("logged: pointing_game/saliency = 0.667")
+    acc = _events(trainer)
+    pg = [e.value for e in acc.Scalars("saliency/pointing_game/saliency")]  # nan at epoch 1 still has a point
+    assert len(pg) == 2 and pg[0] != pg[0] and pg[1] == pytest.approx(2 / 3)
+    assert [e.value for e in acc.Scalars("saliency/defined/pointing_game/saliency")] == [0, 3]
+
+
+def test_bad_arguments_fail_in_the_constructor():
+    with pytest.raises(ConfigurationError, match="`inconclusive` can be pass, warn, refuse"):
+        SaliencyGate(inconclusive="maybe")
+    with pytest.raises(ConfigurationError, match="`min_defined=5` is more than `num_probe=4`"):
+        SaliencyGate(num_probe=4, min_defined=5)
+    with pytest.raises(ConfigurationError, match="`min_defined` must be >= 1"):
+        SaliencyGate(min_defined=0)
+    with pytest.raises(ConfigurationError, match=r"energy_concentration.*\[0, inf\]"):
+        SaliencyGate(checks={"energy_concentration": -1.0})
+    assert SaliencyGate(num_probe=2).min_defined == 1 and SaliencyGate(num_probe=16).min_defined == 4
+
+
+class _FullBoxes(SquaresDataset):
+    """Every object covers the whole image: nothing around it to replace."""
+
+    def __init__(self, n, seed):
+        super().__init__(n, seed)
+        for item in self.items:
+            item["boxes"] = torch.tensor([[0.0, 0.0, 64.0, 64.0]])
+
+
+def test_context_checks_without_context_fail_at_setup(tmp_path, square_loaders):
+    gate = SaliencyGate(checks={"context_swap": 0.3}, methods=[], num_probe=2, on_error="raise")
+    val = DataLoader(_FullBoxes(4, 1), batch_size=4, collate_fn=collate)
+    with pytest.raises(ConfigurationError, match="there is no context"):
+        _trainer(tmp_path, [gate], 1).fit(_module(), square_loaders[0], val)
