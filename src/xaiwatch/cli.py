@@ -21,12 +21,9 @@ DEFAULT_PRESET = "demo.yaml"
 
 
 def _default_preset() -> Path | None:
-    here = Path(__file__).resolve()
-    for root in (Path.cwd(), *here.parents):
-        candidate = root / "callbacks" / DEFAULT_PRESET
-        if candidate.is_file():
-            return candidate
-    return None
+    from xaiwatch.callbacks.presets import default_preset
+
+    return default_preset(DEFAULT_PRESET)
 
 
 def run_demo(

@@ -158,9 +158,9 @@ def real_module(model: str = "yolov8n-abd", names: list[str] | None = None, **kw
 
 
 def _default_preset() -> Path | None:
-    from xaiwatch.cli import _default_preset as find
+    from xaiwatch.callbacks.presets import default_preset
 
-    return find()
+    return default_preset()
 
 
 def run_real_demo(

@@ -12,7 +12,25 @@ from pytorch_lightning.callbacks import Callback
 from xaiwatch.core.arguments import unknown_arguments
 from xaiwatch.core.errors import ConfigurationError, XaiwatchError
 
-__all__ = ["load_callbacks"]
+__all__ = ["load_callbacks", "default_preset", "DEFAULT_PRESET"]
+
+#: the preset ``xaiwatch demo`` attaches (``callbacks/demo.yaml`` of the repository)
+DEFAULT_PRESET = "demo.yaml"
+
+
+def default_preset(name: str = DEFAULT_PRESET) -> Path | None:
+    """``callbacks/<name>`` found from the working folder or the installed package's parents (``None``: not found).
+
+    Example:
+        >>> default_preset("no-such-preset.yaml") is None
+        True
+    """
+    here = Path(__file__).resolve()
+    for root in (Path.cwd(), *here.parents):
+        candidate = root / "callbacks" / name
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def load_callbacks(path: str | Path) -> list[Callback]:
