@@ -255,3 +255,31 @@ def test_counterfactual_dataset_in_the_validation_order(tmp_path):
     with pytest.raises(ConfigurationError, match="neither a function nor a dataset.yaml"):
         bad = SaliencyGate(checks={"counterfactual_flip": 0.5}, methods=[], num_probe=4, counterfactual=tmp_path / "x")
         _trainer(tmp_path, [bad], epochs=1).fit(_module(), datamodule=dm)
+
+
+def test_reason_text_flags_methods_insensitive_to_the_weights():
+    from unittest.mock import Mock
+
+    gate = SaliencyGate(checks={"randomization_spearman": 0.5}, methods=["saliency", "layer_cam"], mode="warn")
+    gate._writer = Mock()
+    results = [
+        {"key": "randomization_spearman/saliency", "status": "pass"},
+        {"key": "randomization_spearman/layer_cam", "status": "fail"},
+    ]
+    record = {
+        "step": 1,
+        "global_step": 2,
+        "status": "fail",
+        "passed": False,
+        "reasons": ["x"],
+        "values": {},
+        "seconds": 0.1,
+        "lines": ["fail: randomization_spearman/layer_cam = 0.72 (needs <= 0.5)"],
+        "verdict": {"results": results},
+    }
+    trainer = SimpleNamespace(callback_metrics={}, should_stop=False)
+    with pytest.warns(UserWarning, match="failed the saliency checks"):
+        gate._record(trainer, record)
+    (text,) = [c.args[1] for c in gate._writer.text.call_args_list]
+    assert "insensitive to the model's weights (maps barely change when randomised): ['layer_cam']" in text
+    assert "epoch 1 | step 2: fail" in text

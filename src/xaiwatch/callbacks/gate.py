@@ -334,7 +334,10 @@ class SaliencyGate(ProbeCallback):
             self._writer.scalar(Tags.GATE_PASS, float(status == "pass"), gstep)
             self._writer.scalar(Tags.check("gate_inconclusive"), float(status == INCONCLUSIVE_STATUS), gstep)
             self._writer.scalar(Tags.GATE_SECONDS, record["seconds"], gstep)
-            lines = record.get("lines") or record["reasons"]
+            lines = list(record.get("lines") or record["reasons"])
+            blind = _insensitive_methods(record)
+            if blind:  # Adebayo et al.'s sanity check, said in words
+                lines.append(f"insensitive to the model's weights (maps barely change when randomised): {blind}")
             self._writer.text(
                 Tags.GATE_REASON,
                 f"epoch {step} | step {gstep}: {status}\n\n" + "\n".join(f"- {r}" for r in lines),
@@ -389,6 +392,18 @@ class SaliencyGate(ProbeCallback):
         self._load_base_state(state_dict)
         self.history = [dict(r) for r in state_dict.get("history", [])]
         self._failures = int(state_dict.get("failures", 0))
+
+
+def _insensitive_methods(record: dict[str, Any]) -> list[str]:
+    """Methods whose ``randomization_*`` check failed in ``record``: their maps stay alike on random weights."""
+    results = (record.get("verdict") or {}).get("results", [])
+    return sorted(
+        {
+            r["key"].split("/", 1)[1]
+            for r in results
+            if r["key"].startswith("randomization_") and "/" in r["key"] and r.get("status") == "fail"
+        }
+    )
 
 
 class GatedModelCheckpoint(ModelCheckpoint):
