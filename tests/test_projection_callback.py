@@ -44,7 +44,8 @@ def test_projector_pictures_and_scalars_per_epoch(tmp_path, square_loaders, infe
     log_dir = Path(trainer.logger.log_dir)
     embeddings = _projector(log_dir)
     assert sorted(e.tensor_name for e in embeddings) == sorted(
-        f"projection/{layer}:{step:05d}" for layer in ("neck.p3", "neck.p5") for step in (0, 1, 2)
+        [f"projection/{layer}:{step:05d}" for layer in ("neck.p3", "neck.p5") for step in (0, 2)]
+        + [f"projection/{layer} (last: step 4)" for layer in ("neck.p3", "neck.p5")]  # the PROJECTOR opens on it
     )
     for e in embeddings:
         with open(log_dir / e.tensor_path) as f:
@@ -67,7 +68,7 @@ def test_projector_pictures_and_scalars_per_epoch(tmp_path, square_loaders, infe
         assert all(np.asarray(Image.open(__import__("io").BytesIO(e.encoded_image_string))).std() > 5 for e in images)
         assert [e.step for e in acc.Scalars(f"projection/{layer}/silhouette")] == [0, 2, 4]
         knn = [e.value for e in acc.Scalars(f"projection/{layer}/knn_accuracy")]
-        assert [round(v, 5) for v in knn] == [round(cb.history[layer][s]["knn_accuracy"], 5) for s in (0, 1, 2)]
+        assert [round(v, 5) for v in knn] == [round(cb.history[layer][s]["knn_accuracy"], 5) for s in (0, 2, 4)]
         assert [e.step for e in acc.Scalars(f"projection/{layer}/displacement")] == [2, 4]  # nothing to compare at 0
     assert [e.step for e in acc.Scalars("xaiwatch/projection_seconds")] == [0, 2, 4]
 
@@ -142,7 +143,7 @@ def test_state_dict_resume_and_pickle(tmp_path, square_loaders):
     restored.load_state_dict(state)
     _trainer(tmp_path, [restored], epochs=1).fit(_module(), *square_loaders)
     assert restored.state_dict()["probe_indices"] == state["probe_indices"]  # same images despite another seed
-    assert not math.isnan(restored.history["neck.p3"][1]["displacement"])  # aligned onto the restored layout
+    assert not math.isnan(restored.history["neck.p3"][2]["displacement"])  # aligned onto the restored layout
     assert ProjectionCallback(method="pca").state_key != ProjectionCallback(method="tsne").state_key
     restored.load_state_dict({})
 
@@ -255,5 +256,6 @@ def test_classes_separate_after_brief_training(tmp_path):
     silhouette = {e.step: e.value for e in acc.Scalars("projection/neck.p3/silhouette")}
     knn = {e.step: e.value for e in acc.Scalars("projection/neck.p3/knn_accuracy")}
     assert sorted(silhouette) == [0, trainer.global_step]
-    assert silhouette[0] < 0.05 and silhouette[60] > silhouette[0] + 0.15
-    assert knn[60] > knn[0]
+    last = trainer.global_step
+    assert silhouette[0] < 0.05 and silhouette[last] > silhouette[0] + 0.15
+    assert knn[last] > knn[0]

@@ -181,6 +181,7 @@ class ProbeCallback(Callback):
         self._log_dir: Path | None = None
         self._disabled = False
         self._said_outside = False
+        self._ran_at = -1  # the step this process last ran at (not restored: a new fit may start at step 0 again)
         self.background = True
         self._pool: Any = None
         self._futures: list[Any] = []
@@ -382,9 +383,9 @@ class ProbeCallback(Callback):
     ) -> None:
         """Run once per step on every rank: each explains its share, every rank gets every record."""
         step = int(trainer.global_step)
-        if step == self._last_step and not force:  # several hooks at one step (validation + step schedule): once
+        if step == self._ran_at and not force:  # several hooks at one step (validation + step schedule): once
             return
-        self._last_step = step
+        self._ran_at = self._last_step = step
         ctx = self._context(trainer, pl_module, stage, epoch)
         share = list(range(ctx.rank, len(self._indices), ctx.world_size))
         try:
