@@ -16,7 +16,7 @@ export YOLO_OFFLINE = 1
 export HF_HUB_OFFLINE = 1
 export MPLBACKEND = Agg
 
-.PHONY: venv demo test test-fast test-proof test-families test-real bench bench-quick lint clean
+.PHONY: venv demo test test-fast test-proof test-families test-real test-production bench bench-quick lint clean
 
 venv: $(STAMP)
 
@@ -35,6 +35,9 @@ test: venv
 
 test-proof: venv
 	$(PY) -m pytest -q -m proof --durations=5
+
+test-production: venv
+	$(PY) -m pytest -q -m production --durations=5
 
 test-families: venv
 	$(PY) -m pytest -q -m families --durations=5

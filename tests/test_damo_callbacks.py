@@ -151,7 +151,7 @@ def test_demo_command_with_damo(tmp_path, capsys):
     assert {"projection/neck.p3", "errors/confusion"} <= set(tags["images"])
     assert {"val/map50", "projection/neck.p4/silhouette", "errors/tp/all"} <= set(tags["scalars"])
     assert any(t.startswith("boundary/min_eps/") for t in tags["scalars"])
-    assert len(acc.Scalars("saliency/gate_pass")) == 1 and "saliency/energy_in_box/saliency" in tags["scalars"]
+    assert len(acc.Scalars("saliency/gate_pass")) == 1 and "saliency/energy_concentration/saliency" in tags["scalars"]
 
 
 def test_demo_module_choice():

@@ -72,10 +72,12 @@ def test_demo_learns(tmp_path):
     assert {"projection/neck.p3", "errors/confusion"} <= set(tags["images"])
     assert any(t.startswith("boundary/min_eps/") for t in tags["scalars"])
     gate = [e.value for e in acc.Scalars("saliency/gate_pass")]
-    energy = [e.value for e in acc.Scalars("saliency/energy_in_box/saliency")]
-    assert len(gate) == 5 and len(energy) == 5 and energy[-1] > energy[0]  # the maps move onto the objects
+    inconclusive = [e.value for e in acc.Scalars("saliency/gate_inconclusive")]
+    concentration = [e.value for e in acc.Scalars("saliency/energy_concentration/saliency")]
+    assert len(gate) == 5 and len(concentration) == 5  # every epoch, nan included
+    assert concentration[-1] > 1.0  # the final maps sit on the objects more than a uniform map would
     saved = sorted(p.name for p in (out / "tensorboard").glob("version_*/checkpoints/*.ckpt"))
-    assert bool(saved) == any(gate) and (not saved or "last.ckpt" in saved)
+    assert bool(saved) == (any(gate) or any(inconclusive)) and (not saved or "last.ckpt" in saved)
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ def _run(tmp_path: Path, strategy: str, devices: int = 2) -> list[dict]:
     return [json.loads(Path(tmp_path, f"rank{r}.json").read_text()) for r in range(devices)]
 
 
-@pytest.mark.slow
+@pytest.mark.production
 @pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
 def test_two_ranks_share_probes_agree_and_rank_zero_writes(tmp_path, strategy):
     ranks = _run(tmp_path, strategy)

@@ -84,7 +84,7 @@ def test_logged_counts_equal_a_recount(tmp_path, square_loaders):
     assert totals["tp"] + totals["fn"] == 6  # one object per image
     images = acc.Tags()["images"]
     assert "errors/confusion" in images and "errors/explain/saliency/fp_00" in images
-    assert [e.step for e in acc.Images("errors/confusion")] == [1]
+    assert [e.step for e in acc.Images("errors/confusion")] == [2]  # the global step after one epoch of 2 batches
     for tag in ("errors/confusion", "errors/explain/saliency/fp_00"):
         picture = np.asarray(Image.open(io.BytesIO(acc.Images(tag)[-1].encoded_image_string)).convert("RGB"))
         assert picture.std() > 10  # a real picture, not a blank canvas

@@ -85,7 +85,11 @@ def test_inconclusive_epochs_follow_the_option(tmp_path, square_loaders, inconcl
     assert [e.value for e in acc.Scalars("saliency/gate_inconclusive")] == [1, 0, 1]
     assert [e.value for e in acc.Scalars("saliency/gate_pass")] == [0, 1, 0]
     texts = [e.tensor_proto.string_val[0].decode() for e in acc.Tensors("saliency/gate_reason/text_summary")]
-    assert texts[0].startswith("epoch 1: inconclusive") and "context_swap = n/a on 0/4 probes" in texts[0]
+    assert (
+        texts[0].startswith("epoch 1 | step ")
+        and ": inconclusive" in texts[0].splitlines()[0]
+        and "context_swap = n/a on 0/4 probes" in texts[0]
+    )
 
 
 def test_every_check_has_a_line_and_a_refused_epoch_prints_one_console_line(tmp_path, square_loaders, caplog):
@@ -131,7 +135,7 @@ def test_bad_arguments_fail_in_the_constructor():
         SaliencyGate(inconclusive="maybe")
     with pytest.raises(ConfigurationError, match="`min_defined=5` is more than `num_probe=4`"):
         SaliencyGate(num_probe=4, min_defined=5)
-    with pytest.raises(ConfigurationError, match="`min_defined` must be >= 1"):
+    with pytest.raises(ConfigurationError, match="`min_defined` must be an integer >= 1"):
         SaliencyGate(min_defined=0)
     with pytest.raises(ConfigurationError, match=r"energy_concentration.*\[0, inf\]"):
         SaliencyGate(checks={"energy_concentration": -1.0})

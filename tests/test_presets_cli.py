@@ -53,7 +53,7 @@ def test_preset_loads_and_runs(preset, tmp_path, square_loaders):
     acc.Reload()
     if any(isinstance(c, SaliencyGate) for c in callbacks):
         assert len(acc.Scalars("saliency/gate_pass")) == 1
-        assert "saliency/energy_in_box/saliency" in acc.Tags()["scalars"]
+        assert "saliency/energy_concentration/saliency" in acc.Tags()["scalars"]
     methods = [m for c in callbacks if isinstance(c, ExplainCallback) for m in c.methods]
     assert {t.split("/")[1] for t in acc.Tags()["images"] if t.startswith("explain/")} == set(methods)
 

@@ -27,7 +27,7 @@ def _phase(out: Path, phase: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.slow
+@pytest.mark.production
 def test_killed_run_resumes_with_every_earlier_picture(tmp_path):
     first = _phase(tmp_path, "first")
     assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]  # really killed, no clean-up ran

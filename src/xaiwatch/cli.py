@@ -255,14 +255,17 @@ def _add_demo(sub: Any) -> None:
     )
     demo.add_argument(
         "--out",
-        default="demo_output",
-        help="output folder (dataset and TensorBoard logs): new, empty or an earlier demo's; never a folder of yours",
+        default=None,
+        help="output folder (dataset and TensorBoard logs): new, empty or an earlier demo's; never a folder of yours "
+        "(default demo_output; --real: demo_real_output)",
     )
-    demo.add_argument("--epochs", type=_positive_int(1), default=12)
-    demo.add_argument("--imgsz", type=_positive_int(32), default=160, help="image side in pixels (>= 32)")
+    demo.add_argument("--epochs", type=_positive_int(1), default=None, help="default 12 (--real: 8)")
+    demo.add_argument(
+        "--imgsz", type=_positive_int(32), default=None, help="image side in pixels, >= 32 (160; --real: 224)"
+    )
     demo.add_argument("--num-train", type=_positive_int(1), default=600)
     demo.add_argument("--num-val", type=_positive_int(1), default=100)
-    demo.add_argument("--batch-size", type=_positive_int(1), default=16)
+    demo.add_argument("--batch-size", type=_positive_int(1), default=None, help="default 16 (--real: 8)")
     demo.add_argument(
         "--model",
         default="yolov8n.yaml",
@@ -276,8 +279,8 @@ def _add_demo(sub: Any) -> None:
     demo.set_defaults(run=_run_demo)
 
 
-#: with ``--real``, the options left at the shapes demo's defaults take the real demo's
-_REAL_DEFAULTS = {
+#: the defaults of the options the two demos share: (shapes demo, ``--real``)
+_DEMO_DEFAULTS = {
     "out": ("demo_output", "demo_real_output"),
     "epochs": (12, 8),
     "imgsz": (160, 224),
@@ -286,11 +289,13 @@ _REAL_DEFAULTS = {
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    for key, defaults in _DEMO_DEFAULTS.items():  # an option not given takes its demo's default
+        if getattr(args, key) is None:
+            setattr(args, key, defaults[1] if args.real else defaults[0])
     if args.real:
         from xaiwatch.demo_real import run_real_demo
 
         kw = {k: getattr(args, k) for k in ("out", "epochs", "imgsz", "batch_size", "seed", "accelerator")}
-        kw.update({k: real for k, (shapes, real) in _REAL_DEFAULTS.items() if kw[k] == shapes})
         run_real_demo(model=args.real_model, preset=args.callbacks, **kw)
         return 0
     run_demo(

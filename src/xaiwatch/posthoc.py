@@ -137,12 +137,12 @@ def _from_ultralytics(ckpt: Any, path: Path, trust_pickle: bool, model: str | No
     module = YOLOv8Module(
         arch, num_classes=num_classes, names=names or None, weights=str(path), trust_pickle=trust_pickle
     )
-    report = module.weights_report or {}
-    if report.get("skipped") or report.get("missing"):
+    report = module.weights_report
+    if report is not None and (report.skipped or report.reinitialised):
         raise ConfigurationError(
-            f"{str(path)!r} does not match the architecture: {len(report.get('loaded', []))} tensors loaded, "
-            f"{len(report['skipped'])} in the file not used (e.g. {report['skipped'][:3]}), {len(report['missing'])} "
-            f"of the model not in the file (e.g. {report['missing'][:3]}). Pass the architecture yaml it was "
+            f"{str(path)!r} does not match the architecture: {len(report.kept)} tensors loaded, "
+            f"{len(report.skipped)} in the file not used (e.g. {report.skipped[:3]}), {len(report.reinitialised)} "
+            f"of the model not in the file (e.g. {report.reinitialised[:3]}). Pass the architecture yaml it was "
             "trained with (`model=`)."
         )
     return module.xai_adapter()
@@ -203,7 +203,7 @@ class _Writer:
 # ---------------------------------------------------------------------------------------------------- images
 def _image_sources(images: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[list[Path], list[str] | None]:
     """Image paths from files, folders, or a dataset yaml (its ``val`` split); the yaml's names if any."""
-    from xaiwatch.data.yolo import _read_dataset_yaml
+    from xaiwatch.data.yolo import read_dataset_yaml
 
     sources = [images] if isinstance(images, (str, os.PathLike)) else list(images)
     if not sources:
@@ -213,7 +213,7 @@ def _image_sources(images: str | os.PathLike | Sequence[str | os.PathLike]) -> t
     for s in sources:
         p = Path(s)
         if p.suffix.lower() in {".yaml", ".yml"} and p.is_file():
-            names, split = _read_dataset_yaml(p)
+            names, split = read_dataset_yaml(p)
             paths.extend(split["val"])
         elif p.exists():
             paths.append(p)

@@ -104,7 +104,9 @@ def positive_float(name: str, value: Any) -> float:
     Raises:
         ConfigurationError: otherwise.
     """
-    return in_range(name, value, 0.0, float("inf"), low_open=True, high_open=True)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < float(value) < float("inf"):
+        raise ConfigurationError(f"`{name}` must be a number > 0, got {value!r}.")
+    return float(value)
 
 
 def choice(name: str, value: Any, choices: Iterable[str]) -> str:

@@ -48,13 +48,19 @@ class RunData:
 
     def epoch_of_step(self) -> dict[int, int]:
         """Lightning's ``epoch`` scalar: global step to epochs trained (completed epochs, 1-based)."""
-        return {step: int(round(value)) + 1 for step, value in self.scalar("epoch")}
+        out: dict[int, int] = {}
+        for step, value in self.scalar("epoch"):  # a validation end and the next epoch's first log share a step
+            out[step] = min(out.get(step, 10**9), int(round(value)) + 1)
+        return out
 
     def epoch(self, step: int) -> int:
         """Epochs trained at global ``step`` (xaiwatch and Lightning both log on the global step): 0 before
         training, else Lightning's ``epoch`` at that step, or at the last step logged before it."""
         if step <= 0:
             return 0
+        validations = sorted({s for s, _ in self.scalar("val/map50")})
+        if validations:  # Lightning logs an epoch-end validation at global step - 1; xaiwatch at the global step
+            return sum(1 for s in validations if s < step)
         known = self.epoch_of_step()
         if step in known:
             return known[step]
