@@ -9,9 +9,27 @@ from typing import Any
 import torch
 from torch import nn
 
+from xaiwatch.core.errors import ConfigurationError
 from xaiwatch.core.types import Detections
 
-__all__ = ["detection_optimizer", "DetectionValidationMixin"]
+__all__ = ["detection_optimizer", "DetectionValidationMixin", "check_module_arguments"]
+
+
+def check_module_arguments(num_classes: int, names: Sequence[str] | None, lr: float) -> None:
+    """The arguments every fine-tuning module shares, checked in its constructor.
+
+    Raises:
+        ConfigurationError: for ``num_classes < 1``, ``names`` of another length, or ``lr <= 0``.
+
+    Example:
+        >>> check_module_arguments(3, ["a", "b", "c"], 1e-3)
+    """
+    if num_classes < 1:
+        raise ConfigurationError(f"`num_classes` must be >= 1, got {num_classes}.")
+    if names is not None and len(names) != num_classes:
+        raise ConfigurationError(f"`names` has {len(names)} entries but `num_classes` is {num_classes}.")
+    if lr <= 0:
+        raise ConfigurationError(f"`lr` must be > 0, got {lr}.")
 
 
 def detection_optimizer(

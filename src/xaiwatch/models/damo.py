@@ -21,7 +21,7 @@ from torch import nn
 from xaiwatch.adapters.damo import DamoYoloAdapter, damo_input
 from xaiwatch.core.errors import ConfigurationError
 from xaiwatch.core.imports import require
-from xaiwatch.models.common import DetectionValidationMixin, detection_optimizer
+from xaiwatch.models.common import DetectionValidationMixin, check_module_arguments, detection_optimizer
 from xaiwatch.models.damo_loading import load_damo_weights, read_damo_directory
 
 __all__ = ["DAMO_ARCHITECTURES", "DamoYoloModule", "build_damo_detector", "damo_architecture", "to_damo_targets"]
@@ -285,12 +285,7 @@ class DamoYoloModule(DetectionValidationMixin, pl.LightningModule):
         val_iou: float = 0.7,
     ) -> None:
         super().__init__()
-        if num_classes < 1:
-            raise ConfigurationError(f"`num_classes` must be >= 1, got {num_classes}.")
-        if names is not None and len(names) != num_classes:
-            raise ConfigurationError(f"`names` has {len(names)} entries but `num_classes` is {num_classes}.")
-        if lr <= 0:
-            raise ConfigurationError(f"`lr` must be > 0, got {lr}.")
+        check_module_arguments(num_classes, names, lr)
         if bn_momentum is not None and not 0.0 < bn_momentum <= 1.0:
             raise ConfigurationError(f"`bn_momentum` must be in (0, 1] or None, got {bn_momentum}.")
         self.save_hyperparameters()

@@ -15,6 +15,7 @@ from torch import nn
 from xaiwatch.adapters.rtdetr import RTDETRAdapter
 from xaiwatch.core.errors import ConfigurationError
 from xaiwatch.core.imports import require
+from xaiwatch.models.common import DetectionValidationMixin, check_module_arguments
 from xaiwatch.models.yolov8 import YOLOv8Module, load_matching_weights, to_ultralytics_batch
 
 __all__ = ["RTDETRModule"]
@@ -47,7 +48,7 @@ def _build_rtdetr(cfg: str | dict, num_classes: int) -> nn.Module:
         LOGGER.setLevel(level)
 
 
-class RTDETRModule(pl.LightningModule):
+class RTDETRModule(DetectionValidationMixin, pl.LightningModule):
     """A LightningModule that fine-tunes an ultralytics ``RTDETRDetectionModel`` with ultralytics' own loss.
 
     The loss is ``RTDETRDetectionModel.loss``: ``RTDETRDetectionLoss`` (varifocal classification, L1 and GIoU box
@@ -90,12 +91,7 @@ class RTDETRModule(pl.LightningModule):
         val_conf: float = 0.001,
     ) -> None:
         super().__init__()
-        if num_classes < 1:
-            raise ConfigurationError(f"`num_classes` must be >= 1, got {num_classes}.")
-        if names is not None and len(names) != num_classes:
-            raise ConfigurationError(f"`names` has {len(names)} entries but `num_classes` is {num_classes}.")
-        if lr <= 0:
-            raise ConfigurationError(f"`lr` must be > 0, got {lr}.")
+        check_module_arguments(num_classes, names, lr)
         if not 0.0 <= val_conf <= 1.0:
             raise ConfigurationError(f"`val_conf` must be in [0, 1], got {val_conf}.")
         self.save_hyperparameters()
@@ -141,15 +137,7 @@ class RTDETRModule(pl.LightningModule):
         self.log("val/loss", loss, batch_size=images.shape[0], sync_dist=True)
         adapter = RTDETRAdapter(self.net, names=self.names, conf=self.hparams.val_conf)
         dets = adapter.postprocess(adapter.raw_from_output(out, images.shape[-2:]))
-        self.map_metric.update(
-            [{"boxes": d.boxes, "scores": d.scores, "labels": d.labels} for d in dets],
-            [
-                {"boxes": b.to(images.device), "labels": lab.to(images.device)}
-                for b, lab in zip(batch["boxes"], batch["labels"])
-            ],
-        )
+        self._update_map(dets, batch)
 
-    # the same mAP metric, epoch-end logging and AdamW + warm-up + cosine schedule as YOLOv8Module
-    map_metric = YOLOv8Module.map_metric
-    on_validation_epoch_end = YOLOv8Module.on_validation_epoch_end
+    # the same AdamW + warm-up + cosine schedule as YOLOv8Module (the mAP metric comes from the mixin)
     configure_optimizers = YOLOv8Module.configure_optimizers

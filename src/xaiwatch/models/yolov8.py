@@ -17,7 +17,7 @@ from torch import nn
 from xaiwatch.adapters.yolov8 import YOLOv8Adapter
 from xaiwatch.core.errors import ConfigurationError
 from xaiwatch.core.imports import require
-from xaiwatch.models.common import DetectionValidationMixin, detection_optimizer
+from xaiwatch.models.common import DetectionValidationMixin, check_module_arguments, detection_optimizer
 
 __all__ = [
     "WeightsReport",
@@ -417,12 +417,7 @@ class YOLOv8Module(DetectionValidationMixin, pl.LightningModule):
         val_iou: float = 0.7,
     ) -> None:
         super().__init__()
-        if num_classes < 1:
-            raise ConfigurationError(f"`num_classes` must be >= 1, got {num_classes}.")
-        if names is not None and len(names) != num_classes:
-            raise ConfigurationError(f"`names` has {len(names)} entries but `num_classes` is {num_classes}.")
-        if lr <= 0:
-            raise ConfigurationError(f"`lr` must be > 0, got {lr}.")
+        check_module_arguments(num_classes, names, lr)
         self.save_hyperparameters()
         self.names = list(names) if names is not None else [str(i) for i in range(num_classes)]
         self.net = build_detection_model(model, num_classes)
