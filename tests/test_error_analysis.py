@@ -61,7 +61,7 @@ def _module(confident: bool = False) -> YOLOv8Module:
 
 
 def test_logged_counts_equal_a_recount(tmp_path, square_loaders):
-    cb = ErrorAnalysisCallback(max_images=6, batch_size=4, conf=0.3, explain_top_k=1, on_error="raise")
+    cb = ErrorAnalysisCallback(max_images=6, batch_size=4, conf=0.3, explain_top_k=1, on_error="raise", per_class=True)
     module = _module(confident=True)
     trainer = _trainer(tmp_path, [cb], epochs=1)
     trainer.fit(module, *square_loaders)
@@ -79,6 +79,11 @@ def test_logged_counts_equal_a_recount(tmp_path, square_loaders):
         assert acc.Scalars(f"errors/{kind}/all")[-1].value == counts.totals()[kind], kind
         for c, name in enumerate(module.names):
             assert acc.Scalars(f"errors/{kind}/{name}")[-1].value == int(counts.counts[kind][c])
+    totals_only = ErrorAnalysisCallback(max_images=6, explain_top_k=0, on_error="raise")  # the default: totals
+    other = _trainer(tmp_path / "totals", [totals_only], epochs=1)
+    other.fit(_module(confident=True), *square_loaders)
+    errors = {t for t in _events(other.logger.log_dir).Tags()["scalars"] if t.startswith("errors/")}
+    assert errors == {f"errors/{k}/all" for k in COUNT_TYPES} | {"errors/seconds"}
     totals = counts.totals()
     assert totals["fp"] > 0 and totals["fp"] == sum(totals[k] for k in ("cls", "loc", "both", "dupe", "bkg"))
     assert totals["tp"] + totals["fn"] == 6  # one object per image

@@ -179,7 +179,8 @@ class DecisionBoundaryCallback(ProbeCallback):
         for p, _, subject, obj, result in record.items:
             flipped = result.min_eps is not None
             writer.scalar(Tags.min_eps(subject), result.min_eps if flipped else self.max_eps, ctx.step)
-            writer.scalar(Tags.boundary_flipped(subject), float(flipped), ctx.step)
+            # an object that is not detected at all (min_eps 0) was not flipped by a perturbation
+            writer.scalar(Tags.boundary_flipped(subject), float(flipped and result.min_eps > 0), ctx.step)
             writer.picture(Tags.boundary_picture(subject), self._picture(subject, p, obj, result, ctx), ctx.step)
         writer.scalar(Tags.BOUNDARY_SECONDS, record.seconds + time.perf_counter() - start, ctx.step)
         writer.flush()

@@ -46,7 +46,7 @@ class ErrorAnalysisCallback(ProbeCallback):
     detections are matched to the ground truth per class at ``iou_threshold`` (greedy by score, as COCO) and each
     error gets its TIDE type (see :mod:`xaiwatch.analysis.matching`). TensorBoard gets, per epoch:
 
-    - scalars ``errors/<kind>/<class>`` (and ``errors/<kind>/all``) for ``kind`` in ``tp fp fn cls loc both dupe
+    - scalars ``errors/<kind>/all`` (and ``errors/<kind>/<class>`` with ``per_class=True``) for ``kind`` in ``tp fp fn cls loc both dupe
       bkg miss``;
     - ``errors/confusion``: the confusion matrix, classes + background;
     - ``errors/explain/<method>/fp_<K>``: the ``explain_top_k`` highest-scoring false positives, each explained
@@ -71,6 +71,8 @@ class ErrorAnalysisCallback(ProbeCallback):
         every_n_epochs: analyse after every n-th epoch's validation (``None``: not by epoch).
         every_n_train_steps: analyse after every n-th optimiser step too.
         outside_fit: also analyse at the end of ``trainer.validate`` / ``trainer.test``.
+        per_class: also write ``errors/<kind>/<class>`` (by default only the totals ``errors/<kind>/all``, so that
+            SCALARS stays readable with many classes).
         analyze_at_start: also analyse the model before training (step 0).
         adapter: the model adapter; otherwise ``pl_module.xai_adapter()`` or inferred.
         on_error: ``"warn"`` (training continues) or ``"raise"``.
@@ -104,6 +106,7 @@ class ErrorAnalysisCallback(ProbeCallback):
         seed: int = 0,
         every_n_train_steps: int | None = None,
         outside_fit: bool = True,
+        per_class: bool = False,
     ) -> None:
         super().__init__(
             every_n_epochs=every_n_epochs,
@@ -125,6 +128,7 @@ class ErrorAnalysisCallback(ProbeCallback):
                 f"`explain_method={explain_method!r}` is not a heat map over the image; use a map method such as "
                 "saliency, layer_cam or integrated_gradients."
             )
+        self.per_class = bool(per_class)
         self.iou_threshold = float(iou_threshold)
         self.background_iou = float(background_iou)
         self.explain_method = explain_method
@@ -273,7 +277,7 @@ class ErrorAnalysisCallback(ProbeCallback):
         step = ctx.step
         names = self._adapter.names
         for kind in COUNT_TYPES:
-            for c, value in enumerate(counts.counts[kind].tolist()):
+            for c, value in enumerate(counts.counts[kind].tolist() if self.per_class else []):
                 self._writer.scalar(Tags.errors(kind, names[c]), value, step)
             self._writer.scalar(Tags.errors(kind, "all"), counts.totals()[kind], step)
         title = f"confusion at IoU {self.iou_threshold:g} | {counts.images} images"
