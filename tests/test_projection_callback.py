@@ -56,7 +56,9 @@ def test_projector_pictures_and_scalars_per_epoch(tmp_path, square_loaders, infe
         assert n >= 8 and len(metadata) == n + 1  # header + one row per point; every ground-truth box is a point
         assert metadata[0] == ["class", "source", "outcome", "score", "image", "epoch"]
         assert {len(r) for r in tensors} == {16 if "p3" in e.tensor_name else 64}  # channels of the layer
-        assert sum(r[1] == "gt" for r in metadata[1:]) == 8 and {r[5] for r in metadata[1:]} == {e.tensor_name[-1]}
+        name = e.tensor_name  # steps 0 / 2 / 4 are epochs 0 / 1 / 2
+        epoch = "2" if name.endswith("(last: step 4)") else {"00000": "0", "00002": "1"}[name.rsplit(":", 1)[-1]]
+        assert sum(r[1] == "gt" for r in metadata[1:]) == 8 and {r[5] for r in metadata[1:]} == {epoch}
         assert {r[2] for r in metadata[1:]} <= {"GT detected", "GT missed", "TP", "FP"}
         sprite = Image.open(log_dir / e.sprite.image_path)
         side = math.ceil(math.sqrt(n))
