@@ -102,7 +102,7 @@ def test_demo_real_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     maps50 = [e.value for e in acc.Scalars("val/map50")]
     assert len(maps50) == 1 and 0 <= maps50[0] <= 1
     images = set(acc.Tags()["images"])
-    assert {f"explain/{m}/probe_{i:02d}" for m in ("saliency", "grad_cam") for i in range(8)} <= images
+    assert {f"explain/{m}/probe_{i:02d}" for m in ("saliency", "layer_cam") for i in range(8)} <= images
     assert [e.step for e in acc.Images("explain/saliency/probe_00")] == [0, 1]
     assert len(acc.Scalars("saliency/energy_in_box/saliency")) == 1
 
