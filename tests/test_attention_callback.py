@@ -80,7 +80,7 @@ def test_every_family_gets_pictures_for_every_method(tmp_path, square_loaders, f
     assert tags == {f"explain/{m}/probe_{i:02d}" for m in methods for i in range(2)}
     for tag in tags:
         events = acc.Images(tag)
-        assert [e.step for e in events] == [0, 1]
+        assert [e.step for e in events] == [0, 2]  # before training and after one epoch of 2 steps
         pixels = np.asarray(Image.open(io.BytesIO(events[-1].encoded_image_string)).convert("RGB"))
         assert pixels.std() > 10
 

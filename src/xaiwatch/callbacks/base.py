@@ -253,7 +253,7 @@ class ProbeCallback(Callback):
         self._disabled = False
         self._writer = XaiWriter(tensorboard_writer(trainer, name)) if trainer.is_global_zero else None
         if self._writer is not None:  # the story layout and the `tensorboard` command keeping every picture
-            self._writer.setup_run(self._samples_expected(trainer))
+            self._writer.setup_run(self._samples_expected(trainer), logdir=self._log_dir.parent)
         self._adapter = resolve_adapter(pl_module, self.adapter)
         self._dataset = stage_dataset(trainer, stage, name)
         if self._indices is None:  # a fresh run (a resumed one restored them)
