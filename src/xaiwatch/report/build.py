@@ -101,6 +101,11 @@ def _verdicts(run: RunData) -> dict[int, bool]:
     return {run.epoch(step): value >= 0.5 for step, value in run.scalar(Tags.GATE_PASS)}
 
 
+def _inconclusive(run: RunData) -> set[int]:
+    """Epochs whose verdict was inconclusive (too few probes with a detected object): neither passed nor failed."""
+    return {run.epoch(step) for step, value in run.scalar(Tags.check("gate_inconclusive")) if value >= 0.5}
+
+
 def _summary(run: RunData) -> str:
     parts = []
     verdicts = _verdicts(run)
@@ -112,14 +117,16 @@ def _summary(run: RunData) -> str:
             f"{best[1]:.3f} at epoch {best[0]}.</p>"
         )
     if verdicts:
+        unsure = _inconclusive(run)
         passed = [e for e, ok in verdicts.items() if ok]
-        failed = [e for e, ok in verdicts.items() if not ok]
+        failed = [e for e, ok in verdicts.items() if not ok and e not in unsure]
         last_epoch, last_ok = max(verdicts.items())
         cls = "ok" if last_ok else "bad"
-        word = "passed" if last_ok else "failed"
+        word = "passed" if last_ok else "was inconclusive" if last_epoch in unsure else "failed"
+        unsure_text = f"; inconclusive at {sorted(unsure)}" if unsure else ""
         parts.append(
             f'<div class="verdict {cls}">Saliency gate: the last model (epoch {last_epoch}) {word}. '
-            f"Passed at epochs {passed or 'none'}; failed at {failed or 'none'}.</div>"
+            f"Passed at epochs {passed or 'none'}; failed at {failed or 'none'}{unsure_text}.</div>"
         )
         parts.append('<p class="note">A gate in "block" mode lets checkpoints be saved only at passing epochs.</p>')
     else:
@@ -192,7 +199,8 @@ def _gate(run: RunData) -> str:
     values = {k: {run.epoch(s): v for s, v in run.scalar(k)} for k in keys}
     rows, classes = [], []
     for epoch, ok in sorted(verdicts.items()):
-        row, cls = [str(epoch), "passed" if ok else "FAILED"], ["", "pass" if ok else "fail"]
+        word = "passed" if ok else "inconclusive" if epoch in _inconclusive(run) else "FAILED"
+        row, cls = [str(epoch), word], ["", "pass" if ok else "fail"]
         for k in keys:
             value = values[k].get(epoch)
             row.append(_fmt(value))
