@@ -121,9 +121,11 @@ def _demo_callbacks(quick: bool) -> list:
     callbacks = load_callbacks(ROOT / "callbacks" / "demo.yaml")
     if quick:
         for cb in callbacks:
-            if hasattr(cb, "num_probe"):
+            if getattr(cb, "num_probe", None):  # callbacks that choose their images otherwise have None
                 cb.num_probe = min(cb.num_probe, 2)
-            if hasattr(cb, "max_images"):
+                if getattr(cb, "min_defined", None):  # the gate's min_defined must stay <= num_probe
+                    cb.min_defined = min(cb.min_defined, cb.num_probe)
+            if getattr(cb, "max_images", None):
                 cb.max_images = min(cb.max_images, 8)
             if hasattr(cb, "budget_seconds"):
                 cb.budget_seconds = 10
