@@ -17,7 +17,6 @@ and optionally ``_merge(records)`` (default: concatenate per-rank lists in probe
 from __future__ import annotations
 
 import hashlib
-import math
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -553,9 +552,3 @@ def to_cpu(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: to_cpu(v) for k, v in value.items()}
     return value
-
-
-def nanmean(values: Sequence[float]) -> float:
-    """Mean of the finite values, ``nan`` when there is none."""
-    finite = [v for v in values if v == v]
-    return math.fsum(finite) / len(finite) if finite else math.nan

@@ -185,23 +185,6 @@ class XaiWriter:
         """Write one :math:`(H, W, 3)` uint8 picture under a tag built by :class:`Tags`."""
         self.writer.add_image(tag, picture, global_step=step, dataformats="HWC")
 
-    def gate_decision(self, step: int, values: dict[str, float], rules: list, passed: bool, seconds: float) -> None:
-        """Write one gate decision: each check's value, ``gate_pass``, the seconds, and the reason table (always).
-
-        Args:
-            step: the step.
-            values: check key (``energy_in_box/saliency``) to its value.
-            rules: the gate's :class:`~xaiwatch.checks.rule.Rule` objects (key, threshold, direction).
-            passed: the verdict.
-            seconds: time the checks took.
-        """
-        for key, value in values.items():
-            if value == value:
-                self.writer.add_scalar(Tags.check(key), float(value), global_step=step)
-        self.writer.add_scalar(Tags.GATE_PASS, float(passed), global_step=step)
-        self.writer.add_scalar(Tags.GATE_SECONDS, float(seconds), global_step=step)
-        self.writer.add_text(Tags.GATE_REASON, gate_reason_text(step, values, rules, passed), global_step=step)
-
     def text(self, tag: str, text: str, step: int) -> None:
         """Write markdown text under a tag built by :class:`Tags`."""
         self.writer.add_text(tag, text, global_step=step)
