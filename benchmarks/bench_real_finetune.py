@@ -32,7 +32,7 @@ def run(
     from pytorch_lightning.loggers import TensorBoardLogger
 
     from xaiwatch.callbacks import SaliencyGate
-    from xaiwatch.checks.rule import decide
+    from xaiwatch.checks.verdict import judge
     from xaiwatch.data import YoloDataModule
     from xaiwatch.demo_real import real_module, write_deepforest_tiles
 
@@ -85,13 +85,13 @@ def run(
     }
     if the_gate is not None:
         start = time.perf_counter()
-        values = the_gate.evaluate(module)
-        passed, reasons = decide(values, the_gate.rules)
+        verdict = judge(the_gate.evaluate(module), the_gate.rules, the_gate.min_defined, seed=the_gate.seed)
         result["gate"] = {
             "checks": dict(the_gate.checks),
-            "values": {k: float(v) for k, v in values.items()},
-            "passed": bool(passed),
-            "reasons": reasons,
+            "status": verdict.status,
+            "values": {r.key: float(r.value) for r in verdict.results},
+            "defined": {r.key: f"{r.defined}/{r.total}" for r in verdict.results},
+            "reasons": verdict.reasons,
             "seconds": round(time.perf_counter() - start, 1),
         }
     return result

@@ -206,6 +206,16 @@ def test_version(capsys):
     assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"xaiwatch {__version__}"
 
 
+def test_python_dash_m_runs_the_same_command_line():
+    import subprocess
+    import sys
+
+    from xaiwatch import __version__
+
+    done = subprocess.run([sys.executable, "-m", "xaiwatch", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == f"xaiwatch {__version__}"
+
+
 def test_fit_takes_classes_and_names_from_the_dataset_yaml(tmp_path, capsys):
     data = generate(tmp_path / "d", num_train=2, num_val=2, imgsz=64, classes=FIVE)
     base = [

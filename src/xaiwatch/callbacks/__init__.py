@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from xaiwatch.callbacks.base import ProbeCallback, RunContext, ShareRecord
 from xaiwatch.callbacks.boundary import DecisionBoundaryCallback
+from xaiwatch.callbacks.budget import TimeBudget
 from xaiwatch.callbacks.error_analysis import ErrorAnalysisCallback
 from xaiwatch.callbacks.explain import ExplainCallback
 from xaiwatch.callbacks.gate import GatedModelCheckpoint, SaliencyGate
@@ -20,5 +21,6 @@ __all__ = [
     "ProjectionCallback",
     "RunContext",
     "ShareRecord",
+    "TimeBudget",
     "load_callbacks",
 ]

@@ -30,6 +30,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from xaiwatch.adapters import DetectorAdapter, resolve_adapter
+from xaiwatch.callbacks import budget as _budget
 from xaiwatch.callbacks.probes import choose_probe_indices, load_probes, probe_item, stage_dataset, tensorboard_writer
 from xaiwatch.core.errors import ConfigurationError
 from xaiwatch.core.types import ProbeSet
@@ -185,6 +186,7 @@ class ProbeCallback(Callback):
         self._pool: Any = None
         self._futures: list[Any] = []
         self._pending: BaseException | None = None
+        self._budget: Any = None  # the trainer's TimeBudget, found at setup
 
     # ------------------------------------------------------------------------------------ subclass seams
     def _setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:  # noqa: B027
@@ -250,6 +252,7 @@ class ProbeCallback(Callback):
             rank_zero_info(f"{name}: `fast_dev_run` is on, so nothing is explained (Lightning replaces the logger).")
             return
         self._disabled = False
+        self._budget = _budget.find_budget(trainer)
         self._writer = XaiWriter(tensorboard_writer(trainer, name)) if trainer.is_global_zero else None
         if self._writer is not None:  # the story layout and the `tensorboard` command keeping every picture
             self._writer.setup_run(self._samples_expected(trainer), logdir=self._log_dir.parent)
@@ -384,7 +387,22 @@ class ProbeCallback(Callback):
         step = int(trainer.global_step)
         if step == self._ran_at and not force:  # several hooks at one step (validation + step schedule): once
             return
+        if self._budget is not None and not force and not self._budget.decide(trainer, type(self).__name__):
+            return  # over the TimeBudget: skipped alike on every rank (rank zero decides)
         self._ran_at = self._last_step = step
+        start = _budget.clock()
+        try:
+            self._scheduled_run(trainer, pl_module, epoch, stage, step)
+        finally:
+            self._spend(_budget.clock() - start)
+
+    def _spend(self, seconds: float) -> None:
+        if self._budget is not None:
+            self._budget.spend(type(self).__name__, seconds)
+
+    def _scheduled_run(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int, stage: str, step: int
+    ) -> None:
         ctx = self._context(trainer, pl_module, stage, epoch)
         share = list(range(ctx.rank, len(self._indices), ctx.world_size))
         try:
@@ -431,10 +449,13 @@ class ProbeCallback(Callback):
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"xaiwatch-{type(self).__name__}")
 
         def job() -> None:
+            start = _budget.clock()
             try:
                 self._safely(fn, what)
             except Exception as err:  # on_error="raise": re-raised on the training thread
                 self._pending = err
+            finally:
+                self._spend(_budget.clock() - start)
 
         self._futures.append(self._pool.submit(job))
 
@@ -455,7 +476,9 @@ class ProbeCallback(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.flush()
         if self._writer is not None and not self._disabled:
+            start = _budget.clock()
             self._safely(self._at_fit_end, "the end of fit")
+            self._spend(_budget.clock() - start)
 
     def _at_fit_end(self) -> None:  # noqa: B027
         """Rank zero, once everything is written: end-of-fit outputs (filmstrips)."""
