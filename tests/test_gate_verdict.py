@@ -98,6 +98,7 @@ def test_every_check_has_a_line_and_a_refused_epoch_prints_one_console_line(tmp_
         num_probe=4,
         min_defined=2,
         on_error="raise",
+        significant=False,  # the mean decides: 0.4501 fails (the significance rule has its own test)
     )
     ckpt = GatedModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)
     values = [
@@ -156,3 +157,23 @@ def test_context_checks_without_context_fail_at_setup(tmp_path, square_loaders):
     val = DataLoader(_FullBoxes(4, 1), batch_size=4, collate_fn=collate)
     with pytest.raises(ConfigurationError, match="there is no context"):
         _trainer(tmp_path, [gate], 1).fit(_module(), square_loaders[0], val)
+
+
+def test_a_mean_over_the_threshold_fails_only_when_it_is_significantly_over():
+    from xaiwatch.checks import bootstrap_ci, judge, parse_rules
+
+    rules, _ = parse_rules({"relative_context_reliance": 0.06}, [])
+    # per-probe drops of a clean detector on real photos (deepforest tiles, YOLOv8n from ABD.pt, epoch 7): the mean
+    # is near 0 with a spread of -0.85 .. 0.69; shifted by +0.1 its mean is over 0.06, but within the noise
+    real = torch.tensor([0.626, -0.171, 0.267, 0.685, -0.846, -0.307, 0.281, 0.177, -0.429, -0.13, -0.139, -0.027])
+    noisy = judge({"relative_context_reliance": real + 0.1}, rules, min_defined=4)
+    low, _ = bootstrap_ci(real + 0.1, level=0.8)  # the one-sided 90% lower bound, computed independently
+    (result,) = noisy.results
+    assert result.value > 0.06 and low <= 0.06 and result.bound == pytest.approx(low)
+    assert noisy.status == "inconclusive" and "not significantly" in result.describe()
+    # a systematic drop with little spread (the tint2 shortcut's range) fails
+    systematic = torch.linspace(0.10, 0.16, 12)
+    assert judge({"relative_context_reliance": systematic}, rules, min_defined=4).status == "fail"
+    # the mean alone decides with significant=False, and a passing mean passes either way
+    assert judge({"relative_context_reliance": real + 0.1}, rules, min_defined=4, significant=False).status == "fail"
+    assert judge({"relative_context_reliance": real}, rules, min_defined=4).status == "pass"

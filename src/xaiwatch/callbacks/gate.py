@@ -53,8 +53,8 @@ class SaliencyGate(ProbeCallback):
     ``saliency/<check>/<method>`` (map checks, mean over probes) or ``saliency/<check>`` (model checks), together
     with ``saliency/gate_pass`` (1 or 0) and, when it fails, the reasons as TensorBoard text
     (``saliency/gate_reason``); a CUSTOM SCALARS layout groups them. ``saliency/gate_pass`` is also put in
-    ``trainer.callback_metrics`` (monitorable). The decision is taken on global rank zero and broadcast, so
-    every rank agrees. Checks never change training (they run in :func:`~xaiwatch.core.context.explaining`;
+    ``trainer.callback_metrics`` (monitorable). Every rank decides from the same probe values, so every rank
+    agrees without a broadcast. Checks never change training (they run in :func:`~xaiwatch.core.context.explaining`;
     randomisation works on deep copies).
 
     Modes: ``"block"`` — :class:`GatedModelCheckpoint` saves only passing models; ``"warn"`` — failures are
@@ -82,10 +82,14 @@ class SaliencyGate(ProbeCallback):
         on_error: ``"warn"``: an error while checking fails the gate for that epoch and training continues;
             ``"raise"``.
         seed: probe choice and stochastic parts.
-        inconclusive: what :class:`GatedModelCheckpoint` does with an *inconclusive* epoch (fewer than
-            ``min_defined`` probes where the tracked object is detected, so a gated check cannot be decided):
-            ``"warn"`` (default) saves and warns, ``"pass"`` saves silently, ``"refuse"`` refuses like a failure.
+        inconclusive: what :class:`GatedModelCheckpoint` does with an *inconclusive* epoch (a gated check cannot
+            be decided: fewer than ``min_defined`` probes where the tracked object is detected, or a mean over the
+            threshold but not significantly, see :func:`xaiwatch.checks.judge`): ``"warn"`` (default) saves and
+            warns, ``"pass"`` saves silently, ``"refuse"`` refuses like a failure.
         min_defined: defined probes a gated check needs (default: a quarter of the probes, at least 1).
+        significant: a check fails only when its mean is over the threshold *significantly* (the one-sided 90%
+            bootstrap bound over the probes is over it too); a mean over it within the probes' noise is
+            inconclusive. ``False``: the mean alone decides.
 
     Each verdict (``history`` entries: ``status`` pass / fail / inconclusive, ``values``, ``defined`` counts,
     ``reasons``, ``lines``, ``verdict`` with bootstrap intervals, see :func:`xaiwatch.checks.judge`) writes every
@@ -122,6 +126,7 @@ class SaliencyGate(ProbeCallback):
         seed: int = 0,
         inconclusive: str = "warn",
         min_defined: int | None = None,
+        significant: bool = True,
     ) -> None:
         methods = [methods] if isinstance(methods, str) else list(methods)
         if methods:
@@ -181,6 +186,7 @@ class SaliencyGate(ProbeCallback):
         self.layer = layer
         self.inconclusive = inconclusive
         self.min_defined = int(min_defined)
+        self.significant = bool(significant)
         # state (state_dict)
         self.history: list[dict[str, Any]] = []
         self._failures = 0
@@ -272,7 +278,9 @@ class SaliencyGate(ProbeCallback):
     def _evaluate_safely(self, pl_module: pl.LightningModule, step: int, global_step: int) -> dict[str, Any]:
         start = time.perf_counter()
         try:
-            verdict = judge(self.evaluate(pl_module), self.rules, self.min_defined, seed=self.seed)
+            verdict = judge(
+                self.evaluate(pl_module), self.rules, self.min_defined, seed=self.seed, significant=self.significant
+            )
         except Exception as err:
             if self.on_error == "raise":
                 raise
@@ -358,8 +366,8 @@ class SaliencyGate(ProbeCallback):
         elif status == INCONCLUSIVE_STATUS and self.inconclusive != "pass":
             action = "refused" if self.inconclusive == "refuse" and self.mode != "warn" else "not refused"
             rank_zero_warn(
-                f"SaliencyGate: epoch {step} is inconclusive (fewer than {self.min_defined} probes where the tracked "
-                f"object is detected), checkpoint {action} (`inconclusive={self.inconclusive!r}`): {reasons}"
+                f"SaliencyGate: epoch {step} is inconclusive (a gated check could not be decided), checkpoint {action} "
+                f"(`inconclusive={self.inconclusive!r}`): {reasons}"
             )
 
     # ------------------------------------------------------------------------------------------- decisions

@@ -2,9 +2,17 @@
 
 A check is measured per probe (``nan`` where it is not defined: the tracked object is not detected, or its score
 is below the floor). :func:`judge` turns those values into a :class:`Verdict`: each gated check is decided on its
-defined probes (their mean against the threshold), carries its probe count and a bootstrap confidence interval,
-and is ``"inconclusive"`` when fewer than ``min_defined`` probes are defined. The verdict fails when any gated check
-fails, is inconclusive when none fails but one is inconclusive, and passes otherwise.
+defined probes, carries its probe count and a bootstrap confidence interval, and is
+
+- ``"pass"`` when the mean over the defined probes is on the threshold's passing side;
+- ``"fail"`` when the mean is over the threshold *significantly*: the one-sided bootstrap bound at ``level`` (for a
+  check that must stay below its threshold, the lower bound) is over it too (``significant=False``: the mean alone);
+- ``"inconclusive"`` when fewer than ``min_defined`` probes are defined, or when the mean is over the threshold but
+  the bound is not (the probes disagree too much to tell a failing model from noise: on real photos a clean
+  detector's per-probe context drops spread over -0.8 .. 0.7, see docs/gate.md).
+
+The verdict fails when any gated check fails, is inconclusive when none fails but one is inconclusive, and passes
+otherwise.
 """
 
 from __future__ import annotations
@@ -71,6 +79,8 @@ class CheckResult:
         threshold: the gate's threshold (``None`` for a logged check).
         direction: ``"min"`` (value must be >= threshold) or ``"max"``.
         status: ``"pass"``, ``"fail"``, ``"inconclusive"`` or ``"logged"``.
+        bound: the one-sided bootstrap bound a failing mean was tested with (``nan`` otherwise).
+        note: why an inconclusive check could not be decided.
     """
 
     key: str
@@ -81,6 +91,8 @@ class CheckResult:
     threshold: float | None = None
     direction: str = "min"
     status: str = "logged"
+    bound: float = math.nan
+    note: str = ""
 
     def describe(self) -> str:
         """``key = value [ci] on d/n probes (needs >= t)``: failing values never print as passing."""
@@ -92,8 +104,8 @@ class CheckResult:
             text += f" on {self.defined}/{self.total} probes"
         if self.threshold is not None:
             text += f" (needs {'>=' if self.direction == 'min' else '<='} {self.threshold:g})"
-        if self.status == "inconclusive":
-            text += " - too few probes where the tracked object is detected"
+        if self.status == "inconclusive" and self.note:
+            text += f" - {self.note}"
         return text
 
 
@@ -151,6 +163,7 @@ def judge(
     min_defined: int = 4,
     level: float = 0.9,
     seed: int = 0,
+    significant: bool = True,
 ) -> Verdict:
     """Decide the gate from per-probe check values.
 
@@ -159,8 +172,10 @@ def judge(
             (an already-aggregated value: counted as one defined probe unless ``nan``, never inconclusive by count).
         rules: the gate's thresholds (:func:`~xaiwatch.checks.parse_rules`).
         min_defined: fewer defined probes than this makes a gated check ``"inconclusive"``.
-        level: confidence level of the bootstrap intervals.
+        level: confidence level of the bootstrap intervals (two-sided, as logged) and of the one-sided bound a
+            failing mean is tested with.
         seed: seed of the bootstrap.
+        significant: a check fails only when its one-sided bound is over the threshold too (``False``: the mean).
 
     Returns:
         the :class:`Verdict` (results in the order of ``values``, then rules whose key is missing).
@@ -172,6 +187,10 @@ def judge(
         'pass'
         >>> judge({"context_swap": [0.0, float("nan"), float("nan"), 0.0]}, rules, min_defined=3).status
         'inconclusive'
+        >>> noisy = [0.9, -0.8, 0.7, -0.6, 0.5]  # mean 0.14: over 0.1, but not significantly
+        >>> rules, _ = parse_rules({"context_swap": 0.1}, [])
+        >>> judge({"context_swap": noisy}, rules, min_defined=3).status, judge({"context_swap": [0.5] * 5}, rules).status
+        ('inconclusive', 'fail')
     """
     by_key = {r.key: r for r in rules}
     results = []
@@ -183,12 +202,21 @@ def judge(
         mean = float(ok.mean()) if defined else math.nan
         ci = bootstrap_ci(ok, level, seed=seed) if per_probe and defined else (math.nan, math.nan)
         rule = by_key.get(key)
+        bound, note = math.nan, ""
         if rule is None:
             status = "logged"
         elif defined == 0 or (per_probe and defined < int(min_defined)):
-            status = "inconclusive"
+            status, note = "inconclusive", "too few probes where the tracked object is detected"
+        elif rule.passes(mean):
+            status = "pass"
+        elif significant and per_probe and defined > 1:
+            low, high = bootstrap_ci(ok, 2 * float(level) - 1, seed=seed)  # one-sided bounds at `level`
+            bound = low if rule.direction == "max" else high
+            status = "inconclusive" if rule.passes(bound) else "fail"
+            if status == "inconclusive":
+                note = f"over the threshold, but not significantly (one-sided {level:.0%} bound {bound:.3f})"
         else:
-            status = "pass" if rule.passes(mean) else "fail"
+            status = "fail"
         results.append(
             CheckResult(
                 key,
@@ -199,6 +227,8 @@ def judge(
                 None if rule is None else rule.threshold,
                 _direction(rule, key),
                 status,
+                bound,
+                note,
             )
         )
     statuses = {r.status for r in results}
