@@ -105,7 +105,7 @@ def bench_demo_epoch(quick: bool, out: Path) -> dict:
             trainer.fit(module, datamodule=dm)
             row[f"{label} seconds ({n_train} train images)"] = time.perf_counter() - start
             row[f"{label} val/map50"] = float(trainer.callback_metrics.get("val/map50", float("nan")))
-            if callbacks:  # each callback's own seconds after the epoch (step 1; step 0 is the run before training)
+            if callbacks:  # each callback's own seconds after the epoch (its last step)
                 row["per-callback seconds after the epoch"] = _callback_seconds(trainer.logger.log_dir)
         row["callbacks share"] = (
             1 - row[f"plain seconds ({n_train} train images)"] / row[f"demo callbacks seconds ({n_train} train images)"]
@@ -137,10 +137,11 @@ def _callback_seconds(log_dir: str) -> dict:
 
     acc = EventAccumulator(log_dir, size_guidance={"scalars": 0})
     acc.Reload()
+    # everything is logged at the global step: step 0 is the run before training, the last step the epoch's
     return {
-        tag: [e.value for e in acc.Scalars(tag) if e.step == 1][-1]
+        tag: acc.Scalars(tag)[-1].value
         for tag in acc.Tags()["scalars"]
-        if tag.endswith("seconds") and any(e.step == 1 for e in acc.Scalars(tag))
+        if tag.endswith("seconds") and acc.Scalars(tag)[-1].step > 0
     }
 
 

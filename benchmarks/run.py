@@ -104,47 +104,51 @@ def bench_foundation(repeat: int) -> dict:
 
 
 def bench_callback_share(quick: bool, out: Path) -> dict:
-    """The demo configuration (YOLOv8n, 160 px, 600 train / 100 val images, batch 16, 8 probes, saliency + Grad-CAM):
-    seconds of one explanation run vs one training epoch + its validation (smoke: 32 / 16 images, 2 probes)."""
+    """The demo (YOLOv8n, 160 px, 600 train / 100 val images, batch 16, callbacks/demo.yaml) over 6 epochs: wall
+    time without callbacks, with them, and with them under ``TimeBudget(0.1)``; the callbacks' share is
+    ``1 - plain / with`` (smoke: 2 epochs of 32 / 16 images, at most 2 probes per callback)."""
     import pytorch_lightning as pl
+    from bench_damo import _demo_callbacks
+    from pytorch_lightning.callbacks import ModelCheckpoint
 
-    from xaiwatch.callbacks import ExplainCallback
+    from xaiwatch.callbacks import TimeBudget
+    from xaiwatch.cli import demo_module
     from xaiwatch.data import YoloDataModule, generate
-    from xaiwatch.models import YOLOv8Module
 
-    n_train, n_val, n_probe = (32, 16, 2) if quick else (600, 100, 8)
-    data = generate(out / "data", num_train=n_train, num_val=n_val, imgsz=160, seed=0, overwrite=True)
-    dm = YoloDataModule(str(data), imgsz=160, batch_size=16)
-    dm.setup("fit")
-    times = {}
-
-    class Clock(pl.Callback):
-        def on_train_epoch_start(self, trainer, pl_module):
-            times["start"] = time.perf_counter()
-
-        def on_validation_end(self, trainer, pl_module):
-            times["epoch"] = time.perf_counter() - times["start"]
-
-    cb = ExplainCallback(num_probe=n_probe, explain_at_start=False, on_error="raise")
-    module = YOLOv8Module("yolov8n.yaml", num_classes=dm.num_classes, names=dm.names)
-    trainer = pl.Trainer(
-        max_epochs=1,
-        logger=pl.loggers.TensorBoardLogger(str(out), name="bench"),
-        callbacks=[Clock(), cb],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
+    n_train, n_val, epochs = (32, 16, 2) if quick else (600, 100, 6)
+    data = generate(out / "share_data", num_train=n_train, num_val=n_val, imgsz=160, seed=0, overwrite=True)
+    rows: dict[str, float] = {}
+    budget = TimeBudget(share=0.1)
+    for label, callbacks in (
+        ("plain", []),
+        ("demo callbacks", _demo_callbacks(quick)),
+        ("demo callbacks + TimeBudget(0.1)", [*_demo_callbacks(quick), budget]),
+    ):
+        pl.seed_everything(0)
+        dm = YoloDataModule(str(data / "dataset.yaml"), imgsz=160, batch_size=16, seed=0)
+        module = demo_module("yolov8n.yaml", num_classes=dm.num_classes, names=dm.names)
+        trainer = pl.Trainer(
+            max_epochs=epochs,
+            logger=pl.loggers.TensorBoardLogger(str(out), name="share"),
+            callbacks=callbacks,
+            enable_checkpointing=any(isinstance(cb, ModelCheckpoint) for cb in callbacks),
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            log_every_n_steps=10,
+        )
+        start = time.perf_counter()
+        trainer.fit(module, datamodule=dm)
+        rows[f"{label} seconds ({epochs} epochs)"] = time.perf_counter() - start
+    plain = rows[f"plain seconds ({epochs} epochs)"]
+    rows["callbacks share"] = 1 - plain / rows[f"demo callbacks seconds ({epochs} epochs)"]
+    rows["callbacks share under TimeBudget(0.1)"] = (
+        1 - plain / rows[f"demo callbacks + TimeBudget(0.1) seconds ({epochs} epochs)"]
     )
-    trainer.fit(module, datamodule=dm)
-    explain = timeit(lambda: cb.run_now(trainer, module), repeat=2, warmup=0)
-    epoch = times["epoch"] - explain  # the Clock saw one explanation inside the epoch
-    per_epoch = 600 / n_train
-    return {
-        "train+val epoch seconds (600 images)": epoch * per_epoch,
-        f"explain seconds ({n_probe} probes x 2 methods)": explain,
-        "share of epoch time": explain / (epoch * per_epoch + explain),
-    }
+    summary = budget.summary()
+    rows["TimeBudget's own count of the share"] = summary["share"]
+    rows.update({f"runs of {name} under the budget": n for name, n in sorted(summary["runs"].items())})
+    return rows
 
 
 def _print_rows(rows: dict, fmt: Callable[[str, dict], str]) -> None:
@@ -223,7 +227,7 @@ def _bench_training(results: dict, quick: bool, out: Path) -> None:
 
     results["image_check"] = bench_images()
     print(json.dumps(results["image_check"], indent=1))
-    print("\n== ExplainCallback share of epoch time, demo configuration ==")
+    print("\n== The demo's callbacks' share of training time, with and without TimeBudget(0.1) ==")
     results["callback_share"] = bench_callback_share(quick, out)
     _print_rows(results["callback_share"], lambda n, v: f"  {n:40s} {v:9.3f}")
 

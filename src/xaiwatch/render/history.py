@@ -14,11 +14,16 @@ __all__ = ["PictureHistory", "encode", "decode"]
 
 
 def encode(picture: np.ndarray) -> bytes:
-    """PNG bytes of an :math:`(H, W, 3)` uint8 picture (what travels between ranks and is kept in history)."""
+    """PNG bytes of an :math:`(H, W, 3)` uint8 picture (what travels between ranks and is kept in history).
+
+    Compression level 1: lossless like PIL's default 6 and about twice as fast (45 vs 98 ms for a 1160 x 630
+    picture, measured) for up to ~50% more bytes; these bytes live in memory until the end of fit, and encoding
+    them was a sixth of a demo explanation run.
+    """
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(picture).save(buffer, format="PNG")
+    Image.fromarray(picture).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
 
@@ -32,7 +37,7 @@ def decode(data: bytes) -> np.ndarray:
 class PictureHistory:
     """Pictures by subject (e.g. ``"probe_03"``), method and step, with the tracked object's score per step.
 
-    About 60 kB per picture and tile: 8 probes x 2 methods x 30 epochs stay under 30 MB.
+    About 60-90 kB per picture and tile (PNG level 1): 8 probes x 2 methods x 30 epochs stay under 45 MB.
     """
 
     def __init__(self) -> None:
