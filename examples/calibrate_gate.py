@@ -296,6 +296,8 @@ CANDIDATES = {
 }
 LEARNED = 0.5  # flip rate from which a shortcut model must be refused
 MIN_DEFINED = 4  # the gate's default for 16 probes
+LEVEL = 0.9  # the gate's confidence level (judge's default)
+MIN_EFFECT = 0.05  # the smallest effect a max-check refuses for: 5% of the score, 5% of the variants flipped
 
 
 def _summary(rec: dict, key: str) -> tuple[float, int]:
@@ -304,39 +306,41 @@ def _summary(rec: dict, key: str) -> tuple[float, int]:
 
 
 def _bound(rec: dict, key: str, direction: str) -> float | None:
-    """The clean side's reach: the 90% bootstrap bound of a model's mean on the failing side (upper for max)."""
+    """The statistic the gate decides with: the one-sided 90% bootstrap bound of a model's mean on its passing side
+    (the lower bound for a check that must stay below its threshold). ``None`` with fewer than ``MIN_DEFINED``
+    defined probes (the gate calls such a model inconclusive, never refuses it)."""
     from xaiwatch.checks import bootstrap_ci
 
     vals = [v for v in rec["checks"].get(key, []) if v is not None]
-    if not vals:
+    if len(vals) < MIN_DEFINED:
         return None
-    lo, hi = bootstrap_ci(vals, level=0.9)
-    return hi if direction == "max" else lo
+    lo, hi = bootstrap_ci(vals, level=2 * LEVEL - 1)
+    return lo if direction == "max" else hi
 
 
 def choose_threshold(records: list[dict], key: str, direction: str) -> float | None:
-    """A threshold from the training families' final models.
+    """A threshold from the training families' final models, consistent with the gate's rule (``judge``: a model
+    fails when its mean *and* its one-sided bound are beyond the threshold).
 
-    The clean bound is the worst clean model's 90% bootstrap bound on its mean (how far probe sampling alone takes
-    a clean model). With learned shortcuts (flip >= 0.5) beyond it, the threshold is halfway between the bound and
-    the mildest learned shortcut's mean; otherwise the bound itself. Rounded to 0.01 away from the clean side.
-    ``None`` without a defined clean value.
+    The clean reach is the largest one-sided bound of a clean model (what no clean training model may exceed: 0
+    false refusals there). With learned shortcuts (flip >= 0.5) whose bounds lie beyond it, the threshold is halfway
+    between the clean reach and the mildest of them; otherwise the reach itself. Rounded to 0.01 away from the
+    clean side, and for checks that must stay below their threshold never under ``MIN_EFFECT`` (a significant but
+    immaterial effect, such as 1% of the score lost without context, is no reason to refuse a model). ``None``
+    without a decidable clean model.
     """
     sign = 1.0 if direction == "max" else -1.0
     bounds = [_bound(r, key, direction) for r in records if r["twin"] == "clean"]
     bounds = [sign * b for b in bounds if b is not None]
-    short = [
-        sign * _summary(r, key)[0]
-        for r in records
-        if r["twin"] == "shortcut" and r["flip"] >= LEARNED and _summary(r, key)[1]
-    ]
+    short = [_bound(r, key, direction) for r in records if r["twin"] == "shortcut" and r["flip"] >= LEARNED]
+    short = [sign * b for b in short if b is not None]
     if not bounds:
         return None
     worst = max(bounds)
     mild = min(short) if short else -math.inf
     t = (worst + mild) / 2 if mild > worst else worst
     t = math.ceil(t * 100 - 1e-9) / 100
-    return sign * t
+    return max(sign * t, MIN_EFFECT) if direction == "max" else sign * t
 
 
 def _decide(rec: dict, thresholds: dict[str, float]) -> str:

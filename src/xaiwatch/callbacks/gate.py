@@ -30,12 +30,13 @@ from xaiwatch.targets import MatchedBoxTarget
 
 __all__ = ["SaliencyGate", "GatedModelCheckpoint", "DEFAULT_CHECKS"]
 
-#: Default thresholds, calibrated across generated dataset families (docs/gate.md, examples/calibrate_gate.py):
-#: the scale-free score share lost without context and the automatic context-swap flip rate are gated; the
-#: map's energy concentration on the box (1 = uniform) and the pointing game are logged, not gated on.
+#: Default thresholds, calibrated leave-one-family-out on 5 generated dataset families x 3 seeds (docs/gate.md,
+#: examples/calibrate_gate.py): the scale-free score share lost without context is gated (refused when its mean
+#: and its one-sided 90% bound exceed 0.05); the automatic context-swap flip rate, the map's energy concentration
+#: on the box (1 = uniform) and the pointing game are logged, not gated on (gating the swap refused a clean model).
 DEFAULT_CHECKS: dict[str, float | None] = {
-    "relative_context_reliance": 0.06,
-    "context_swap": 0.24,
+    "relative_context_reliance": 0.05,
+    "context_swap": None,
     "energy_concentration": None,
     "pointing_game": None,
 }
