@@ -1,0 +1,321 @@
+"""Post-hoc ``explain_images`` / ``xaiwatch explain`` on DAMO-YOLO: a Lightning ``.ckpt`` of ``DamoYoloModule`` saved
+by a real ``Trainer``, and an official-style model directory (literal ``damoyolo.py``, TinyNAS structure file, ``.pth``);
+the JSON equals ``adapter.detect``, every map is finite and not constant, the pictures are PNGs, the user's files are
+untouched, and bad checkpoints / directories end with a clear message (no traceback, nothing written)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pprint
+import re
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from torch import nn
+
+from conftest import tiny_damo_module
+from xaiwatch.cli import main
+from xaiwatch.core.errors import ConfigurationError
+from xaiwatch.data import YoloDataModule, YoloDataset, generate, read_dataset_yaml
+from xaiwatch.posthoc import MARKER, explain_images
+
+NAMES = ["circle", "square", "triangle"]
+METHODS = ["saliency", "layer_cam"]
+MAX_OBJECTS = 2
+CONF = 0.4  # scores of the fixture's model spread around 0.4: about 15 detections an image (each drawn on the panels)
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _trainer(**kw) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def dataset_yaml(tmp_path_factory):
+    """4 training and 2 validation images of the shapes generator, 64 px."""
+    return generate(tmp_path_factory.mktemp("shapes") / "data", num_train=4, num_val=2, imgsz=64, seed=3)
+
+
+@pytest.fixture(scope="module")
+def trained(dataset_yaml, tmp_path_factory):
+    """A tiny DamoYoloModule after one real training step (``bn_momentum=1``: BatchNorm statistics of that batch),
+    its class biases then set to 0 so that scores spread around 0.5 (detections above the default ``conf``), and the
+    Lightning checkpoint ``Trainer.save_checkpoint`` writes of it (optimizer and loop states included)."""
+    module = tiny_damo_module(names=NAMES, bn_momentum=1.0)
+    trainer = _trainer(max_steps=1, limit_val_batches=0)
+    trainer.fit(module, datamodule=YoloDataModule(dataset_yaml, imgsz=64, batch_size=4, augment=False))
+    with torch.no_grad():
+        for conv in module.net.head.gfl_cls:
+            conv.bias.zero_()
+    folder = tmp_path_factory.mktemp("work")
+    ckpt = folder / "damo.ckpt"
+    trainer.save_checkpoint(ckpt)
+    return module.eval(), ckpt
+
+
+def write_damo_directory(root: Path, module: pl.LightningModule, class_names: bool = True) -> Path:
+    """A modelscope-style DAMO-YOLO directory of ``module``'s network: ``damoyolo.py`` (a Python config whose first
+    statement would create a file if it were executed), the TinyNAS structure file it names, the weights
+    ``{"model": state_dict}`` it names, ``configuration.json`` (with ``class_names`` when asked)."""
+    root.mkdir(parents=True)
+    arch = module.net.config
+    structure = [{**b, "nbitsA": 8, "nbitsW": 8} for b in arch["backbone"]["structure"]]
+    (root / "tinynas_tiny.txt").write_text(pprint.pformat(structure, indent=2))
+    backbone = {k: v for k, v in arch["backbone"].items() if k != "structure"}
+    (root / "damoyolo.py").write_text(
+        "#!/usr/bin/env python3\nimport pathlib\n"
+        f"pathlib.Path({str(root / 'EXECUTED')!r}).touch()  # runs only if the config is executed\n"
+        f"TinyNAS = {dict(backbone, structure_file='tinynas_tiny.txt')!r}\n"
+        f"GiraffeNeckV2 = {arch['neck']!r}\n"
+        f"ZeroHead = {dict(arch['head'], nms_conf_thre=0.05, nms_iou_thre=0.7)!r}\n"
+        'model = {"backbone": TinyNAS, "neck": GiraffeNeckV2, "head": ZeroHead, "name": "damoyolo_tiny.pth"}\n'
+        "dataset = dict(size_divisibility=32, input_pixel_mean=[0.0, 0.0, 0.0], input_pixel_std=[1.0, 1.0, 1.0],"
+        " input_to_bgr255=False)\n"
+    )
+    torch.save({"model": module.net.state_dict(), "epoch": 300}, root / "damoyolo_tiny.pth")
+    configuration = {"framework": "pytorch", "task": "image-object-detection", "model": {"type": "tinynas-damoyolo"}}
+    if class_names:
+        configuration["model"]["class_names"] = NAMES
+    (root / "configuration.json").write_text(json.dumps(configuration))
+    return root
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (relative path) to the SHA-256 of its bytes."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _is_png(path: Path) -> tuple[int, int]:
+    """The size of a valid PNG file (fails on anything else)."""
+    assert path.read_bytes()[:8] == PNG, path
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        im.load()
+        return im.size
+
+
+def _check_output(out: Path, module: pl.LightningModule, dataset_yaml: Path, imgsz: int) -> dict:
+    """The written JSON equals ``detect`` of the original module on the same letterboxed images; the highest-scoring
+    ``MAX_OBJECTS`` detections of each image are explained by every method, each with a PNG panel; the contact sheet
+    is a PNG grid of exactly those panels; nothing else is in ``panels/``."""
+    data = json.loads((out / "explanations.json").read_text())
+    _, split = read_dataset_yaml(dataset_yaml)
+    images = YoloDataset(split["val"], names=NAMES, imgsz=imgsz)  # the yaml's val split, letterboxed as explain does
+    assert [im["path"] for im in data["images"]] == [str(p) for p in images.image_paths] and len(images) == 2
+    assert data["methods"] == METHODS and data["names"] == NAMES
+    adapter = module.xai_adapter()
+    assert data["conf"] == CONF
+    adapter.conf = CONF
+    panels, sizes = set(), []
+    for i, im in enumerate(data["images"]):
+        dets = adapter.detect(images[i]["image"][None])[0]
+        assert len(im["detections"]) == len(dets) > MAX_OBJECTS
+        assert im["input_size"] == [imgsz, imgsz]
+        kw = {"atol": 1e-5, "rtol": 0}
+        torch.testing.assert_close(torch.tensor([d["box"] for d in im["detections"]]), dets.boxes, **kw)
+        torch.testing.assert_close(torch.tensor([d["score"] for d in im["detections"]]), dets.scores, **kw)
+        assert [d["label"] for d in im["detections"]] == dets.labels.tolist()
+        assert [d["candidate"] for d in im["detections"]] == dets.candidates.tolist()
+        assert [d["name"] for d in im["detections"]] == [NAMES[k] for k in dets.labels.tolist()]
+        top = torch.argsort(dets.scores, descending=True, stable=True)[:MAX_OBJECTS].tolist()
+        assert [j for j, d in enumerate(im["detections"]) if d["explained"]] == sorted(top)
+        for j in top:
+            d = im["detections"][j]
+            assert set(d["panels"]) == set(d["checks"]) == set(METHODS)
+            for method in METHODS:
+                assert 0.0 <= d["checks"][method]["energy_in_box"] <= 1.0
+                assert d["panels"][method] == f"panels/{method}/{i:04d}_{Path(im['path']).stem}_det{j:02d}.png"
+                panels.add(d["panels"][method])
+                sizes.append(_is_png(out / d["panels"][method]))
+    assert len(panels) == len(data["images"]) * MAX_OBJECTS * len(METHODS)
+    assert {str(p.relative_to(out)) for p in (out / "panels").rglob("*.png")} == panels
+    cols = min(4, len(sizes))
+    rows = -(-len(sizes) // cols)
+    pw, ph = max(w for w, _ in sizes), max(h for _, h in sizes)
+    assert _is_png(out / "contact_sheet.png") == (cols * pw, rows * ph)
+    assert set(json.loads((out / MARKER).read_text())["files"]) == {*panels, "contact_sheet.png", "explanations.json"}
+    return data
+
+
+def _check_maps(result, data: dict) -> None:
+    """``explain_images``' in-memory maps: one per explained detection and method, finite, not constant, and the
+    JSON's energy in box is that of this map."""
+    from xaiwatch.checks import energy_in_box
+
+    expected = {
+        (i, j, m)
+        for i, im in enumerate(data["images"])
+        for j, d in enumerate(im["detections"])
+        if d["explained"]
+        for m in METHODS
+    }
+    assert set(result.maps) == expected
+    for (i, j, method), m in result.maps.items():
+        assert torch.isfinite(m).all() and float(m.amax()) > float(m.amin()), (i, j, method)
+        det = data["images"][i]["detections"][j]
+        energy = float(energy_in_box(m[None].abs(), torch.tensor([det["box"]]))[0])
+        assert det["checks"][method]["energy_in_box"] == pytest.approx(energy, abs=1e-6)
+
+
+def _run_both(weights: Path, dataset_yaml: Path, out_root: Path, imgsz: int, *extra: str, **kw):
+    """``xaiwatch explain`` in-process into ``out_root/cli`` and ``explain_images`` into ``out_root/python``."""
+    argv = ["explain", "--weights", str(weights), str(dataset_yaml), "--out", str(out_root / "cli")]
+    argv += ["--imgsz", str(imgsz), "--methods", ",".join(METHODS), "--max-objects", str(MAX_OBJECTS)]
+    assert main([*argv, "--conf", str(CONF), *extra]) == 0
+    result = explain_images(
+        weights, dataset_yaml, METHODS, out_root / "python", MAX_OBJECTS, imgsz, conf=CONF, progress=False, **kw
+    )
+    return result
+
+
+# --------------------------------------------------------------------------------------------------- .ckpt
+def test_explain_lightning_checkpoint_of_damo_module(trained, dataset_yaml, capsys):
+    module, ckpt = trained
+    work = ckpt.parent
+    (work / "notes.txt").write_bytes(b"\x00my notes\xff")
+    before = _digest(work)
+    result = _run_both(ckpt, dataset_yaml, work / "explained", 64)
+    assert "detections on 2 images" in capsys.readouterr().out
+    cli = _check_output(work / "explained" / "cli", module, dataset_yaml, 64)
+    data = _check_output(work / "explained" / "python", module, dataset_yaml, 64)
+    assert cli["images"] == data["images"]  # the command and the function write the same records
+    _check_maps(result, data)
+    after = _digest(work)
+    assert {k: v for k, v in after.items() if not k.startswith("explained/")} == before  # .ckpt and notes untouched
+
+
+# ------------------------------------------------------------------------------------------------ directory
+def test_explain_damo_directory(trained, dataset_yaml, tmp_path, capsys):
+    """Read without executing ``damoyolo.py``; 80 px is not a multiple of 32: DAMO pads, the maps stay 80 px."""
+    module, _ = trained
+    root = write_damo_directory(tmp_path / "damo_model", module)
+    (tmp_path / "mine.bin").write_bytes(b"\x01\x02\x03")
+    before = _digest(tmp_path)
+    result = _run_both(root, dataset_yaml, tmp_path / "explained", 80)
+    assert "detections on 2 images" in capsys.readouterr().out
+    _check_output(tmp_path / "explained" / "cli", module, dataset_yaml, 80)
+    data = _check_output(tmp_path / "explained" / "python", module, dataset_yaml, 80)
+    _check_maps(result, data)
+    assert all(m.shape == (1, 80, 80) for m in result.maps.values())
+    assert not (root / "EXECUTED").exists()
+    assert {k: v for k, v in _digest(tmp_path).items() if not k.startswith("explained/")} == before
+    # the names given on the command line / in Python when the directory carries none
+    bare = write_damo_directory(tmp_path / "no_names", module, class_names=False)
+    result = _run_both(bare, dataset_yaml, tmp_path / "named", 80, "--names", ",".join(NAMES), names=NAMES)
+    assert _check_output(tmp_path / "named" / "cli", module, dataset_yaml, 80)["images"] == data["images"]
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+class _Other(pl.LightningModule):
+    """Not a detector; ``size`` is also a hyper-parameter of DamoYoloModule."""
+
+    def __init__(self, size: int = 3) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.layer = nn.Linear(2, size)
+
+
+class _Bare(pl.LightningModule):
+    """No hyper-parameters saved."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(2, 2)
+
+
+def _save(module: pl.LightningModule, path: Path) -> Path:
+    trainer = _trainer(max_steps=1)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(path)
+    return path
+
+
+def _refused(weights: Path, tmp_path: Path, match: str, *extra: str, capsys) -> None:
+    out = tmp_path / "refused"
+    argv = ["explain", "--weights", str(weights), str(tmp_path / "img.png"), "--out", str(out), "--imgsz", "64"]
+    assert main([*argv, *extra]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.startswith("xaiwatch explain: error: ")
+    assert re.search(match, err, re.S), err
+    assert not out.exists()  # refused before anything was written
+
+
+@pytest.fixture
+def image(tmp_path):
+    Image.new("RGB", (64, 48), (90, 120, 30)).save(tmp_path / "img.png")
+    return tmp_path / "img.png"
+
+
+@pytest.mark.parametrize("kind", ["other", "bare"])
+def test_bad_input_lightning_checkpoint_of_another_module(tmp_path, image, kind, capsys):
+    path = _save(_Other(size=4) if kind == "other" else _Bare(), tmp_path / f"{kind}.ckpt")
+    hp = "hyper-parameters \\['size'\\]" if kind == "other" else "hyper-parameters \\[\\]"
+    _refused(
+        path, tmp_path, rf"is a Lightning checkpoint but not of YOLOv8Module or DamoYoloModule.*{hp}", capsys=capsys
+    )
+
+
+def test_bad_input_damo_checkpoint_of_another_class_count(trained, tmp_path, image, capsys):
+    """Hyper-parameters saying 5 classes, tensors of 3: a message naming the layer, not torch's RuntimeError."""
+    _, ckpt = trained
+    with torch.serialization.safe_globals([type(Path())]):  # the data module's dataset_yaml
+        data = torch.load(ckpt, map_location="cpu", weights_only=True)
+    data["hyper_parameters"].update(num_classes=5, names=[*NAMES, "d", "e"])
+    torch.save(data, tmp_path / "edited.ckpt")
+    match = r"does not match the DamoYoloModule\(num_classes=5\).*size mismatch for net.head.gfl_cls.0.weight"
+    _refused(tmp_path / "edited.ckpt", tmp_path, match, capsys=capsys)
+    with pytest.raises(ConfigurationError, match="only for a DAMO-YOLO model directory"):
+        explain_images(ckpt, image, out=tmp_path / "o", names=NAMES)
+
+
+@pytest.mark.parametrize(
+    ("change", "match", "extra"),
+    [
+        ("no_weights", r"Weights file missing.*'damoyolo_tiny.pth' \(model.name in damoyolo.py\)", ()),
+        ("config_classes", r"3 class names for a model with 5 classes \(model.head.num_classes in damoyolo.py\)", ()),
+        (
+            "checkpoint_classes",
+            r"Class-count mismatch: the checkpoint's `head.gfl_cls.0.weight` has 4 output channels.*num_classes=5",
+            ("--names", "a,b,c,d,e"),
+        ),
+        ("no_names", r"does not unpickle.*`xaiwatch explain --names a,b,...`", ()),
+        ("names_count", r"2 class names for a model with 3 classes", ("--names", "a,b")),
+        (
+            "weights_file",
+            r"holds the tensors of a DAMO-YOLO network, not its architecture. Pass its model directory",
+            (),
+        ),
+    ],
+)
+def test_bad_input_damo_directory(trained, tmp_path, image, change, match, extra, capsys):
+    module, _ = trained
+    root = write_damo_directory(tmp_path / "m", module, class_names=change in ("no_weights", "config_classes"))
+    config = root / "damoyolo.py"
+    if change == "no_weights":
+        (root / "damoyolo_tiny.pth").unlink()
+    if change in ("config_classes", "checkpoint_classes"):
+        assert "'num_classes': 3" in config.read_text()
+        config.write_text(config.read_text().replace("'num_classes': 3", "'num_classes': 5"))
+    before = _digest(root)
+    weights = root / "damoyolo_tiny.pth" if change == "weights_file" else root
+    _refused(weights, tmp_path, match, *extra, capsys=capsys)
+    assert _digest(root) == before and not (root / "EXECUTED").exists()
