@@ -291,6 +291,9 @@ def test_bad_input_damo_checkpoint_of_another_class_count(trained, tmp_path, ima
     _refused(tmp_path / "edited.ckpt", tmp_path, match, capsys=capsys)
     with pytest.raises(ConfigurationError, match="only for a DAMO-YOLO model directory"):
         explain_images(ckpt, image, out=tmp_path / "o", names=NAMES)
+    with pytest.raises(ConfigurationError, match="`weights` is an adapter already built: set `adapter.names`"):
+        explain_images(trained[0].xai_adapter(), image, out=tmp_path / "o", names=NAMES)
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize(

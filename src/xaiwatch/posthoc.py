@@ -415,6 +415,11 @@ def explain_images(
         raise ConfigurationError(f"`max_objects` must be >= 1 or None, got {max_objects}.")
     if int(imgsz) < 1:
         raise ConfigurationError(f"`imgsz` must be >= 1, got {imgsz}.")
+    if isinstance(weights, DetectorAdapter) and (names is not None or pad_background):
+        raise ConfigurationError(
+            "`names` and `pad_background` are read when loading a DAMO-YOLO directory; `weights` is an adapter "
+            "already built: set `adapter.names` instead, or pass the directory as `weights`."
+        )
     paths, yaml_names = _image_sources(images)
     adapter = (
         weights
