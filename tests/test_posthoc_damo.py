@@ -65,7 +65,9 @@ def trained(dataset_yaml, tmp_path_factory):
     return module.eval(), ckpt
 
 
-def write_damo_directory(root: Path, module: pl.LightningModule, class_names: bool = True) -> Path:
+def write_damo_directory(
+    root: Path, module: pl.LightningModule, class_names: bool = True, state: dict | None = None
+) -> Path:
     """A modelscope-style DAMO-YOLO directory of ``module``'s network: ``damoyolo.py`` (a Python config whose first
     statement would create a file if it were executed), the TinyNAS structure file it names, the weights
     ``{"model": state_dict}`` it names, ``configuration.json`` (with ``class_names`` when asked)."""
@@ -84,7 +86,7 @@ def write_damo_directory(root: Path, module: pl.LightningModule, class_names: bo
         "dataset = dict(size_divisibility=32, input_pixel_mean=[0.0, 0.0, 0.0], input_pixel_std=[1.0, 1.0, 1.0],"
         " input_to_bgr255=False)\n"
     )
-    torch.save({"model": module.net.state_dict(), "epoch": 300}, root / "damoyolo_tiny.pth")
+    torch.save({"model": module.net.state_dict() if state is None else state, "epoch": 300}, root / "damoyolo_tiny.pth")
     configuration = {"framework": "pytorch", "task": "image-object-detection", "model": {"type": "tinynas-damoyolo"}}
     if class_names:
         configuration["model"]["class_names"] = NAMES
@@ -227,6 +229,18 @@ def test_explain_damo_directory(trained, dataset_yaml, tmp_path, capsys):
     bare = write_damo_directory(tmp_path / "no_names", module, class_names=False)
     _cli(bare, dataset_yaml, tmp_path / "named", 80, "--names", ",".join(NAMES))
     assert _boxes(_check_output(tmp_path / "named", module, dataset_yaml, 80, ["saliency"], 1)) == _boxes(data)
+
+
+def test_explain_damo_directory_of_a_newer_head(trained, dataset_yaml, tmp_path, image, capsys):
+    """A head without the background channel: refused with the flag to pass; with it, the module's detections."""
+    module, _ = trained
+    state = {k: (v[:3] if k.startswith("head.gfl_cls") else v) for k, v in module.net.state_dict().items()}
+    root = write_damo_directory(tmp_path / "newer", module, state=state)
+    _refused(
+        root, tmp_path, r"without the extra background channel.*`xaiwatch explain --pad-background`", capsys=capsys
+    )
+    _cli(root, dataset_yaml, tmp_path / "padded", 64, "--pad-background")
+    _check_output(tmp_path / "padded", module, dataset_yaml, 64, ["saliency"], 1)
 
 
 # ------------------------------------------------------------------------------------------------ bad input
