@@ -326,6 +326,10 @@ def _add_explain(sub: Any) -> None:
     p.add_argument("--conf", type=float, default=0.25)
     p.add_argument("--device", default="cpu")
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events to OUT/tensorboard")
+    p.add_argument("--names", default=None, help="comma-separated class names, for a DAMO-YOLO directory without any")
+    p.add_argument(
+        "--pad-background", action="store_true", help="DAMO-YOLO directory whose head has no background channel"
+    )
     p.set_defaults(run=_explain)
 
 
@@ -344,6 +348,8 @@ def _explain(args: argparse.Namespace) -> int:
         model=args.model,
         conf=args.conf,
         tensorboard=args.tensorboard,
+        names=None if args.names is None else [n.strip() for n in args.names.split(",")],
+        pad_background=args.pad_background,
     )
     n = sum(len(r.detections) for r in result.images)
     print(f"[xaiwatch] {n} detections on {len(result.images)} images; {result.json_path}, {result.contact_sheet}")

@@ -47,6 +47,8 @@ def load_detector(
     device: str | torch.device = "cpu",
     conf: float = 0.25,
     iou: float = 0.7,
+    names: Sequence[str] | None = None,
+    pad_background: bool = False,
 ) -> DetectorAdapter:
     """The adapter of a saved detector, in eval mode on ``device``.
 
@@ -58,13 +60,19 @@ def load_detector(
         model: architecture yaml for a plain ``state_dict`` (e.g. ``"yolov8n.yaml"``).
         device: where to run.
         conf, iou: post-processing thresholds of the detections.
+        names: class names of a DAMO-YOLO directory whose config carries none (its ``label_map.pkl`` is a pickle,
+            never read); a checkpoint file carries its own names.
+        pad_background: for a DAMO-YOLO directory whose head has no background channel (newer DAMO-YOLO), see
+            :func:`~xaiwatch.models.load_damo_directory`.
 
     Returns:
         the adapter.
 
     Raises:
         ConfigurationError: for a missing file, a file that is not a checkpoint, one that needs ``trust_pickle``,
-            or weights that do not all match the architecture.
+            a Lightning checkpoint of another module, weights that do not all match the architecture, ``names``
+            given for a checkpoint file, or a DAMO-YOLO directory that cannot be read (missing weights, a
+            class-count mismatch, ...).
     """
     from xaiwatch.models.yolov8 import read_weights_file
 
@@ -72,11 +80,30 @@ def load_detector(
     if path.is_dir():
         from xaiwatch.models import load_damo_directory
 
-        adapter = load_damo_directory(path).xai_adapter()
+        adapter = load_damo_directory(
+            path, names=None if names is None else list(names), pad_background=pad_background
+        ).xai_adapter()
     else:
-        ckpt = read_weights_file(path, trust_pickle=trust_pickle)
-        if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict) and "hyper_parameters" in ckpt:
+        if names is not None:
+            raise ConfigurationError(
+                f"`names` ({list(names)}) is read only for a DAMO-YOLO model directory; {str(path)!r} is a file, "
+                "and a checkpoint file carries its own class names. Leave `names` (`--names`) out."
+            )
+        import pathlib
+
+        # Lightning saves the data module's hyper-parameters too: YoloDataModule(Path(...)) stores a PosixPath,
+        # which weights_only=True refuses unless allowed (building a path runs no code from the file).
+        paths = [type(Path()), pathlib.PurePosixPath, pathlib.PureWindowsPath]
+        with torch.serialization.safe_globals(paths):
+            ckpt = read_weights_file(path, trust_pickle=trust_pickle)
+        if _is_lightning_checkpoint(ckpt):
             adapter = _from_lightning(ckpt, path)
+        elif _is_damo_weights(ckpt):
+            raise ConfigurationError(
+                f"{str(path)!r} holds the tensors of a DAMO-YOLO network, not its architecture. Pass its model "
+                "directory instead (the folder with damoyolo.py, the TinyNAS structure .txt and this file), or "
+                "build `DamoYoloModule(size, num_classes=..., weights=path)` and pass `module.xai_adapter()`."
+            )
         else:
             adapter = _from_ultralytics(ckpt, path, trust_pickle, model)
     adapter.conf, adapter.iou = float(conf), float(iou)
@@ -85,24 +112,67 @@ def load_detector(
     return adapter
 
 
-def _from_lightning(ckpt: dict, path: Path) -> DetectorAdapter:
+def _is_lightning_checkpoint(ckpt: Any) -> bool:
+    """A ``Trainer.save_checkpoint`` file: a ``state_dict`` plus Lightning's version or the hyper-parameters."""
+    return (
+        isinstance(ckpt, dict)
+        and isinstance(ckpt.get("state_dict"), dict)
+        and ("hyper_parameters" in ckpt or "pytorch-lightning_version" in ckpt)
+    )
+
+
+def _is_damo_weights(ckpt: Any) -> bool:
+    """A DAMO-YOLO ``.pth``: a state dict (or ``{"model": state dict}``) with ZeroHead's class layers."""
+    if isinstance(ckpt, dict):
+        state = next((ckpt[k] for k in ("model", "state_dict", "ema") if isinstance(ckpt.get(k), dict)), ckpt)
+        return any(isinstance(k, str) and k.removeprefix("module.").startswith("head.gfl_cls.") for k in state)
+    return False
+
+
+def _lightning_class(ckpt: dict, path: Path) -> Any:
+    """``YOLOv8Module`` or ``DamoYoloModule``, told apart by the names of the saved tensors."""
     from xaiwatch.models import DamoYoloModule, YOLOv8Module
 
-    hp = {k: v for k, v in dict(ckpt["hyper_parameters"]).items() if k not in {"weights", "trust_pickle"}}
     keys = list(ckpt["state_dict"])
-    is_damo = "size" in hp or "architecture" in hp
-    cls: Any = DamoYoloModule if is_damo else YOLOv8Module
-    if not is_damo and "model" not in hp:
+    hp = dict(ckpt.get("hyper_parameters") or {})
+    if any(k.startswith("net.head.gfl_cls.") for k in keys):
+        return DamoYoloModule
+    if any(k.startswith("net.model.") for k in keys) and "model" in hp:
+        return YOLOv8Module
+    raise ConfigurationError(
+        f"{str(path)!r} is a Lightning checkpoint but not of YOLOv8Module or DamoYoloModule (tensors "
+        f"{keys[:3]}, hyper-parameters {sorted(hp)[:6]}). Build your module, load the checkpoint into it and pass "
+        "an adapter to `explain_images` (e.g. `YOLOv8Adapter(module.net)`), or give the module an `xai_adapter()`."
+    )
+
+
+def _from_lightning(ckpt: dict, path: Path) -> DetectorAdapter:
+    import inspect
+
+    cls = _lightning_class(ckpt, path)
+    hp = {k: v for k, v in dict(ckpt.get("hyper_parameters") or {}).items() if k not in {"weights", "trust_pickle"}}
+    unknown = sorted(set(hp) - set(inspect.signature(cls.__init__).parameters))
+    if unknown:
         raise ConfigurationError(
-            f"{str(path)!r} is a Lightning checkpoint but not of YOLOv8Module or DamoYoloModule (hyper-parameters "
-            f"{sorted(hp)[:6]}). Build your module, then `YOLOv8Adapter(module.net)` and call `explain_adapter`."
+            f"{str(path)!r} is a Lightning checkpoint with tensors of {cls.__name__}, but its hyper-parameters "
+            f"{unknown} are not arguments of {cls.__name__}: it was saved by another module or another version of "
+            "xaiwatch. Build the module yourself, load the state_dict and pass `module.xai_adapter()`."
         )
     module = cls(**hp)
-    missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
+    state = ckpt["state_dict"]
+    what = f"{cls.__name__}(num_classes={hp.get('num_classes')})"
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # tensors of another shape, e.g. another class count than the hyper-parameters
+        detail = [line.strip() for line in str(err).strip().splitlines()]
+        raise ConfigurationError(
+            f"{str(path)!r} does not match the {what} its hyper-parameters describe: {(detail[1:] or detail)[0]} "
+            f"(of {len(state)} tensors). Was the checkpoint edited, or saved by another version of the module?"
+        ) from None
     if missing or unexpected:
         raise ConfigurationError(
-            f"{str(path)!r} does not match {cls.__name__}({hp.get('model', hp.get('size'))!r}): missing "
-            f"{list(missing)[:3]}, unexpected {list(unexpected)[:3]} (of {len(keys)} tensors)."
+            f"{str(path)!r} does not match {what}: missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]} "
+            f"(of {len(state)} tensors)."
         )
     return module.xai_adapter()
 
@@ -300,6 +370,8 @@ def explain_images(
     conf: float = 0.25,
     tensorboard: bool = False,
     progress: bool = True,
+    names: Sequence[str] | None = None,
+    pad_background: bool = False,
 ) -> ExplainResult:
     """Detect, explain every detection with every method, and write panels, a contact sheet and a JSON.
 
@@ -314,6 +386,7 @@ def explain_images(
         trust_pickle, model, conf: see :func:`load_detector`.
         tensorboard: also write the panels and check values as TensorBoard events under ``out/tensorboard``.
         progress: show a tqdm progress bar over images.
+        names, pad_background: for a DAMO-YOLO directory, see :func:`load_detector`.
 
     Returns:
         the :class:`ExplainResult`.
@@ -342,11 +415,24 @@ def explain_images(
         raise ConfigurationError(f"`max_objects` must be >= 1 or None, got {max_objects}.")
     if int(imgsz) < 1:
         raise ConfigurationError(f"`imgsz` must be >= 1, got {imgsz}.")
+    if isinstance(weights, DetectorAdapter) and (names is not None or pad_background):
+        raise ConfigurationError(
+            "`names` and `pad_background` are read when loading a DAMO-YOLO directory; `weights` is an adapter "
+            "already built: set `adapter.names` instead, or pass the directory as `weights`."
+        )
     paths, yaml_names = _image_sources(images)
     adapter = (
         weights
         if isinstance(weights, DetectorAdapter)
-        else load_detector(weights, trust_pickle=trust_pickle, model=model, device=device, conf=conf)
+        else load_detector(
+            weights,
+            trust_pickle=trust_pickle,
+            model=model,
+            device=device,
+            conf=conf,
+            names=names,
+            pad_background=pad_background,
+        )
     )
     multiple = adapter.input_multiple
     if multiple and imgsz % multiple:

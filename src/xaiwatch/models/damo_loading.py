@@ -232,7 +232,7 @@ def _head_classes(
                 f"The checkpoint's class layer `{wkey}` has {got} output channels, the {k} classes without the extra "
                 f"background channel (a newer DAMO-YOLO head, `legacy=False`), but modelscope's ZeroHead has "
                 f"{own} = {k} + 1. Pass `pad_background=True` to add the channel (its score is dropped at inference, "
-                "so detections are exactly the checkpoint's)."
+                "so detections are exactly the checkpoint's; `xaiwatch explain --pad-background`)."
             )
         if strict:
             ck = f"{got - 1} classes (+1 background channel) or {got} classes (newer head)"
@@ -420,7 +420,8 @@ def read_damo_directory(path: str | os.PathLike, names: list[str] | None = None)
             raise ConfigurationError(
                 f"No class names for {str(root)!r}: its label_map.pkl is a pickle, which xaiwatch does not unpickle "
                 f"(loading a pickle can run code). Pass `names=[...]` ({num_classes} names, in the order of the "
-                "model's classes), or add a literal `class_names` list to configuration.json or damoyolo.py."
+                "model's classes; `xaiwatch explain --names a,b,...`), or add a literal `class_names` list to "
+                "configuration.json or damoyolo.py."
             )
     if len(names) != num_classes:
         raise ConfigurationError(
