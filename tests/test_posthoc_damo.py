@@ -342,3 +342,15 @@ def test_bad_input_damo_directory(trained, tmp_path, image, change, match, extra
     weights = root / "damoyolo_tiny.pth" if change == "weights_file" else root
     _refused(weights, tmp_path, match, *extra, capsys=capsys)
     assert _digest(root) == before and not (root / "EXECUTED").exists()
+
+
+def test_the_datamodule_saves_its_path_as_text(tmp_path):
+    """A Path in the hyper-parameters would make every Trainer checkpoint need weights_only=False to load."""
+    import pickle
+
+    from xaiwatch.data import YoloDataModule, generate
+
+    data = generate(tmp_path / "d", num_train=2, num_val=2, imgsz=64)  # the dataset.yaml, a Path
+    dm = YoloDataModule(data, imgsz=64, check_images=False)
+    assert dm.hparams["dataset_yaml"] == str(data) and dm.dataset_yaml == data
+    assert b"pathlib" not in pickle.dumps(dict(dm.hparams))

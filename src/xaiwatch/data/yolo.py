@@ -451,6 +451,7 @@ class YoloDataModule(pl.LightningDataModule):
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:
                 raise ConfigurationError(f"`{name}` must be an integer >= {lo}, got {value!r}")
         self.save_hyperparameters()
+        self.hparams["dataset_yaml"] = str(dataset_yaml)  # a str: checkpoints then load with weights_only=True
         self.dataset_yaml = Path(dataset_yaml)
         self._names, self._sources = read_dataset_yaml(self.dataset_yaml)
         self.train_dataset: YoloDataset | None = None
