@@ -177,3 +177,21 @@ def test_a_mean_over_the_threshold_fails_only_when_it_is_significantly_over():
     # the mean alone decides with significant=False, and a passing mean passes either way
     assert judge({"relative_context_reliance": real + 0.1}, rules, min_defined=4, significant=False).status == "fail"
     assert judge({"relative_context_reliance": real}, rules, min_defined=4).status == "pass"
+
+
+def test_the_default_thresholds_are_the_calibrated_ones():
+    """The gate's defaults are what examples/calibrate_gate.py chose on the non-proof families (docs/calibration)."""
+    import json
+    from pathlib import Path
+
+    from xaiwatch.callbacks.gate import DEFAULT_CHECKS
+    from xaiwatch.checks import CheckOptions
+
+    calibration = json.loads((Path(__file__).parents[1] / "docs" / "calibration" / "calibration.json").read_text())
+    margin = CheckOptions().context_margin
+    chosen = {key.replace(f"@{margin:g}", ""): value for key, value in calibration["defaults"].items()}
+    gated = {key: value for key, value in DEFAULT_CHECKS.items() if value is not None}
+    assert gated == chosen
+    assert calibration["proof_family"] not in calibration["defaults_chosen_on"]
+    held = calibration["defaults_on_proof_family"]
+    assert held["clean_refused"] == 0 and held["caught"] == held["learned_shortcuts"]
