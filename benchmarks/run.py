@@ -125,7 +125,7 @@ def bench_callback_share(quick: bool, out: Path) -> dict:
         ("demo callbacks + TimeBudget(0.1)", [*_demo_callbacks(quick), budget]),
     ):
         pl.seed_everything(0)
-        dm = YoloDataModule(str(data / "dataset.yaml"), imgsz=160, batch_size=16, seed=0)
+        dm = YoloDataModule(str(data), imgsz=160, batch_size=16, seed=0)
         module = demo_module("yolov8n.yaml", num_classes=dm.num_classes, names=dm.names)
         trainer = pl.Trainer(
             max_epochs=epochs,
