@@ -23,7 +23,7 @@ from pytorch_lightning.loggers import TensorBoardLogger  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from conftest import SquaresDataset, collate  # noqa: E402
-from helpers import tiny_module  # noqa: E402
+from helpers import square_sized, tiny_module  # noqa: E402
 from xaiwatch.callbacks import ExplainCallback, SaliencyGate  # noqa: E402
 from xaiwatch.callbacks.explain import ExplainCallback as _Explain  # noqa: E402
 from xaiwatch.checks import CheckOptions, judge  # noqa: E402
@@ -97,8 +97,8 @@ def main(out: str, strategy: str, devices: int) -> None:
         num_sanity_val_steps=0,
     )
     train = DataLoader(SquaresDataset(16, 0), batch_size=4, collate_fn=collate)
-    val = DataLoader(SquaresDataset(8, 1), batch_size=4, collate_fn=collate)
-    trainer.fit(tiny_module(), train, val)
+    val = DataLoader(SquaresDataset(8, 3), batch_size=4, collate_fn=collate)  # probes with context donors
+    trainer.fit(square_sized(tiny_module()), train, val)  # boxes that overlap the squares: context_swap defined
 
 
 if __name__ == "__main__":

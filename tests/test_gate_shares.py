@@ -5,13 +5,12 @@ the 2-rank run is in test_distributed.py)."""
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
 
 from conftest import SquaresDataset
-from helpers import make_trainer, tiny_module
+from helpers import make_trainer, square_sized, tiny_module
 from xaiwatch import checks as C
 from xaiwatch.callbacks import SaliencyGate
 from xaiwatch.callbacks.base import RunContext
@@ -22,22 +21,6 @@ N = 6
 #: the gate's defaults (relative_context_reliance, context_swap, energy_concentration, pointing_game) plus a map
 #: check that draws noise for the whole probe set and one that re-initialises a seeded copy of the model
 CHECKS = {**DEFAULT_CHECKS, "stability": None, "randomization_spearman": None}
-
-
-def _square_sized(module):
-    """``module`` whose box branch predicts boxes of about the squares' size (21 px at stride 8): untrained, it
-    predicts 120 px boxes that overlap no square, so no tracked object would have a candidate and the context checks
-    would be ``nan`` everywhere. The class branch is untouched."""
-    head = module.net.model[-1]
-    with torch.no_grad():
-        for branch in head.cv2:
-            conv = branch[-1]
-            conv.weight.mul_(0.01)
-            bias = torch.full((4, head.reg_max), -20.0)
-            bias[:, 1], bias[:, 2] = 0.0, math.log(0.3 / 0.7)  # each side 1.3 strides from the anchor
-            conv.bias.copy_(bias.flatten())
-            conv.requires_grad_(False)  # and stays so while a test trains it
-    return module
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -59,7 +42,7 @@ def probes():
     gt_labels = [data[i]["labels"] for i in range(N)]
     boxes = torch.cat(gt_boxes)
     labels = torch.cat(gt_labels)
-    adapter = YOLOv8Adapter(_square_sized(tiny_module()).net.eval())
+    adapter = YOLOv8Adapter(square_sized(tiny_module()).net.eval())
     targets = [MatchedBoxTarget(b, int(c), conf=adapter.conf) for b, c in zip(boxes, labels)]
     engines = {"saliency": get_engine("saliency", adapter)}
     options = C.CheckOptions(min_score=0.0, batch_size=4)  # every probe defined, batches that differ by share
@@ -135,7 +118,7 @@ def fitted(tmp_path_factory):
     gate = SaliencyGate(num_probe=N, options={"min_score": 0.0, "batch_size": 4}, on_error="raise")
     train = DataLoader(SquaresDataset(8, 0), batch_size=4, collate_fn=collate)
     val = DataLoader(SquaresDataset(N, 3), batch_size=N, collate_fn=collate)  # probes with donors
-    make_trainer(tmp_path_factory.mktemp("gate_shares"), [gate], epochs=1).fit(_square_sized(tiny_module()), train, val)
+    make_trainer(tmp_path_factory.mktemp("gate_shares"), [gate], epochs=1).fit(square_sized(tiny_module()), train, val)
     return gate
 
 
