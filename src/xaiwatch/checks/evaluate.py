@@ -149,7 +149,10 @@ def evaluate_probes(
             value is a probe's own: checks that mix probes see the whole set (``context_swap`` chooses donors among
             all ``N`` and pastes the object onto their images; ``stability`` draws the noise of all ``N``;
             randomisation re-initialises the same seeded copy of the model), so a probe's values do not depend on
-            the share it is in (to float rounding of the batch it is explained in). ``None``: all of them.
+            the share it is in: on the CPU here bit for bit (``tests/test_gate_shares.py``); a backend whose kernels
+            round differently by batch size may differ in the last bits. Methods that draw noise per batch
+            (``smoothgrad``, ``gradient_shap``) give each probe the draw of its slot in its batch, so their maps
+            (already dependent on ``batch_size``) differ between shares. ``None``: all of them.
 
     Returns:
         ``(values, maps)``: :math:`(N,)` values per check key (``check/method`` or ``check``), and each method's
