@@ -95,6 +95,9 @@ def test_positions_must_be_a_share_of_the_probe_set(probes):
     for bad in ([], [0, 0], [N], [-1], [1.5], "01"):
         with pytest.raises(ConfigurationError, match="positions"):
             _evaluate(probes, bad)
+    adapter, _, images, _, boxes, labels, gt_boxes, _, _ = probes
+    with pytest.raises(ConfigurationError, match="positions"):
+        C.context_swap(adapter, images, boxes, labels, gt_boxes, positions=[0, N])
 
 
 def test_merge_scatters_per_probe_values_and_keeps_model_level_numbers():

@@ -193,7 +193,7 @@ def context_swap(
         a :class:`ContextSwap` (of the probes at ``positions``, in that order, when given).
 
     Raises:
-        ConfigurationError: for an unknown fill.
+        ConfigurationError: for an unknown fill, or ``positions`` that are not distinct positions of the probes.
     """
     from xaiwatch.core.context import eval_state
 
@@ -217,6 +217,10 @@ def context_swap(
     pool, rows = images, None
     if positions is not None:  # the share: its probes; donors still index (and paste from) the whole pool
         rows = [int(p) for p in positions]
+        if not rows or len(set(rows)) != len(rows) or not all(0 <= p < images.shape[0] for p in rows):
+            raise ConfigurationError(
+                f"`positions` must be distinct probe positions in [0, {images.shape[0]}), got {list(positions)!r}."
+            )
         at = torch.tensor(rows, dtype=torch.long, device=images.device)
         images, boxes, labels, pairs = images[at], boxes[at], labels[at], [pairs[p] for p in rows]
     kept = _kept(boxes, margin)
