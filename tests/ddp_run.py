@@ -1,7 +1,9 @@
 """A 2-rank gloo fit with every probe callback, run by ``test_distributed.py`` in a subprocess (hard timeout).
 
-Each rank writes ``rank<R>.json``: the probe positions it explained, the gate's history and the tracked objects,
-so the test can check that the work was shared, that the ranks agree and that only rank zero wrote.
+Each rank writes ``rank<R>.json``: the probe positions it explained, the positions the gate evaluated at each
+decision, the gate's history, a one-call evaluation of every probe on the final weights (the reference the
+shared decision must equal) and the tracked objects, so the test can check that the work was shared, that the
+ranks agree and that only rank zero wrote.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ from pytorch_lightning.loggers import TensorBoardLogger  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from conftest import SquaresDataset, collate  # noqa: E402
-from helpers import tiny_module  # noqa: E402
+from helpers import square_sized, tiny_module  # noqa: E402
 from xaiwatch.callbacks import ExplainCallback, SaliencyGate  # noqa: E402
 from xaiwatch.callbacks.explain import ExplainCallback as _Explain  # noqa: E402
-from xaiwatch.checks import CheckOptions  # noqa: E402
+from xaiwatch.checks import CheckOptions, judge  # noqa: E402
 
 
 class Report(pl.Callback):
@@ -36,10 +38,16 @@ class Report(pl.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         cb = next(c for c in trainer.callbacks if isinstance(c, ExplainCallback))
         gate = next(c for c in trainer.callbacks if isinstance(c, SaliencyGate))
+        evaluated = list(RecordingGate.evaluated)
+        # every probe in one call on this rank, on the weights of the last decision (no step since)
+        reference = judge(gate.evaluate(positions=None), gate.rules, gate.min_defined, seed=gate.seed)
         report = {
             "rank": trainer.global_rank,
             "seen": Recording.seen,
-            "gate": [{k: r[k] for k in ("global_step", "passed", "values")} for r in gate.history],
+            "gate_evaluated": evaluated,
+            "gate_reference": reference.to_dict(),
+            "gate_last_verdict": gate.history[-1]["verdict"],
+            "gate": [{k: r[k] for k in ("global_step", "passed", "values", "verdict")} for r in gate.history],
             "tracked": cb._tracked,
             "wrote": cb._writer is not None,
             "log_dir": str(cb.log_dir),
@@ -57,12 +65,24 @@ class Recording(_Explain):
         return super()._run(share, ctx)
 
 
+class RecordingGate(SaliencyGate):
+    """SaliencyGate that remembers the probe positions it evaluated at each decision on this rank."""
+
+    evaluated: list = []
+
+    def evaluate(self, pl_module=None, positions=None):
+        type(self).evaluated = [
+            *type(self).evaluated,
+            list(range(len(self.indices))) if positions is None else positions,
+        ]
+        return super().evaluate(pl_module, positions=positions)
+
+
 def main(out: str, strategy: str, devices: int) -> None:
     torch.set_num_threads(1)
     explain = Recording(methods=["saliency"], num_probe=4, on_error="raise")
-    gate = SaliencyGate(
-        checks={"energy_in_box": None, "pointing_game": None}, num_probe=4, options=CheckOptions(batch_size=2)
-    )
+    # the default checks (context_swap pastes each object onto other probes' images) on every probe (min_score 0)
+    gate = RecordingGate(num_probe=4, options=CheckOptions(batch_size=2, min_score=0.0))
     trainer = pl.Trainer(
         max_epochs=2,
         limit_train_batches=2,
@@ -77,8 +97,8 @@ def main(out: str, strategy: str, devices: int) -> None:
         num_sanity_val_steps=0,
     )
     train = DataLoader(SquaresDataset(16, 0), batch_size=4, collate_fn=collate)
-    val = DataLoader(SquaresDataset(8, 1), batch_size=4, collate_fn=collate)
-    trainer.fit(tiny_module(), train, val)
+    val = DataLoader(SquaresDataset(8, 3), batch_size=4, collate_fn=collate)  # probes with context donors
+    trainer.fit(square_sized(tiny_module()), train, val)  # boxes that overlap the squares: context_swap defined
 
 
 if __name__ == "__main__":

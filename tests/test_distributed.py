@@ -36,6 +36,14 @@ def test_two_ranks_share_probes_agree_and_rank_zero_writes(tmp_path, strategy):
     assert ranks[0]["seen"] == [0, 2] and ranks[1]["seen"] == [1, 3]  # each rank explained its share only
     assert json.dumps(ranks[0]["gate"]) == json.dumps(ranks[1]["gate"])  # the same decisions everywhere (nan too)
     assert len(ranks[0]["gate"]) == 2
+    # the gate's probes were shared too: at each of its 2 decisions each rank evaluated its 2 of the 4 probes
+    assert ranks[0]["gate_evaluated"] == [[0, 2], [0, 2]] and ranks[1]["gate_evaluated"] == [[1, 3], [1, 3]]
+    # and the shared decision is the one a single call on every probe gives on the same weights (each rank)
+    for rank in ranks:
+        assert json.dumps(rank["gate_last_verdict"]) == json.dumps(rank["gate_reference"])
+    results = {r["key"]: r for r in ranks[0]["gate_reference"]["results"]}
+    assert results["context_swap"]["defined"] >= 1  # objects pasted onto other probes' images, whichever rank's
+    assert results["relative_context_reliance"]["defined"] == 4
     assert ranks[0]["tracked"] == ranks[1]["tracked"]
     assert ranks[0]["wrote"] and not ranks[1]["wrote"]
     log_dir = Path(ranks[0]["log_dir"])

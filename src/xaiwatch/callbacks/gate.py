@@ -6,6 +6,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from xaiwatch.adapters import DetectorAdapter
-from xaiwatch.callbacks.base import ProbeCallback, RunContext
+from xaiwatch.callbacks.base import ProbeCallback, RunContext, ShareRecord, to_cpu
 from xaiwatch.callbacks.probes import largest_objects, load_probes
 from xaiwatch.callbacks.validation import validate_methods
 from xaiwatch.checks.context import check_context_source
@@ -28,7 +29,7 @@ from xaiwatch.core.validation import choice, positive_int
 from xaiwatch.logging.tensorboard import Tags
 from xaiwatch.targets import MatchedBoxTarget
 
-__all__ = ["SaliencyGate", "GatedModelCheckpoint", "DEFAULT_CHECKS"]
+__all__ = ["SaliencyGate", "GatedModelCheckpoint", "GateShare", "DEFAULT_CHECKS", "merge_shares"]
 
 #: Default thresholds, calibrated leave-one-family-out on 5 generated dataset families x 3 seeds (docs/gate.md,
 #: examples/calibrate_gate.py): the scale-free score share lost without context is gated (refused when its mean
@@ -46,6 +47,69 @@ INCONCLUSIVE_STATUS = "inconclusive"
 Counterfactual = Callable[[torch.Tensor, list, list], torch.Tensor]
 
 
+@dataclass
+class GateShare(ShareRecord):
+    """What one rank's share of the gate's probes gave (a :class:`~xaiwatch.callbacks.base.ShareRecord`).
+
+    Attributes:
+        items: ``(position,)`` of each probe of the share, in the order of ``values``.
+        seconds: wall time of the share.
+        values: check key to the share's per-probe values (or one number for a model-level value, the same on
+            every rank).
+        error: ``"Type: message"`` when the share failed (``on_error="warn"``): the gate then fails.
+    """
+
+    values: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+class _ShareFailed(Exception):
+    """A share's error, carried to the verdict (the message is already ``"Type: message"``)."""
+
+
+def merge_shares(shares: Sequence[GateShare]) -> dict[str, Any]:
+    """The per-probe values of every share put back in probe order.
+
+    A key's per-probe values (one per position of the share) are scattered to their positions; a value that is
+    one number (a model-level value, computed alike on every rank) is taken from the first share that has it.
+    Keys keep the order of the first share that has values. One share is returned as it is.
+
+    Raises:
+        ValueError: when a share's per-probe values do not match its positions, or shares overlap.
+
+    Example:
+        >>> a = GateShare([(0,), (2,)], values={"context_swap": torch.tensor([0.0, 0.5])})
+        >>> b = GateShare([(1,)], values={"context_swap": torch.tensor([1.0])})
+        >>> merge_shares([a, b])["context_swap"]
+        tensor([0.0000, 1.0000, 0.5000])
+    """
+    if len(shares) == 1:
+        return dict(shares[0].values)
+    positions = sorted(p for s in shares for p, *_ in s.items)
+    if positions != list(range(len(positions))):
+        raise ValueError(f"the shares do not split the probe set (each position once): positions {positions}")
+    n = len(positions)
+    keys = list(dict.fromkeys(k for s in shares for k in s.values))
+    merged: dict[str, Any] = {}
+    for key in keys:
+        per_probe, scalar = None, None
+        for s in shares:
+            value = s.values.get(key)
+            rows = [p for p, *_ in s.items]
+            if isinstance(value, torch.Tensor) and value.dim() >= 1 or isinstance(value, (list, tuple)):
+                v = torch.as_tensor(value).reshape(-1)
+                v = v if v.is_floating_point() else v.double()
+                if v.numel() != len(rows):
+                    raise ValueError(f"{key!r}: {v.numel()} values for the {len(rows)} probes of a share")
+                if per_probe is None:
+                    per_probe = torch.full((n,), float("nan"), dtype=v.dtype)
+                per_probe[torch.tensor(rows, dtype=torch.long)] = v.to(per_probe.dtype)
+            elif value is not None and scalar is None:
+                scalar = float(value)
+        merged[key] = per_probe if per_probe is not None else scalar
+    return merged
+
+
 class SaliencyGate(ProbeCallback):
     """Run saliency checks on a fixed probe set at each validation end and decide whether the model passes.
 
@@ -54,8 +118,10 @@ class SaliencyGate(ProbeCallback):
     ``saliency/<check>/<method>`` (map checks, mean over probes) or ``saliency/<check>`` (model checks), together
     with ``saliency/gate_pass`` (1 or 0) and, when it fails, the reasons as TensorBoard text
     (``saliency/gate_reason``); a CUSTOM SCALARS layout groups them. ``saliency/gate_pass`` is also put in
-    ``trainer.callback_metrics`` (monitorable). Every rank decides from the same probe values, so every rank
-    agrees without a broadcast. Checks never change training (they run in :func:`~xaiwatch.core.context.explaining`;
+    ``trainer.callback_metrics`` (monitorable). Under DDP each rank evaluates its share of the probes, the
+    per-probe values are gathered (every rank issues the gather) and put back in probe order, and every rank
+    judges the same merged values, so every rank takes the same decision without a broadcast (the bootstrap is
+    seeded). Checks never change training (they run in :func:`~xaiwatch.core.context.explaining`;
     randomisation works on deep copies).
 
     Modes: ``"block"`` — :class:`GatedModelCheckpoint` saves only passing models; ``"warn"`` — failures are
@@ -260,15 +326,43 @@ class SaliencyGate(ProbeCallback):
         return {"xaiwatch saliency gate": charts}
 
     # ------------------------------------------------------------------------------------------------ run
-    #: every rank evaluates every probe (the checks' means are not yet mergeable across shares), so every rank
-    #: holds the same record and decides alike with no broadcast
+    #: each rank evaluates its share of the probes (positions p with p % world == rank); the per-probe values are
+    #: gathered and put back in probe order, and every rank judges the same merged values alike (no broadcast)
     @override
-    def _run(self, share: list[int], ctx: RunContext) -> dict[str, Any]:
-        return self._evaluate_safely(None, ctx.epoch, ctx.step)
+    def _run(self, share: list[int], ctx: RunContext) -> GateShare:
+        start = time.perf_counter()
+        try:
+            if share == list(range(len(self._indices))):
+                values = self.evaluate()
+            else:  # a rank with no probe (more ranks than probes) still takes part in the gather
+                values = self.evaluate(positions=share) if share else {}
+            return GateShare([(p,) for p in share], time.perf_counter() - start, to_cpu(dict(values)))
+        except Exception as err:
+            if self.on_error == "raise":
+                raise
+            return GateShare([(p,) for p in share], time.perf_counter() - start, error=f"{type(err).__name__}: {err}")
 
     @override
-    def _on_record(self, trainer: pl.Trainer, record: dict[str, Any], ctx: RunContext) -> None:
-        self._record(trainer, record)
+    def _merge(self, records: list[Any]) -> GateShare:
+        """Every rank's share in one :class:`GateShare`: per-probe values in probe order (see :func:`merge_shares`),
+        or the failing ranks' errors (``rank r: ...`` when there are several ranks)."""
+        errors = [
+            (f"rank {rank}: {r.error}" if len(records) > 1 else r.error)
+            for rank, r in enumerate(records)
+            if r.error is not None
+        ]
+        seconds = max(r.seconds for r in records)
+        if errors:
+            return GateShare([], seconds, error="; ".join(errors))
+        try:
+            values = merge_shares(records)
+        except Exception as err:
+            return GateShare([], seconds, error=f"{type(err).__name__}: {err}")
+        return GateShare([(p,) for r in records for p, *_ in r.items], seconds, values)
+
+    @override
+    def _on_record(self, trainer: pl.Trainer, record: GateShare, ctx: RunContext) -> None:
+        self._record(trainer, self._judged(record, ctx.epoch, ctx.step))
 
     @override
     def _on_failure(self, trainer: pl.Trainer, reasons: list[str], ctx: RunContext) -> None:
@@ -276,21 +370,21 @@ class SaliencyGate(ProbeCallback):
         record["seconds"] = 0.0
         self._record(trainer, {**record, "reasons": [f"the checks failed with {r}" for r in reasons]})
 
-    def _evaluate_safely(self, pl_module: pl.LightningModule, step: int, global_step: int) -> dict[str, Any]:
+    def _judged(self, merged: GateShare, step: int, global_step: int) -> dict[str, Any]:
+        """The gate's record of the merged values (every rank: the same values, so the same verdict)."""
         start = time.perf_counter()
         try:
-            verdict = judge(
-                self.evaluate(pl_module), self.rules, self.min_defined, seed=self.seed, significant=self.significant
-            )
+            if merged.error is not None:
+                raise _ShareFailed(merged.error)
+            verdict = judge(merged.values, self.rules, self.min_defined, seed=self.seed, significant=self.significant)
         except Exception as err:
             if self.on_error == "raise":
                 raise
+            message = str(err) if isinstance(err, _ShareFailed) else f"{type(err).__name__}: {err}"
             verdict = judge({}, self.rules, self.min_defined)
-            verdict.status, verdict.error = "fail", f"the checks failed with {type(err).__name__}: {err}"
-            rank_zero_warn(
-                f"{type(self).__name__} failed at step {step} ({type(err).__name__}: {err}); the gate fails."
-            )
-        seconds = time.perf_counter() - start
+            verdict.status, verdict.error = "fail", f"the checks failed with {message}"
+            rank_zero_warn(f"{type(self).__name__} failed at step {step} ({message}); the gate fails.")
+        seconds = merged.seconds + time.perf_counter() - start
         return {
             "step": step,
             "global_step": int(global_step),
@@ -304,8 +398,20 @@ class SaliencyGate(ProbeCallback):
             "seconds": seconds,
         }
 
-    def evaluate(self, pl_module: pl.LightningModule | None = None) -> dict[str, Any]:
-        """Run the checks now on the probe set: per check key, one value per probe (``nan`` where undefined)."""
+    def evaluate(
+        self, pl_module: pl.LightningModule | None = None, positions: Sequence[int] | None = None
+    ) -> dict[str, Any]:
+        """Run the checks now on the probe set: per check key, one value per probe (``nan`` where undefined).
+
+        Args:
+            pl_module: unused (the gate's adapter holds the model).
+            positions: only these probes (positions in the probe set; one rank's share), values in this order;
+                checks that mix probes still see every probe, so each value is what the full evaluation gives
+                (see :func:`~xaiwatch.checks.evaluate_probes`). ``None``: every probe.
+
+        Raises:
+            ConfigurationError: before ``setup()``, or for ``positions`` outside the probe set.
+        """
         self._require_setup()
         device = next(self._adapter.model.parameters()).device
         probes = self.probes.to(device)
@@ -326,6 +432,7 @@ class SaliencyGate(ProbeCallback):
             cf,
             labels=labels,
             gt_labels=probes.labels,
+            positions=positions,
         )
         return values
 

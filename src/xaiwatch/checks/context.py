@@ -123,13 +123,20 @@ def _kept(boxes: torch.Tensor, margin: float) -> torch.Tensor:
     return boxes + float(margin) * side * torch.tensor([-1.0, -1.0, 1.0, 1.0], device=boxes.device)
 
 
-def _variants(images, boxes, fill: str, donors: list[list[int]], slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The probes with everything outside ``boxes`` replaced by ``fill`` (``swap``: donor ``slot``'s image)."""
+def _variants(
+    images, boxes, fill: str, donors: list[list[int]], slot: int, pool: torch.Tensor | None = None, rows=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The probes with everything outside ``boxes`` replaced by ``fill`` (``swap``: donor ``slot``'s image).
+
+    ``images`` are the probes at positions ``rows`` of ``pool`` (default: the pool itself); donors index ``pool``.
+    """
     keep = box_masks(boxes, images.shape[-2:])[:, None].to(images.device)
     if fill == "swap":
-        src = [d[slot] if len(d) > slot else i for i, d in enumerate(donors)]
+        pool = images if pool is None else pool
+        rows = range(images.shape[0]) if rows is None else rows
+        src = [d[slot] if len(d) > slot else r for r, d in zip(rows, donors)]
         ok = torch.tensor([len(d) > slot for d in donors], device=images.device)
-        background = images[torch.tensor(src, device=images.device)]
+        background = pool[torch.tensor(src, device=pool.device)].to(images.device)
     else:
         ok = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
         background = fill_image(images, fill)
@@ -150,6 +157,7 @@ def context_swap(
     extra_fills: Sequence[str] = (),
     original: tuple[torch.Tensor, torch.Tensor] | None = None,
     margin: float = 0.0,
+    positions: Sequence[int] | None = None,
 ) -> ContextSwap:
     """Re-score each probe's object with its surroundings replaced (see the module docstring).
 
@@ -177,12 +185,15 @@ def context_swap(
             computed (saves a forward pass).
         margin: keep this much of the surroundings too, as a share of the box's shorter side on every side (the
             immediate surroundings an object always has, such as a frame, are then kept as part of it).
+        positions: re-score only the probes at these positions (a share of the probe set, as one rank of several
+            does); ``images`` ... ``gt_labels`` still describe every probe, so the donors are chosen among all of
+            them and a probe's variants are the same whichever share it is in. ``original`` is then of these probes.
 
     Returns:
-        a :class:`ContextSwap`.
+        a :class:`ContextSwap` (of the probes at ``positions``, in that order, when given).
 
     Raises:
-        ConfigurationError: for an unknown fill.
+        ConfigurationError: for an unknown fill, or ``positions`` that are not distinct positions of the probes.
     """
     from xaiwatch.core.context import eval_state
 
@@ -195,7 +206,6 @@ def context_swap(
     labels = torch.as_tensor(labels, device=images.device).reshape(-1).long()
     if not 0.0 <= float(margin) <= 2.0:
         raise ConfigurationError(f"`margin` must be in [0, 2] (a share of the box's side), got {margin!r}.")
-    kept = _kept(boxes, margin)
     pairs = donors and context_donors(
         boxes.cpu(),
         labels.cpu(),
@@ -204,6 +214,16 @@ def context_swap(
         donors,
     )
     pairs = pairs or [[] for _ in range(images.shape[0])]
+    pool, rows = images, None
+    if positions is not None:  # the share: its probes; donors still index (and paste from) the whole pool
+        rows = [int(p) for p in positions]
+        if not rows or len(set(rows)) != len(rows) or not all(0 <= p < images.shape[0] for p in rows):
+            raise ConfigurationError(
+                f"`positions` must be distinct probe positions in [0, {images.shape[0]}), got {list(positions)!r}."
+            )
+        at = torch.tensor(rows, dtype=torch.long, device=images.device)
+        images, boxes, labels, pairs = images[at], boxes[at], labels[at], [pairs[p] for p in rows]
+    kept = _kept(boxes, margin)
     every = list(dict.fromkeys([*fills, *extra_fills]))
     jobs = [(f, s) for f in every for s in (range(int(donors)) if f == "swap" else (0,))]
 
@@ -215,7 +235,7 @@ def context_swap(
         s0, c0, _ = score(images) if original is None else (original[0].cpu().float(), original[1].cpu().long(), None)
         results = []
         for fill, slot in jobs:
-            variant, ok = _variants(images, kept, fill, pairs, slot)
+            variant, ok = _variants(images, kept, fill, pairs, slot, pool, rows)
             s1, c1, top1 = score(variant)
             results.append((fill, ok.cpu(), s1, c1, top1))
     share = box_masks(kept, images.shape[-2:]).float().mean(dim=(1, 2)).cpu()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping, Sequence
+import numbers
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +15,7 @@ from xaiwatch.checks.context import context_swap
 from xaiwatch.checks.counterfactual import image_flips, object_scores
 from xaiwatch.checks.rule import value_key
 from xaiwatch.core.context import explaining
+from xaiwatch.core.errors import ConfigurationError
 
 __all__ = ["CheckOptions", "evaluate_checks", "evaluate_probes"]
 
@@ -121,6 +123,7 @@ def evaluate_probes(
     counterfactuals: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     gt_labels: Sequence[torch.Tensor] | None = None,
+    positions: Sequence[int] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Run ``checks`` on ``N`` probes with one tracked object each: one value per probe, ``nan`` where undefined.
 
@@ -141,14 +144,29 @@ def evaluate_probes(
         counterfactuals: :math:`(N, 3, H, W)` the probes with a suspected cue changed (``counterfactual_flip``).
         labels: :math:`(N,)` classes of the tracked objects (default: each target's ``label``).
         gt_labels: per probe, the classes of ``gt_boxes`` (``context_swap`` prefers donors of other classes).
+        positions: evaluate only these probes (a rank's share of the probe set, see
+            :class:`~xaiwatch.callbacks.SaliencyGate`); the other arguments still describe all ``N`` probes. Every
+            value is a probe's own: checks that mix probes see the whole set (``context_swap`` chooses donors among
+            all ``N`` and pastes the object onto their images; ``stability`` draws the noise of all ``N``;
+            randomisation re-initialises the same seeded copy of the model), so a probe's values do not depend on
+            the share it is in: on the CPU here bit for bit (``tests/test_gate_shares.py``); a backend whose kernels
+            round differently by batch size may differ in the last bits. Methods that draw noise per batch
+            (``smoothgrad``, ``gradient_shap``) give each probe the draw of its slot in its batch, so their maps
+            (already dependent on ``batch_size``) differ between shares. ``None``: all of them.
 
     Returns:
         ``(values, maps)``: :math:`(N,)` values per check key (``check/method`` or ``check``), and each method's
-        :math:`(N, 1, H, W)` maps.
+        :math:`(N, 1, H, W)` maps; with ``positions``, :math:`(M,)` values and :math:`(M, 1, H, W)` maps in the
+        order of ``positions``.
+
+    Raises:
+        ConfigurationError: for ``positions`` that are not a non-empty list of distinct indices below ``N``.
     """
     o = options or CheckOptions()
     labels = _labels(targets, labels)
     floor = _floor(adapter, o)
+    pool = _Pool.of(images, boxes, labels, gt_boxes, gt_labels, positions)  # every probe, for checks that mix them
+    images, targets, boxes, labels, gt_boxes, gt_labels, counterfactuals = pool.share(targets, counterfactuals)
     with explaining(adapter.model, seed=o.seed), torch.no_grad():
         score, cls = object_scores(adapter.raw(images.detach()), boxes, labels.to(images.device))
     defined = score.cpu() >= floor
@@ -156,7 +174,7 @@ def evaluate_probes(
     maps = {m: _maps(e, images, targets, o.batch_size) for m, e in engines.items()}
     values: dict[str, torch.Tensor] = {}
     for method, engine in engines.items():
-        found = _map_checks(adapter, engine, method, maps[method], images, targets, boxes, gt_boxes, checks, o)
+        found = _map_checks(adapter, engine, method, maps[method], images, targets, boxes, gt_boxes, checks, o, pool)
         values.update({k: torch.where(defined, v.float().cpu(), nan) for k, v in found.items()})
     shared = "relative_context_reliance" in checks and o.fill == "grey"  # the grey variant of context_swap
     for name, relative in (("context_reliance", o.relative), ("relative_context_reliance", True)):
@@ -176,17 +194,18 @@ def evaluate_probes(
         with explaining(adapter.model, seed=o.seed):
             swap = context_swap(
                 adapter,
-                images,
-                boxes,
-                labels,
-                gt_boxes,
-                gt_labels,
+                pool.images,
+                pool.boxes,
+                pool.labels,
+                pool.gt_boxes,
+                pool.gt_labels,
                 fills or ("grey",),
                 o.donors,
                 min_score=floor,
                 extra_fills=("grey",) if shared else (),
                 original=(score, cls),
                 margin=o.context_margin,
+                positions=pool.rows,
             )
         for name, v in (("context_swap", swap.flip), ("context_swap_drop", swap.drop)):
             if name in checks:
@@ -199,8 +218,11 @@ def evaluate_probes(
     return values, maps
 
 
-def _map_checks(adapter, engine, method, m, images, targets, boxes, gt_boxes, checks, o) -> dict[str, torch.Tensor]:
-    """The checks of one method's maps ``m`` :math:`(N, 1, H, W)`: one value per probe."""
+def _map_checks(
+    adapter, engine, method, m, images, targets, boxes, gt_boxes, checks, o, pool=None
+) -> dict[str, torch.Tensor]:
+    """The checks of one method's maps ``m`` :math:`(N, 1, H, W)`: one value per probe (of the share, see
+    :class:`_Pool`)."""
     key = functools.partial(value_key, method=method)
     values = {}
     simple = {
@@ -224,9 +246,14 @@ def _map_checks(adapter, engine, method, m, images, targets, boxes, gt_boxes, ch
                 ]
             values[key(f"{mode}_auc")] = torch.stack(aucs)
     if "stability" in checks:
-        values[key("stability")] = perturbation.stability(
-            lambda x: engine.attribute(x, list(targets)), images, o.noise, o.seed
-        )
+        if pool is None or pool.rows is None:
+            values[key("stability")] = perturbation.stability(
+                lambda x: engine.attribute(x, list(targets)), images, o.noise, o.seed
+            )
+        else:  # the noise of the whole probe set, so each probe's noise is the same in every share
+            values[key("stability")] = perturbation.stability(
+                pool.rows_only(lambda x: engine.attribute(x, list(targets))), pool.images, o.noise, o.seed
+            )[pool.index(m.device).cpu()]
     wanted = [c for c in ("randomization_ssim", "randomization_spearman") if c in checks]
     if wanted:
         values.update(_randomization(adapter, engine, method, m, images, targets, wanted, o))
@@ -247,3 +274,68 @@ def _randomization(adapter, engine, method, m, images, targets, wanted, o) -> di
     *_, (_, randomized) = randomization.cascading_randomization(adapter.model, stages, seed=o.seed)
     other = map_fn(randomized)  # maps of the fully randomised copy, shared by both similarities
     return {value_key(c, method): getattr(similarity, c.split("_", 1)[1])(m, other) for c in wanted}
+
+
+@dataclass
+class _Pool:
+    """The whole probe set, when only a share of it (``rows``: positions) is evaluated; ``rows=None``: all of it.
+
+    Checks that mix probes read the pool; every other check runs on the share (:meth:`share`).
+    """
+
+    images: torch.Tensor
+    boxes: torch.Tensor
+    labels: torch.Tensor
+    gt_boxes: Sequence[torch.Tensor]
+    gt_labels: Sequence[torch.Tensor] | None
+    rows: list[int] | None
+
+    @classmethod
+    def of(cls, images, boxes, labels, gt_boxes, gt_labels, positions) -> _Pool:
+        n = images.shape[0]
+        rows = None
+        if positions is not None:
+            given = list(positions) if isinstance(positions, Iterable) and not isinstance(positions, str) else None
+            ints = given is not None and all(isinstance(p, numbers.Integral) and not isinstance(p, bool) for p in given)
+            rows = [int(p) for p in given] if ints else None
+            if not rows or len(set(rows)) != len(rows) or any(not 0 <= p < n for p in rows):
+                raise ConfigurationError(
+                    f"`positions` must be a non-empty list of distinct probe positions in [0, {n}) (a share of the "
+                    f"{n} probes), got {positions!r}."
+                )
+            if rows == list(range(n)):
+                rows = None  # every probe, in order: the plain path
+        return cls(images, boxes, labels, gt_boxes, gt_labels, rows)
+
+    def index(self, device) -> torch.Tensor:
+        return torch.tensor(self.rows, dtype=torch.long, device=device)
+
+    def share(self, targets: Sequence, counterfactuals: torch.Tensor | None) -> tuple:
+        """``(images, targets, boxes, labels, gt_boxes, gt_labels, counterfactuals)`` of the share's probes."""
+        rows = self.rows
+        if rows is None:
+            return self.images, targets, self.boxes, self.labels, self.gt_boxes, self.gt_labels, counterfactuals
+
+        def take(x: torch.Tensor) -> torch.Tensor:
+            return x[self.index(x.device)]
+
+        return (
+            take(self.images),
+            [targets[p] for p in rows],
+            take(torch.as_tensor(self.boxes)),
+            take(self.labels),
+            [self.gt_boxes[p] for p in rows],
+            None if self.gt_labels is None else [self.gt_labels[p] for p in rows],
+            None if counterfactuals is None else take(counterfactuals),
+        )
+
+    def rows_only(self, map_fn):
+        """``map_fn`` of the share's images, run on pool-shaped images: zero maps for the other probes."""
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            own = map_fn(x[self.index(x.device)])
+            out = own.new_zeros((x.shape[0], *own.shape[1:]))
+            out[self.index(own.device)] = own
+            return out
+
+        return run
