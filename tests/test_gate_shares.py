@@ -28,9 +28,12 @@ def one_thread():
     """Bit-for-bit equality holds with one thread (a DDP rank's usual setting on CPU): with several, a convolution's
     reduction order depends on the batch size, so a share of 3 probes and a batch of 6 differ in the last bits."""
     threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()  # the module-scoped fit's Trainer sets it globally
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
