@@ -98,6 +98,15 @@ def test_report_holds_every_picture_curve_and_gate_value(run_dir, tmp_path):
     unsure = {s for s, v in run.scalar("saliency/gate_inconclusive") if v >= 0.5}
     for step, ok in verdicts:  # an inconclusive epoch (no detected object) is said so, not "FAILED"
         assert ("passed" if ok else "inconclusive" if step in unsure else "FAILED") in text
+    last_step, last_ok = verdicts[-1]  # the banner's colour: green, amber (inconclusive) or red
+    banner = "ok" if last_ok else "unsure" if last_step in unsure else "bad"
+    assert f'<div class="verdict {banner}">' in text
+    from xaiwatch.report.build import verdict_groups
+
+    groups = verdict_groups(run)  # the curve's markers: each decided epoch in exactly one group
+    assert sorted(groups["passed"] + groups["inconclusive"] + groups["failed"]) == list(range(1, EPOCHS + 1))
+    assert set(groups["inconclusive"]) == {run.epoch(s) for s in unsure}
+    assert set(groups["passed"]) == {run.epoch(s) for s, ok in verdicts if ok}
     # hparams and the cost of each callback
     assert "lr" in run.hparams and '<td class="l">lr</td>' in text
     for tag in ("xaiwatch/explain_seconds", "xaiwatch/projection_seconds", "saliency/seconds"):

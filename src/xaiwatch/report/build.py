@@ -30,7 +30,7 @@ h3{font-size:17px;margin-top:22px}table{border-collapse:collapse;margin:8px 0;fo
 td,th{border:1px solid #d1d1d6;padding:4px 8px;text-align:right}th{background:#f2f2f7}td.l,th.l{text-align:left}
 td.pass{background:#d8f5dd}td.fail{background:#ffd9d6}img{max-width:100%;height:auto;display:block;margin:6px 0}
 .verdict{font-size:18px;padding:10px 14px;border-radius:8px;display:inline-block;margin:6px 0}
-.ok{background:#d8f5dd}.bad{background:#ffd9d6}.note{color:#636366;font-size:14px}pre{white-space:pre-wrap}
+.ok{background:#d8f5dd}.bad{background:#ffd9d6}.unsure{background:#ffefc2}.note{color:#636366;font-size:14px}pre{white-space:pre-wrap}
 details{margin:8px 0}summary{cursor:pointer;font-weight:600}
 """
 
@@ -121,17 +121,29 @@ def _summary(run: RunData) -> str:
         passed = [e for e, ok in verdicts.items() if ok]
         failed = [e for e, ok in verdicts.items() if not ok and e not in unsure]
         last_epoch, last_ok = max(verdicts.items())
-        cls = "ok" if last_ok else "bad"
+        cls = "ok" if last_ok else "unsure" if last_epoch in unsure else "bad"
         word = "passed" if last_ok else "was inconclusive" if last_epoch in unsure else "failed"
         unsure_text = f"; inconclusive at {sorted(unsure)}" if unsure else ""
         parts.append(
             f'<div class="verdict {cls}">Saliency gate: the last model (epoch {last_epoch}) {word}. '
             f"Passed at epochs {passed or 'none'}; failed at {failed or 'none'}{unsure_text}.</div>"
         )
-        parts.append('<p class="note">A gate in "block" mode lets checkpoints be saved only at passing epochs.</p>')
+        parts.append(
+            '<p class="note">A gate in "block" mode lets checkpoints be saved only at passing epochs (and, with the '
+            'default <code>inconclusive="warn"</code>, at inconclusive ones, with a warning).</p>'
+        )
     else:
         parts.append('<p class="note">No saliency gate in this run (no saliency/gate_pass).</p>')
     return "".join(parts)
+
+
+def verdict_groups(run: RunData) -> dict[str, list[int]]:
+    """The gate's decided epochs by verdict: ``{"passed": [...], "inconclusive": [...], "failed": [...]}``."""
+    unsure = _inconclusive(run)
+    groups: dict[str, list[int]] = {"passed": [], "inconclusive": [], "failed": []}
+    for epoch, ok in sorted(_verdicts(run).items()):
+        groups["passed" if ok else "inconclusive" if epoch in unsure else "failed"].append(epoch)
+    return groups
 
 
 def _settings(run: RunData) -> str:
@@ -152,16 +164,17 @@ def _curves(run: RunData) -> str:
         ax.plot(*zip(*map50), "o-", color="#007aff", label="val/map50")
     if mapall:
         ax.plot(*zip(*mapall), "s--", color="#5ac8fa", label="val/map")
-    values = dict(map50)
-    for passed, color, marker, name in ((True, "#34c759", "o", "gate passed"), (False, "#ff3b30", "X", "gate failed")):
-        epochs = [e for e, ok in _verdicts(run).items() if ok == passed]
+    values, groups = dict(map50), verdict_groups(run)
+    styles = (("passed", "#34c759", "o"), ("inconclusive", "#ff9500", "D"), ("failed", "#ff3b30", "X"))
+    for kind, color, marker in styles:
+        epochs, name = groups[kind], f"gate {kind}"
         if epochs:
             ys = [values.get(e, 0.0) for e in epochs]
             ax.scatter(
                 epochs,
                 ys,
                 s=140,
-                facecolors="none" if passed else color,
+                facecolors=color if kind == "failed" else "none",
                 edgecolors=color,
                 marker=marker,
                 linewidths=2,
