@@ -16,7 +16,7 @@ export YOLO_OFFLINE = 1
 export HF_HUB_OFFLINE = 1
 export MPLBACKEND = Agg
 
-.PHONY: venv demo test test-fast test-proof test-families test-real test-production bench bench-quick lint clean
+.PHONY: venv demo test test-slow test-proof test-families test-real test-production bench bench-quick lint clean
 
 venv: $(STAMP)
 
@@ -45,8 +45,8 @@ test-families: venv
 test-real: venv
 	$(PY) -m pytest -q -m real --durations=10
 
-test-fast: venv
-	$(PY) -m pytest -q -m "not slow"
+test-slow: venv
+	$(PY) -m pytest -q -m slow --durations=5
 
 bench: venv
 	$(PY) benchmarks/run.py

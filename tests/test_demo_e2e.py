@@ -80,6 +80,7 @@ def test_demo_learns(tmp_path):
     assert bool(saved) == (any(gate) or any(inconclusive)) and (not saved or "last.ckpt" in saved)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "script, extra",
     [("finetune_yolov8.py", ["--imgsz", "64", "--batch-size", "8"]), ("finetune_classifier.py", ["--imgsz", "64"])],
