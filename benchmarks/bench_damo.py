@@ -73,11 +73,8 @@ def bench_methods(repeat: int) -> dict:
 
 def bench_demo_epoch(quick: bool, out: Path) -> dict:
     """Seconds of one demo epoch (fit of 1 epoch: train + validation), without and with callbacks/demo.yaml."""
-    import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import ModelCheckpoint
 
-    from xaiwatch.cli import demo_module
-    from xaiwatch.data import YoloDataModule, generate
+    from xaiwatch.data import generate
 
     n_train, n_val = (32, 16) if quick else (600, 100)
     data = generate(out / "damo_data", num_train=n_train, num_val=n_val, imgsz=160, seed=0, overwrite=True)
@@ -85,25 +82,8 @@ def bench_demo_epoch(quick: bool, out: Path) -> dict:
     for model in ("damo", "yolov8n.yaml"):
         row = {}
         for label, callbacks in (("plain", []), ("demo callbacks", _demo_callbacks(quick))):
-            pl.seed_everything(0)
-            dm = YoloDataModule(str(data), imgsz=160, batch_size=16, seed=0)
-            dm.setup("fit")
-            module = demo_module(model, num_classes=dm.num_classes, names=dm.names)
-            trainer = pl.Trainer(
-                max_epochs=1,
-                logger=pl.loggers.TensorBoardLogger(str(out), name="bench_damo"),
-                callbacks=callbacks,
-                # demo.yaml holds a GatedModelCheckpoint (Lightning refuses one with enable_checkpointing=False); it
-                # writes into the logger's version folder, as in the demo
-                enable_checkpointing=any(isinstance(cb, ModelCheckpoint) for cb in callbacks),
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                num_sanity_val_steps=0,
-                log_every_n_steps=10,
-            )
-            start = time.perf_counter()
-            trainer.fit(module, datamodule=dm)
-            row[f"{label} seconds ({n_train} train images)"] = time.perf_counter() - start
+            seconds, trainer = timed_demo_fit(data, model, callbacks, 1, out, "bench_damo")
+            row[f"{label} seconds ({n_train} train images)"] = seconds
             row[f"{label} val/map50"] = float(trainer.callback_metrics.get("val/map50", float("nan")))
             if callbacks:  # each callback's own seconds after the epoch (its last step)
                 row["per-callback seconds after the epoch"] = _callback_seconds(trainer.logger.log_dir)
@@ -112,6 +92,35 @@ def bench_demo_epoch(quick: bool, out: Path) -> dict:
         )
         results["DAMO-YOLO-T" if model == "damo" else "YOLOv8n"] = row
     return results
+
+
+def timed_demo_fit(data: Path, model: str, callbacks: list, epochs: int, out: Path, name: str) -> tuple[float, object]:
+    """Wall seconds of a seeded demo fit (160 px, batch 16, ``demo_module(model)``) with ``callbacks``, and its
+    trainer. A preset holding a GatedModelCheckpoint needs checkpointing on (Lightning refuses one with
+    ``enable_checkpointing=False``); it writes into the logger's version folder, as in the demo."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from xaiwatch.cli import demo_module
+    from xaiwatch.data import YoloDataModule
+
+    pl.seed_everything(0)
+    dm = YoloDataModule(str(data), imgsz=160, batch_size=16, seed=0)
+    dm.setup("fit")
+    module = demo_module(model, num_classes=dm.num_classes, names=dm.names)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        logger=pl.loggers.TensorBoardLogger(str(out), name=name),
+        callbacks=callbacks,
+        enable_checkpointing=any(isinstance(cb, ModelCheckpoint) for cb in callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=10,
+    )
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    return time.perf_counter() - start, trainer
 
 
 def _demo_callbacks(quick: bool) -> list:

@@ -107,13 +107,10 @@ def bench_callback_share(quick: bool, out: Path) -> dict:
     """The demo (YOLOv8n, 160 px, 600 train / 100 val images, batch 16, callbacks/demo.yaml) over 6 epochs: wall
     time without callbacks, with them, and with them under ``TimeBudget(0.1)``; the callbacks' share is
     ``1 - plain / with`` (smoke: 2 epochs of 32 / 16 images, at most 2 probes per callback)."""
-    import pytorch_lightning as pl
-    from bench_damo import _demo_callbacks
-    from pytorch_lightning.callbacks import ModelCheckpoint
+    from bench_damo import _demo_callbacks, timed_demo_fit
 
     from xaiwatch.callbacks import TimeBudget
-    from xaiwatch.cli import demo_module
-    from xaiwatch.data import YoloDataModule, generate
+    from xaiwatch.data import generate
 
     n_train, n_val, epochs = (32, 16, 2) if quick else (600, 100, 6)
     data = generate(out / "share_data", num_train=n_train, num_val=n_val, imgsz=160, seed=0, overwrite=True)
@@ -124,22 +121,8 @@ def bench_callback_share(quick: bool, out: Path) -> dict:
         ("demo callbacks", _demo_callbacks(quick)),
         ("demo callbacks + TimeBudget(0.1)", [*_demo_callbacks(quick), budget]),
     ):
-        pl.seed_everything(0)
-        dm = YoloDataModule(str(data), imgsz=160, batch_size=16, seed=0)
-        module = demo_module("yolov8n.yaml", num_classes=dm.num_classes, names=dm.names)
-        trainer = pl.Trainer(
-            max_epochs=epochs,
-            logger=pl.loggers.TensorBoardLogger(str(out), name="share"),
-            callbacks=callbacks,
-            enable_checkpointing=any(isinstance(cb, ModelCheckpoint) for cb in callbacks),
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            log_every_n_steps=10,
-        )
-        start = time.perf_counter()
-        trainer.fit(module, datamodule=dm)
-        rows[f"{label} seconds ({epochs} epochs)"] = time.perf_counter() - start
+        seconds, _ = timed_demo_fit(data, "yolov8n.yaml", callbacks, epochs, out, "share")
+        rows[f"{label} seconds ({epochs} epochs)"] = seconds
     plain = rows[f"plain seconds ({epochs} epochs)"]
     rows["callbacks share"] = 1 - plain / rows[f"demo callbacks seconds ({epochs} epochs)"]
     rows["callbacks share under TimeBudget(0.1)"] = (

@@ -309,13 +309,10 @@ def _bound(rec: dict, key: str, direction: str) -> float | None:
     """The statistic the gate decides with: the one-sided 90% bootstrap bound of a model's mean on its passing side
     (the lower bound for a check that must stay below its threshold). ``None`` with fewer than ``MIN_DEFINED``
     defined probes (the gate calls such a model inconclusive, never refuses it)."""
-    from xaiwatch.checks import bootstrap_ci
+    from xaiwatch.checks.verdict import one_sided_bound
 
     vals = [v for v in rec["checks"].get(key, []) if v is not None]
-    if len(vals) < MIN_DEFINED:
-        return None
-    lo, hi = bootstrap_ci(vals, level=2 * LEVEL - 1)
-    return lo if direction == "max" else hi
+    return one_sided_bound(vals, direction, LEVEL) if len(vals) >= MIN_DEFINED else None
 
 
 def choose_threshold(records: list[dict], key: str, direction: str) -> float | None:

@@ -189,20 +189,27 @@ def _cli(weights: Path, dataset_yaml: Path, out: Path, imgsz: int, *extra: str) 
     assert main([*argv, "--methods", "saliency", "--max-objects", "1", "--conf", str(CONF), *extra]) == 0
 
 
+def _explain_both(weights: Path, dataset_yaml: Path, work: Path, imgsz: int, module, capsys):
+    """The command into ``work/explained/cli`` and the function into ``work/explained/python``, each output checked,
+    the two finding the same detections; returns the function's result and its JSON."""
+    _cli(weights, dataset_yaml, work / "explained" / "cli", imgsz)
+    assert "detections on 2 images" in capsys.readouterr().out
+    cli = _check_output(work / "explained" / "cli", module, dataset_yaml, imgsz, ["saliency"], 1)
+    out = work / "explained" / "python"
+    result = explain_images(weights, dataset_yaml, METHODS, out, MAX_OBJECTS, imgsz, conf=CONF, progress=False)
+    data = _check_output(out, module, dataset_yaml, imgsz, METHODS, MAX_OBJECTS)
+    assert _boxes(cli) == _boxes(data)  # the command and the function find the same detections
+    _check_maps(result, data)
+    return result, data
+
+
 # --------------------------------------------------------------------------------------------------- .ckpt
 def test_explain_lightning_checkpoint_of_damo_module(trained, dataset_yaml, capsys):
     module, ckpt = trained
     work = ckpt.parent
     (work / "notes.txt").write_bytes(b"\x00my notes\xff")
     before = _digest(work)
-    _cli(ckpt, dataset_yaml, work / "explained" / "cli", 64)
-    assert "detections on 2 images" in capsys.readouterr().out
-    cli = _check_output(work / "explained" / "cli", module, dataset_yaml, 64, ["saliency"], 1)
-    out = work / "explained" / "python"
-    result = explain_images(ckpt, dataset_yaml, METHODS, out, MAX_OBJECTS, 64, conf=CONF, progress=False)
-    data = _check_output(out, module, dataset_yaml, 64, METHODS, MAX_OBJECTS)
-    assert _boxes(cli) == _boxes(data)  # the command and the function find the same detections
-    _check_maps(result, data)
+    _explain_both(ckpt, dataset_yaml, work, 64, module, capsys)
     after = _digest(work)
     assert {k: v for k, v in after.items() if not k.startswith("explained/")} == before  # .ckpt and notes untouched
 
@@ -214,14 +221,7 @@ def test_explain_damo_directory(trained, dataset_yaml, tmp_path, capsys):
     root = write_damo_directory(tmp_path / "damo_model", module)
     (tmp_path / "mine.bin").write_bytes(b"\x01\x02\x03")
     before = _digest(tmp_path)
-    _cli(root, dataset_yaml, tmp_path / "explained" / "cli", 80)
-    assert "detections on 2 images" in capsys.readouterr().out
-    cli = _check_output(tmp_path / "explained" / "cli", module, dataset_yaml, 80, ["saliency"], 1)
-    out = tmp_path / "explained" / "python"
-    result = explain_images(root, dataset_yaml, METHODS, out, MAX_OBJECTS, 80, conf=CONF, progress=False)
-    data = _check_output(out, module, dataset_yaml, 80, METHODS, MAX_OBJECTS)
-    assert _boxes(cli) == _boxes(data)
-    _check_maps(result, data)
+    result, data = _explain_both(root, dataset_yaml, tmp_path, 80, module, capsys)
     assert all(m.shape == (1, 80, 80) for m in result.maps.values())
     assert not (root / "EXECUTED").exists()
     assert {k: v for k, v in _digest(tmp_path).items() if not k.startswith("explained/")} == before

@@ -16,9 +16,10 @@ and optionally ``_merge(records)`` (default: concatenate per-rank lists in probe
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from abc import abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -390,15 +391,18 @@ class ProbeCallback(Callback):
         if self._budget is not None and not force and not self._budget.decide(trainer, type(self).__name__):
             return  # over the TimeBudget: skipped alike on every rank (rank zero decides)
         self._ran_at = self._last_step = step
+        with self._counted():
+            self._scheduled_run(trainer, pl_module, epoch, stage, step)
+
+    @contextlib.contextmanager
+    def _counted(self) -> Iterator[None]:
+        """The wall time of the block, counted in the trainer's TimeBudget (if any), also when it raises."""
         start = _budget.clock()
         try:
-            self._scheduled_run(trainer, pl_module, epoch, stage, step)
+            yield
         finally:
-            self._spend(_budget.clock() - start)
-
-    def _spend(self, seconds: float) -> None:
-        if self._budget is not None:
-            self._budget.spend(type(self).__name__, seconds)
+            if self._budget is not None:
+                self._budget.spend(type(self).__name__, _budget.clock() - start)
 
     def _scheduled_run(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int, stage: str, step: int
@@ -449,13 +453,11 @@ class ProbeCallback(Callback):
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"xaiwatch-{type(self).__name__}")
 
         def job() -> None:
-            start = _budget.clock()
-            try:
-                self._safely(fn, what)
-            except Exception as err:  # on_error="raise": re-raised on the training thread
-                self._pending = err
-            finally:
-                self._spend(_budget.clock() - start)
+            with self._counted():
+                try:
+                    self._safely(fn, what)
+                except Exception as err:  # on_error="raise": re-raised on the training thread
+                    self._pending = err
 
         self._futures.append(self._pool.submit(job))
 
@@ -476,9 +478,8 @@ class ProbeCallback(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.flush()
         if self._writer is not None and not self._disabled:
-            start = _budget.clock()
-            self._safely(self._at_fit_end, "the end of fit")
-            self._spend(_budget.clock() - start)
+            with self._counted():
+                self._safely(self._at_fit_end, "the end of fit")
 
     def _at_fit_end(self) -> None:  # noqa: B027
         """Rank zero, once everything is written: end-of-fit outputs (filmstrips)."""

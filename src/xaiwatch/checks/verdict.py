@@ -26,7 +26,16 @@ import torch
 from xaiwatch.checks.rule import CHECKS, Rule, format_value
 from xaiwatch.core.errors import ConfigurationError
 
-__all__ = ["CheckResult", "Verdict", "INCONCLUSIVE", "STATUSES", "bootstrap_ci", "format_value", "judge"]
+__all__ = [
+    "CheckResult",
+    "Verdict",
+    "INCONCLUSIVE",
+    "STATUSES",
+    "bootstrap_ci",
+    "format_value",
+    "judge",
+    "one_sided_bound",
+]
 
 #: The states of a check and of a verdict (``"logged"``: a check without threshold).
 STATUSES = ("pass", "fail", "inconclusive", "logged")
@@ -148,6 +157,19 @@ class Verdict:
         return {"status": self.status, "error": self.error, "results": [asdict(r) for r in self.results]}
 
 
+def one_sided_bound(values: torch.Tensor | Sequence[float], direction: str, level: float = 0.9, seed: int = 0) -> float:
+    """The one-sided bootstrap bound at ``level`` of the mean on its passing side: the lower bound for a check that
+    must stay below its threshold (``direction="max"``), the upper one otherwise. A failing mean whose bound is
+    beyond the threshold too fails significantly (:func:`judge`).
+
+    Example:
+        >>> one_sided_bound([0.5, 0.5, 0.5], "max")
+        0.5
+    """
+    low, high = bootstrap_ci(values, 2 * float(level) - 1, seed=seed)  # a two-sided interval's one side
+    return low if direction == "max" else high
+
+
 def _as_probe_values(value) -> tuple[torch.Tensor, bool]:
     """Per-probe values as a float64 vector, and whether they are per probe (a float is an already-made mean)."""
     if isinstance(value, torch.Tensor) and value.dim() >= 1:
@@ -210,8 +232,7 @@ def judge(
         elif rule.passes(mean):
             status = "pass"
         elif significant and per_probe and defined > 1:
-            low, high = bootstrap_ci(ok, 2 * float(level) - 1, seed=seed)  # one-sided bounds at `level`
-            bound = low if rule.direction == "max" else high
+            bound = one_sided_bound(ok, rule.direction, level, seed)
             status = "inconclusive" if rule.passes(bound) else "fail"
             if status == "inconclusive":
                 note = f"over the threshold, but not significantly (one-sided {level:.0%} bound {bound:.3f})"
