@@ -181,33 +181,47 @@ def flip_of(adapter, consistent, wrong) -> dict:
     return {"flip": changed / counted if counted else math.nan, "objects": counted}
 
 
-def evaluate_model(run: Path, weights: str, num_probe: int, seed: int = 0) -> dict:
-    """Every recorded check (per probe) on ``num_probe`` probes chosen as the gate chooses them, and the flip rate."""
-    from xaiwatch.callbacks.probes import choose_probe_indices, largest_objects, load_probes
-    from xaiwatch.checks import CheckOptions, context_swap, evaluate_probes
+def load_run(run: Path, weights: str):
+    """A trained run's ``train.json``, the adapter of its ``weights`` (eval mode) and its cue-consistent
+    validation set (where the gate's probes come from)."""
     from xaiwatch.data.shapes import FAMILIES
-    from xaiwatch.explain import get_engine
     from xaiwatch.models import YOLOv8Module
-    from xaiwatch.targets import MatchedBoxTarget
 
     meta = json.loads((run / "train.json").read_text())
-    fam = FAMILIES[meta["family"]]
-    names = list(fam.classes)
+    names = list(FAMILIES[meta["family"]].classes)
     module = YOLOv8Module("yolov8n.yaml", num_classes=len(names), names=names)
     module.net.load_state_dict(torch.load(run / weights, weights_only=True))
     module.eval()
-    adapter = module.xai_adapter()
     base = run.parents[1] / "data" / f"{meta['family']}_s{meta['seed']}" / "shortcut"
-    consistent = _dataset(base / "counterfactual_consistent", names, meta["imgsz"])
-    wrong = _dataset(base / "counterfactual_wrong", names, meta["imgsz"])
-    start = time.perf_counter()
-    control = flip_of(adapter, consistent, wrong)
-    indices = choose_probe_indices(consistent, num_probe, seed, "calibrate")
-    probes = load_probes(consistent, indices, "calibrate")
+    return meta, module.xai_adapter(), _dataset(base / "counterfactual_consistent", names, meta["imgsz"])
+
+
+def gate_probes(dataset, num_probe: int, seed: int = 0):
+    """``num_probe`` probes chosen as the gate chooses them, their tracked objects (the largest box of each) and
+    those objects' boxes :math:`(N, 4)` and labels :math:`(N,)`."""
+    from xaiwatch.callbacks.probes import choose_probe_indices, largest_objects, load_probes
+
+    probes = load_probes(dataset, choose_probe_indices(dataset, num_probe, seed, "calibrate"), "calibrate")
     tracked = [largest_objects(b, lab, 1)[0] for b, lab in zip(probes.boxes, probes.labels)]
-    targets = [MatchedBoxTarget(t[:4], int(t[4]), conf=adapter.conf) for t in tracked]
     boxes = torch.tensor([t[:4] for t in tracked])
     labels = torch.tensor([int(t[4]) for t in tracked])
+    return probes, tracked, boxes, labels
+
+
+def evaluate_model(run: Path, weights: str, num_probe: int, seed: int = 0) -> dict:
+    """Every recorded check (per probe) on ``num_probe`` probes chosen as the gate chooses them, and the flip rate."""
+    from xaiwatch.checks import CheckOptions, context_swap, evaluate_probes
+    from xaiwatch.data.shapes import FAMILIES
+    from xaiwatch.explain import get_engine
+    from xaiwatch.targets import MatchedBoxTarget
+
+    meta, adapter, consistent = load_run(run, weights)
+    base = run.parents[1] / "data" / f"{meta['family']}_s{meta['seed']}" / "shortcut"
+    wrong = _dataset(base / "counterfactual_wrong", list(FAMILIES[meta["family"]].classes), meta["imgsz"])
+    start = time.perf_counter()
+    control = flip_of(adapter, consistent, wrong)
+    probes, tracked, boxes, labels = gate_probes(consistent, num_probe, seed)
+    targets = [MatchedBoxTarget(t[:4], int(t[4]), conf=adapter.conf) for t in tracked]
     options = CheckOptions(seed=seed)
     values, _ = evaluate_probes(
         adapter,

@@ -93,22 +93,10 @@ def evaluate_run(run: Path, num_probe: int = 16, grid: int = 3) -> dict:
     """:func:`part_occlusion` of a calibration run's final model on the gate's probes (cue consistent)."""
     import calibrate_gate as cg
 
-    from xaiwatch.callbacks.probes import choose_probe_indices, largest_objects, load_probes
-    from xaiwatch.data.shapes import FAMILIES
-    from xaiwatch.models import YOLOv8Module
-
     meta = json.loads((run / "train.json").read_text())
-    names = list(FAMILIES[meta["family"]].classes)
-    module = YOLOv8Module("yolov8n.yaml", num_classes=len(names), names=names)
-    module.net.load_state_dict(torch.load(run / meta["weights"][-1]["path"], weights_only=True))
-    module.eval()
-    base = run.parents[1] / "data" / f"{meta['family']}_s{meta['seed']}" / "shortcut"
-    dataset = cg._dataset(base / "counterfactual_consistent", names, meta["imgsz"])
-    probes = load_probes(dataset, choose_probe_indices(dataset, num_probe, 0, "calibrate"), "calibrate")
-    tracked = [largest_objects(b, lab, 1)[0] for b, lab in zip(probes.boxes, probes.labels)]
-    boxes = torch.tensor([t[:4] for t in tracked])
-    labels = torch.tensor([int(t[4]) for t in tracked])
-    return part_occlusion(module.xai_adapter(), probes.images, boxes, labels, grid)
+    _, adapter, dataset = cg.load_run(run, meta["weights"][-1]["path"])
+    probes, _, boxes, labels = cg.gate_probes(dataset, num_probe)
+    return part_occlusion(adapter, probes.images, boxes, labels, grid)
 
 
 def main() -> None:
