@@ -61,11 +61,10 @@ def run(quick: bool = False, ks: tuple[int, ...] = (1, 4, 16), size: int = 320) 
 
     base = timeit(floor, repeat)
     results: dict = {"floor seconds (forward + backward to input)": base}
-    layers = [name for name in adapter.layer_names() if name.startswith("neck.")]
-    engines = {
+    engines = {  # layer="neck": the three maps the head reads, merged per box as ultralytics merges them
         "ours layer_cam neck.p3": [get_engine("layer_cam", adapter, layer="neck.p3")],
-        "ours layer_cam all 3 head inputs": [get_engine("layer_cam", adapter, layer=name) for name in layers],
-        "ours hires_cam all 3 head inputs": [get_engine("hires_cam", adapter, layer=name) for name in layers],
+        "ours layer_cam all 3 head inputs": [get_engine("layer_cam", adapter, layer="neck")],
+        "ours hires_cam all 3 head inputs": [get_engine("hires_cam", adapter, layer="neck")],
         "ours grad_cam neck.p3": [get_engine("grad_cam", adapter, layer="neck.p3")],
     }
     LOGGER.setLevel("ERROR")  # "Saving ... (LayerCAM)" on every call

@@ -99,7 +99,9 @@ def test_level_head_shortcut_equals_the_full_backward(adapter, images, monkeypat
     calls = []
     monkeypatch.setattr(adapter, "level_head", lambda name: lambda f: calls.append(f.shape) or head(f))
     fast = engine.attribute_boxes(images[:1], targets)
-    assert len(calls) == 1  # the shortcut ran: one pass through the level's class branch
+    # the shortcut ran: the level's class branch alone, on each target's 5 x 5 window (cut at the border)
+    assert sum(shape[0] for shape in calls) == len(targets)
+    assert all(shape[-2] <= 5 and shape[-1] <= 5 for shape in calls)
     monkeypatch.undo()
     _full_path(engine, monkeypatch)
     full = engine.attribute_boxes(images[:1], targets)
@@ -141,3 +143,73 @@ def test_level_head_reproduces_the_raw_scores_and_matched_targets_record_their_m
     match = engine.explain_boxes(images[:1], [target]).matches
     assert len(match) == 1 and 0 <= match[0].candidate < 84
     assert torch.allclose(engine.attribute_boxes(images[:1], [target]), engine.attribute(images[:1], target))
+
+
+def _reference_cam(adapter, image, target, layers, method):
+    """One target's map from one full backward to each layer (hooks), each upsampled, divided by its maximum and
+    max-merged when there are several layers: ultralytics' per-box rule, computed here independently."""
+    adapter.model.eval()
+    store = {}
+    hooks = [adapter.layer(n).register_forward_hook(lambda m, i, o, n=n: store.__setitem__(n, o)) for n in layers]
+    try:
+        score = adapter.score(image.clone().requires_grad_(), target)
+    finally:
+        for h in hooks:
+            h.remove()
+    grads = torch.autograd.grad(score.sum(), [store[n] for n in layers], allow_unused=True)
+    maps = []
+    for n, g in zip(layers, grads):
+        a = store[n].detach()
+        g = torch.zeros_like(a) if g is None else g
+        cam = (torch.relu(g) * a if method == "layer_cam" else g * a).sum(dim=1, keepdim=True).clamp(min=0)
+        maps.append(F.interpolate(cam, size=image.shape[-2:], mode="bilinear", align_corners=False))
+    if len(maps) == 1:
+        return maps[0]
+    return torch.stack([m / m.amax() if m.amax() > 0 else m for m in maps]).amax(dim=0)
+
+
+@pytest.mark.parametrize("method", ["layer_cam", "hires_cam"])
+@pytest.mark.parametrize(
+    "layer, layers",
+    [
+        ("neck", ["neck.p3", "neck.p4", "neck.p5"]),  # a group: the three maps the head reads
+        ("neck.p5,neck.p3", ["neck.p5", "neck.p3"]),
+        ("neck.p3", ["neck.p3"]),
+        ("model.12", ["model.12"]),  # a layer no level reads directly: the chain goes on from the level's map
+    ],
+)
+def test_chained_level_gradients_equal_one_full_backward_per_box(adapter, images, method, layer, layers):
+    # P3 cells 0..63 of the 8 x 8 map at 64 px: corners and border cells (windows cut at the border), an inner
+    # one; P4 64..79; P5 80..83
+    targets = [BoxTarget(c, i % 3) for i, c in enumerate([0, 7, 27, 56, 63, 64, 70, 79, 81, 83])]
+    engine = get_engine(method, adapter, layer=layer)
+    assert engine.layer_group == layers
+    got = engine.attribute_boxes(images[:1], targets)
+    ref = torch.cat([_reference_cam(adapter, images[:1], t, layers, method) for t in targets])
+    assert float(ref.amax(dim=(1, 2, 3)).min()) > 0  # every box has a map
+    for g, r in zip(got, ref):
+        assert torch.allclose(g, r, rtol=1e-4, atol=1e-5 * float(r.abs().max()))
+    if len(layers) > 1:
+        assert torch.allclose(got.amax(dim=(1, 2, 3)), torch.ones(len(targets)))
+
+
+def test_a_group_of_layers_and_the_methods_that_read_one(adapter, images):
+    from xaiwatch.core.errors import ConfigurationError
+
+    assert adapter.layer_group("neck") == ["neck.p3", "neck.p4", "neck.p5"]
+    assert adapter.layer_group("backbone.p4, neck.p3") == ["backbone.p4", "neck.p3"]
+    assert adapter.level_inputs() == ["neck.p3", "neck.p4", "neck.p5"]
+    assert adapter.level_head_radius("neck.p3") == 2 and adapter.level_head_radius("backbone.p3") is None
+    with pytest.raises(ConfigurationError, match="reads one layer"):
+        get_engine("feature_maps", adapter, layer="neck")
+    with pytest.raises(ConfigurationError, match="Unknown layer 'neck.p9'"):
+        get_engine("layer_cam", adapter, layer="neck.p3,neck.p9")
+    # Grad-CAM over a group: the same formula per layer, merged, in attribute() and attribute_boxes()
+    engine = get_engine("grad_cam", adapter, layer="neck")
+    targets = [BoxTarget(5, 0), BoxTarget(75, 1)]
+    assert torch.allclose(
+        engine.attribute_boxes(images[:1], targets),
+        torch.cat([engine.attribute(images[:1], t) for t in targets]),
+        rtol=1e-4,
+        atol=1e-6,
+    )

@@ -84,6 +84,10 @@ def test_layer_cam_matches_ultralytics_per_box_before_merge(tmp_path):
         ours = ours / ours.amax(dim=(2, 3), keepdim=True).clamp(min=1e-7)
         for j in range(k):
             torch.testing.assert_close(ours[j], theirs[j][level][0], atol=1e-4, rtol=1e-3)
+    # one engine over the group "neck": per box, the three levels normalised and max-merged as ultralytics does
+    merged_ours = get_engine("layer_cam", adapter, layer="neck").attribute_boxes(image, targets)
+    for j in range(k):
+        torch.testing.assert_close(merged_ours[j], torch.stack(theirs[j]).amax(0)[0], atol=1e-4, rtol=1e-3)
     for j, c in enumerate(order.tolist()):  # not a trivial agreement: each box's own level is a real map
         own = theirs[j][int(levels_of[c])]
         assert float(own.max()) == pytest.approx(1.0) and float(own.mean()) < 0.5

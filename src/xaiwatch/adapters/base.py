@@ -94,6 +94,21 @@ class DetectorAdapter(ABC):
         """
         return None
 
+    def level_head_radius(self, layer: str) -> int | None:
+        """How far (in cells of ``layer``) a score of :meth:`level_head` reaches: the class score at cell ``(i, j)``
+        depends on the cells within this Chebyshev distance only. Gradient CAMs then differentiate each object's
+        score on a small window instead of the whole map. ``None`` (the default): unknown."""
+        return None
+
+    def level_inputs(self) -> list[str] | None:
+        """The layer each level of the head reads (an alias of :meth:`layer_names`), in the order of ``levels``.
+
+        Candidates of level ``l`` depend on every other layer only through ``level_inputs()[l]`` (the head reads
+        nothing else for them): gradient CAMs chain the level's small :meth:`level_head` with one backward from
+        that map to the layers explained. ``None`` (the default) when the family has no such structure.
+        """
+        return None
+
     def randomization_stages(self) -> list[tuple[str, list[str]]]:
         """Module paths of the model from the top down, in the stages of the cascading randomisation check.
 
@@ -137,6 +152,30 @@ class DetectorAdapter(ABC):
                 f"Unknown layer {name!r} for {type(self.model).__name__}. Use one of: {known}; "
                 "or any dotted module path of the model (see `model.named_modules()`)."
             ) from None
+
+    def layer_group(self, name: str) -> list[str]:
+        """The layers ``name`` stands for: the aliases under a group (``"neck"`` -> ``neck.p3``, ``neck.p4``, ...),
+        the comma-separated layers of ``"neck.p3,neck.p5"``, or ``[name]``; each resolves (:meth:`layer`).
+
+        Raises:
+            ConfigurationError: for an unknown layer; the message lists the aliases.
+
+        Example:
+            >>> from xaiwatch.adapters import ClassifierAdapter
+            >>> net = nn.Sequential(nn.Conv2d(3, 2, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            >>> ClassifierAdapter(net).layer_group("0")
+            ['0']
+        """
+        names: list[str] = []
+        for part in (p.strip() for p in str(name).split(",")):
+            group = [a for a in self.layer_names() if a.startswith(f"{part}.")]
+            for n in group or [part]:
+                self.layer(n)
+                if n not in names:
+                    names.append(n)
+        if not names:
+            raise ConfigurationError(f"Empty layer name {name!r}; use one of: {', '.join(self.layer_names())}.")
+        return names
 
     def postprocess(self, raw: RawOutput) -> list[Detections]:
         """Class-aware non-maximum suppression of raw candidates, keeping each box's candidate index."""

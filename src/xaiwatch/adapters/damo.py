@@ -217,6 +217,10 @@ class DamoYoloAdapter(DetectorAdapter):
         order = list(_NECK_OUTPUTS.values())
         return tuple(range(order.index(path), 3)) if path in order else None
 
+    def level_inputs(self) -> list[str] | None:
+        """``neck.p3``, ``neck.p4``, ``neck.p5``: the maps ZeroHead reads, in its level order."""
+        return list(_NECK_OUTPUTS)
+
     def level_head(self, layer: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """For ``neck.p3``/``p4``/``p5``: that level's class branch of ZeroHead, sigmoid, without the background."""
         path = self.layer_names().get(layer, layer)

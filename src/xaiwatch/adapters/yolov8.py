@@ -28,6 +28,9 @@ def is_ultralytics_detection_model(module: object) -> bool:
     return any(c.__name__ == "DetectionModel" and c.__module__.startswith("ultralytics") for c in type(module).__mro__)
 
 
+#: layers that act on each cell of a feature map alone (batch norm in eval mode, activations)
+_CELLWISE = (nn.BatchNorm2d, nn.SiLU, nn.ReLU, nn.LeakyReLU, nn.Hardswish, nn.GELU, nn.Sigmoid, nn.Identity)
+
 #: heads whose candidates this adapter decodes: YOLOv8/YOLO11/YOLO12 ``Detect`` and YOLOv10's ``v10Detect``
 _DETECT_HEADS = frozenset({"Detect", "v10Detect"})
 
@@ -165,6 +168,35 @@ class YOLOv8Adapter(DetectorAdapter):
             return branch(features).view(features.shape[0], nc, -1).sigmoid().transpose(1, 2)
 
         return scores
+
+    def level_head_radius(self, layer: str) -> int | None:
+        """The summed half-widths of the class branch's convolutions (``2`` for YOLOv8 and YOLO11: two 3 x 3).
+
+        ``None`` unless every convolution has stride 1 and "same" padding and every other layer acts on each cell
+        alone (batch norm in eval mode, activations), so that the sum bounds the branch's reach.
+        """
+        path = self.layer_names().get(layer, layer)
+        inputs = [f"model.{i}" for i in self.head.f]
+        if path not in inputs:
+            return None
+        radius = 0
+        for module in self.head.cv3[inputs.index(path)].modules():
+            if isinstance(module, nn.Conv2d):
+                (kh, kw), (dh, dw) = module.kernel_size, module.dilation
+                same = (dh * (kh - 1) // 2, dw * (kw - 1) // 2)
+                if module.stride != (1, 1) or kh != kw or dh != dw or module.padding != same:
+                    return None
+                radius += same[0]
+            elif not list(module.children()) and not isinstance(module, _CELLWISE):
+                return None
+        return radius
+
+    def level_inputs(self) -> list[str] | None:
+        """``neck.p3``, ``neck.p4``, ``neck.p5`` (the maps ``Detect`` reads, in its order); ``None`` for an end-to-end
+        head, whose one-to-one branch :meth:`level_head` does not compute."""
+        if getattr(self.head, "end2end", False):
+            return None
+        return [f"neck.p{int(s).bit_length() - 1}" for s in self.head.stride.tolist()]
 
     def randomization_stages(self) -> list[tuple[str, list[str]]]:
         """``head`` (``Detect``), then ``neck`` (the layers after the backbone), then ``backbone``."""

@@ -161,14 +161,7 @@ class ProjectionCallback(ProbeCallback):
         wanted = self.layers or (
             ["neck"] if any(a.startswith("neck.") for a in aliases) else [adapter.default_cam_layer]
         )
-        names: list[str] = []
-        for layer in wanted:
-            group = [a for a in aliases if a.startswith(f"{layer}.")]
-            for n in group or [layer]:
-                adapter.layer(n)  # raises for an unknown layer, listing the aliases
-                if n not in names:
-                    names.append(n)
-        return names
+        return adapter.layer_group(",".join(wanted))  # raises for an unknown layer, listing the aliases
 
     @override
     def _choose(self, dataset: Any) -> list[int]:

@@ -33,7 +33,8 @@ class Engine(ABC):
 
     Args:
         adapter: the model adapter.
-        layer: layer alias or dotted path, for methods that read a layer (``needs_layer``).
+        layer: layer alias or dotted path, for methods that read a layer (``needs_layer``); CAM methods also take
+            a group (``"neck"``: every ``neck.*`` alias) or comma-separated layers and merge their maps.
         seed: seed of the random streams inside the explanation (stochastic methods repeat exactly).
         max_memory_mb: memory budget of methods that evaluate the model many times (IG steps, SmoothGrad
             samples, masks, occlusion windows); their internal batch size is derived from it.
@@ -45,6 +46,8 @@ class Engine(ABC):
 
     name: ClassVar[str] = ""
     needs_layer: ClassVar[bool] = False
+    #: whether ``layer`` may stand for several layers (a group such as ``"neck"``, or ``"neck.p3,neck.p5"``)
+    multi_layer: ClassVar[bool] = False
     signed: ClassVar[bool] = False
 
     def __init__(
@@ -58,7 +61,15 @@ class Engine(ABC):
         self.seed = int(seed)
         self.max_memory_mb = float(max_memory_mb)
         self.layer_name = (layer or adapter.default_cam_layer) if self.needs_layer else layer
-        self.layer: nn.Module | None = adapter.layer(self.layer_name) if self.needs_layer else None
+        #: the layers ``layer`` stands for (:meth:`~xaiwatch.adapters.base.DetectorAdapter.layer_group`)
+        self.layer_group: list[str] = adapter.layer_group(self.layer_name) if self.needs_layer else []
+        if len(self.layer_group) > 1 and not self.multi_layer:
+            raise ConfigurationError(
+                f"Method {self.name!r} reads one layer; {self.layer_name!r} stands for {self.layer_group}. Pass one "
+                "of them, or use a CAM method (grad_cam_pp, hires_cam, layer_cam, eigen_cam), which merges layers."
+            )
+        self.layers: list[nn.Module] = [adapter.layer(n) for n in self.layer_group]
+        self.layer: nn.Module | None = self.layers[0] if self.layers else None
         self.check_model()
 
     def check_model(self) -> None:

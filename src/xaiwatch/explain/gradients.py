@@ -60,6 +60,8 @@ class GradCamEngine(_CamEngine):
     needs_layer = True
 
     def _attribute(self, images: torch.Tensor, targets: Target | Sequence[Target]) -> torch.Tensor:
+        if len(self.layers) > 1:  # a group of layers: each layer's map by the same formula, merged
+            return super()._attribute(images, targets)
         from captum.attr import LayerGradCam
 
         cam = LayerGradCam(self.forward_func(targets), self.layer).attribute(
