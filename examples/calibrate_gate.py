@@ -295,6 +295,91 @@ def evaluate(args: argparse.Namespace) -> Path:
     return path
 
 
+def load_real_run(run: Path, checkpoint: str = "last.ckpt", imgsz: int = 224):
+    """A real fine-tune written by ``xaiwatch demo --real`` (``<run>/tensorboard/version_0/checkpoints/<checkpoint>``
+    and ``<run>/data``): its Lightning checkpoint's module (eval mode), adapter and validation tiles.
+
+    The architecture and class names come from the checkpoint's hyper-parameters; the pretrained file it was
+    fine-tuned from is not read (the checkpoint holds every weight).
+    """
+    from xaiwatch.models import YOLOv8Module
+
+    ckpt_path = Path(run) / "tensorboard" / "version_0" / "checkpoints" / checkpoint
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own Lightning checkpoint
+    hp = ckpt["hyper_parameters"]
+    module = YOLOv8Module(hp["model"], num_classes=hp["num_classes"], names=list(hp["names"]))
+    module.load_state_dict(ckpt["state_dict"])
+    module.eval()
+    meta = {"epoch": int(ckpt["epoch"]) + 1, "step": int(ckpt["global_step"]), "model": hp["model"]}
+    return meta, module.xai_adapter(), _dataset(Path(run) / "data", list(hp["names"]), imgsz)
+
+
+def evaluate_real_model(name: str, run: Path, checkpoint: str, num_probe: int, imgsz: int, seed: int = 0) -> dict:
+    """Every recorded check (per probe) of a real clean fine-tune, as :func:`evaluate_model` records a generated
+    one (no counterfactual flip rate: real data has no known cue)."""
+    from xaiwatch.checks import CheckOptions, evaluate_probes
+    from xaiwatch.explain import get_engine
+    from xaiwatch.targets import MatchedBoxTarget
+
+    meta, adapter, val = load_real_run(run, checkpoint, imgsz)
+    start = time.perf_counter()
+    probes, tracked, boxes, labels = gate_probes(val, num_probe, seed)
+    targets = [MatchedBoxTarget(t[:4], int(t[4]), conf=adapter.conf) for t in tracked]
+    values, _ = evaluate_probes(
+        adapter,
+        {"saliency": get_engine("saliency", adapter)},
+        probes.images,
+        targets,
+        boxes,
+        probes.boxes,
+        RECORDED,
+        CheckOptions(seed=seed),
+        labels=labels,
+        gt_labels=probes.labels,
+    )
+    for key in ("context_swap", "relative_context_reliance"):  # the margin-0.25 keys are the recorded defaults
+        values[f"{key}@0.25"] = values[key]
+    return {
+        "family": name,
+        "twin": "clean",
+        "seed": seed,
+        "weights": checkpoint,
+        "epoch": meta["epoch"],
+        "step": meta["step"],
+        "model": meta["model"],
+        "final": True,
+        "eval_seconds": time.perf_counter() - start,
+        "flip": None,
+        "probes": len(tracked),
+        "checks": {k: [None if math.isnan(float(x)) else float(x) for x in v.tolist()] for k, v in values.items()},
+    }
+
+
+def evaluate_real(args: argparse.Namespace) -> Path:
+    """Record every check of the real runs given as ``--run NAME=FOLDER[:CHECKPOINT]`` into ``<out>/real.json``."""
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    path = out / "real.json"
+    records = json.loads(path.read_text()) if path.is_file() else []
+    for spec in args.run:
+        name, _, rest = spec.partition("=")
+        folder, _, checkpoint = rest.partition(":")
+        if not name or not folder:
+            raise SystemExit(f"--run must be NAME=FOLDER[:CHECKPOINT], got {spec!r}")
+        checkpoint = checkpoint or "last.ckpt"
+        records = [r for r in records if (r["family"], r["weights"]) != (name, checkpoint)]
+        rec = evaluate_real_model(name, Path(folder), checkpoint, args.num_probe, args.imgsz)
+        records.append(rec)
+        path.write_text(json.dumps(records, indent=1))
+        short = {k: _summary(rec, k) for k in rec["checks"]}
+        print(
+            f"{name} {checkpoint} (epoch {rec['epoch']}) "
+            + " ".join(f"{k}={v:.3f}({n})" for k, (v, n) in short.items() if n),
+            flush=True,
+        )
+    return path
+
+
 # --------------------------------------------------------------------------------------------------- report
 #: Checks a gate may decide on, with the side that passes.
 CANDIDATES = {
@@ -509,6 +594,12 @@ def main() -> None:
     e.add_argument("--num-probe", type=int, default=16)
     e.add_argument("--all-epochs", action="store_true")
     e.add_argument("--threads", type=int, default=1)
+    q = sub.add_parser("real", help="record every check of real clean fine-tunes (xaiwatch demo --real runs)")
+    q.add_argument("--out", default=str(OUT))
+    q.add_argument("--run", nargs="+", required=True, help="NAME=FOLDER[:CHECKPOINT] (default last.ckpt)")
+    q.add_argument("--num-probe", type=int, default=16)
+    q.add_argument("--imgsz", type=int, default=224)
+    q.add_argument("--threads", type=int, default=1)
     r = sub.add_parser("report", help="leave-one-family-out thresholds and tables")
     r.add_argument("--out", default=str(OUT))
     r.add_argument("--proof-family", default="tint2")
@@ -520,6 +611,8 @@ def main() -> None:
         train(args)
     elif args.command == "evaluate":
         evaluate(args)
+    elif args.command == "real":
+        evaluate_real(args)
 
 
 if __name__ == "__main__":
