@@ -10,6 +10,7 @@ from the user: the variants are built from the validation images and their boxes
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -278,20 +279,22 @@ def context_swap(
     every = list(dict.fromkeys([*fills, *extra_fills]))
     jobs = [(f, s) for f in every for s in (range(int(donors)) if f == "swap" else (0,))]
 
-    def score(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def score(x: torch.Tensor, b: torch.Tensor, lab: torch.Tensor) -> tuple[torch.Tensor, ...]:
         raw = adapter.raw(x)
-        s, c, top = object_scores(raw, boxes, labels, iou, best=True)
-        return s.cpu(), c.cpu(), top.cpu(), class_shares(raw, boxes, labels, iou)
+        s, c, top = object_scores(raw, b, lab, iou, best=True)
+        return s.cpu(), c.cpu(), top.cpu(), class_shares(raw, b, lab, iou)
 
-    with torch.no_grad(), eval_state(adapter.model):
-        s0, c0, share0 = _originals(original, lambda: score(images))
-        results = []
-        for fill, slot in jobs:
-            variant, ok = _variants(images, kept, fill, pairs, slot, pool, rows)
-            s1, c1, top1, share1 = score(variant)
-            results.append((fill, ok.cpu(), s1, c1, top1, share1))
     share = box_masks(kept, images.shape[-2:]).float().mean(dim=(1, 2)).cpu()
-    defined = (s0 >= float(min_score)) & (share < _MAX_BOX_SHARE)
+    with torch.no_grad(), eval_state(adapter.model):
+        s0, c0, share0 = _originals(original, lambda: score(images, boxes, labels))
+        defined = (s0 >= float(min_score)) & (share < _MAX_BOX_SHARE)
+        # only defined probes are re-scored (the others' values are nan whatever their variants give)
+        live = [i for i in range(images.shape[0]) if bool(defined[i])]
+        where = list(range(images.shape[0])) if rows is None else rows
+        results = [
+            (fill, *_rescored(score, images, kept, boxes, labels, fill, slot, pairs, pool, where, live))
+            for fill, slot in jobs
+        ]
     nan = torch.full_like(s0, float("nan"))
     flips, drops, class_drops, by_fill = [], [], [], {}
     for fill, ok, s1, c1, top1, share1 in results:
@@ -314,6 +317,23 @@ def context_swap(
     drop = _nanmean_rows(torch.stack(drops))
     class_drop = _nanmean_rows(torch.stack(class_drops))
     return ContextSwap(flip, torch.where(defined, drop, nan), s0, defined, by_fill, class_drop)
+
+
+def _rescored(score, images, kept, boxes, labels, fill, slot, pairs, pool, where, live) -> tuple[torch.Tensor, ...]:
+    """``(ok, scores, classes, best scores, class shares)`` of one variant, re-scored only at the ``live`` probes
+    (``ok`` False, scores 0, classes -1, shares ``nan`` elsewhere)."""
+    n = images.shape[0]
+    out = [torch.zeros(n), torch.full((n,), -1, dtype=torch.long), torch.zeros(n), torch.full((n,), math.nan)]
+    ok = torch.zeros(n, dtype=torch.bool)
+    if live:
+        at = torch.tensor(live, dtype=torch.long, device=images.device)
+        variant, ok_live = _variants(
+            images[at], kept[at], fill, [pairs[i] for i in live], slot, pool, [where[i] for i in live]
+        )
+        for full, part in zip(out, score(variant, boxes[at], labels[at])):
+            full[at.cpu()] = part.to(full.dtype)
+        ok[at.cpu()] = ok_live.cpu()
+    return (ok, *out)
 
 
 def _originals(original, score) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
