@@ -112,7 +112,7 @@ def bench_gate_breakdown(repeat: int = 3, probes: int = 16) -> dict:
         return evaluate_probes(adapter, engines, images, targets, boxes, gt, needed, o, labels=labels, gt_labels=gl)
 
     half = images.clone()
-    half[: probes // 2] *= 0.0  # half the probes black: their objects are not detected (undefined)
+    half[: probes // 2] *= 0.0  # 8 probes black: their objects are not detected (undefined)
 
     with torch.no_grad():
         parts = {
@@ -126,7 +126,7 @@ def bench_gate_breakdown(repeat: int = 3, probes: int = 16) -> dict:
                 ),
                 repeat,
             ),
-            "context variants, half the probes undefined (not re-scored)": _cpu_seconds(
+            "context variants, 8 black probes undefined (not re-scored)": _cpu_seconds(
                 lambda: context_swap(
                     adapter, half, boxes, labels, gt, gl, ("swap",), 2, 1e-3, extra_fills=("grey",), margin=0.25
                 ),

@@ -138,7 +138,8 @@ class SaliencyGate(ProbeCallback):
         checks: check name (or ``check/method``) to threshold, ``None`` to log a check without gating on it.
             Direction is the check's own: ``pointing_game``, ``energy_in_box``, ``insertion_auc``, ``stability``
             must be at least the threshold; ``off_object_energy``, ``deletion_auc``, ``randomization_ssim``,
-            ``randomization_spearman``, ``context_reliance``, ``counterfactual_flip`` at most.
+            ``randomization_spearman``, ``context_reliance``, ``relative_context_reliance``, ``swap_class_drop``,
+            ``counterfactual_flip`` at most.
         methods: explanation methods whose maps the map checks judge.
         mode: ``"block"``, ``"warn"`` or ``"stop"``.
         patience: failing validations in a row before ``mode="stop"`` stops training.
