@@ -8,10 +8,13 @@ The positive control is the counterfactual flip rate (cue made wrong, everything
 
     python examples/calibrate_gate.py train --family tint2 --twin shortcut --seed 0   # one model (one core)
     python examples/calibrate_gate.py evaluate                                         # every check, every model
+    python examples/calibrate_gate.py real --run real_fall=/path/to/demo_real_output  # real clean fine-tunes
     python examples/calibrate_gate.py report --proof-family tint2                      # thresholds + tables
     python examples/calibrate_gate.py all                                              # everything, in sequence
 
-``report`` chooses each gated check's threshold on the families other than the held-out one and reports, per
+``real`` records every check of real clean fine-tunes written by ``xaiwatch demo --real`` (their Lightning
+checkpoint and validation tiles; ``NAME=FOLDER[:CHECKPOINT]``, default ``last.ckpt``) into ``<out>/real.json``;
+``report`` judges them with the defaults it chooses. ``report`` chooses each gated check's threshold on the families other than the held-out one and reports, per
 held-out family, the clean false-refusal rate and the shortcut catch rate at the final epoch; it writes
 ``<out>/calibration.json`` and ``<out>/calibration.md``. The defaults are chosen on every family except
 ``--proof-family`` (the one ``make test-proof`` runs), so the proof is a claim about data not tuned on.
