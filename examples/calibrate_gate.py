@@ -8,10 +8,13 @@ The positive control is the counterfactual flip rate (cue made wrong, everything
 
     python examples/calibrate_gate.py train --family tint2 --twin shortcut --seed 0   # one model (one core)
     python examples/calibrate_gate.py evaluate                                         # every check, every model
+    python examples/calibrate_gate.py real --run real_fall=/path/to/demo_real_output  # real clean fine-tunes
     python examples/calibrate_gate.py report --proof-family tint2                      # thresholds + tables
     python examples/calibrate_gate.py all                                              # everything, in sequence
 
-``report`` chooses each gated check's threshold on the families other than the held-out one and reports, per
+``real`` records every check of real clean fine-tunes written by ``xaiwatch demo --real`` (their Lightning
+checkpoint and validation tiles; ``NAME=FOLDER[:CHECKPOINT]``, default ``last.ckpt``) into ``<out>/real.json``;
+``report`` judges them with the defaults it chooses. ``report`` chooses each gated check's threshold on the families other than the held-out one and reports, per
 held-out family, the clean false-refusal rate and the shortcut catch rate at the final epoch; it writes
 ``<out>/calibration.json`` and ``<out>/calibration.md``. The defaults are chosen on every family except
 ``--proof-family`` (the one ``make test-proof`` runs), so the proof is a claim about data not tuned on.
@@ -150,6 +153,7 @@ RECORDED = {
     "relative_context_reliance",
     "context_swap",
     "context_swap_drop",
+    "swap_class_drop",
 }
 
 
@@ -295,6 +299,91 @@ def evaluate(args: argparse.Namespace) -> Path:
     return path
 
 
+def load_real_run(run: Path, checkpoint: str = "last.ckpt", imgsz: int = 224):
+    """A real fine-tune written by ``xaiwatch demo --real`` (``<run>/tensorboard/version_0/checkpoints/<checkpoint>``
+    and ``<run>/data``): its Lightning checkpoint's module (eval mode), adapter and validation tiles.
+
+    The architecture and class names come from the checkpoint's hyper-parameters; the pretrained file it was
+    fine-tuned from is not read (the checkpoint holds every weight).
+    """
+    from xaiwatch.models import YOLOv8Module
+
+    ckpt_path = Path(run) / "tensorboard" / "version_0" / "checkpoints" / checkpoint
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own Lightning checkpoint
+    hp = ckpt["hyper_parameters"]
+    module = YOLOv8Module(hp["model"], num_classes=hp["num_classes"], names=list(hp["names"]))
+    module.load_state_dict(ckpt["state_dict"])
+    module.eval()
+    meta = {"epoch": int(ckpt["epoch"]) + 1, "step": int(ckpt["global_step"]), "model": hp["model"]}
+    return meta, module.xai_adapter(), _dataset(Path(run) / "data", list(hp["names"]), imgsz)
+
+
+def evaluate_real_model(name: str, run: Path, checkpoint: str, num_probe: int, imgsz: int, seed: int = 0) -> dict:
+    """Every recorded check (per probe) of a real clean fine-tune, as :func:`evaluate_model` records a generated
+    one (no counterfactual flip rate: real data has no known cue)."""
+    from xaiwatch.checks import CheckOptions, evaluate_probes
+    from xaiwatch.explain import get_engine
+    from xaiwatch.targets import MatchedBoxTarget
+
+    meta, adapter, val = load_real_run(run, checkpoint, imgsz)
+    start = time.perf_counter()
+    probes, tracked, boxes, labels = gate_probes(val, num_probe, seed)
+    targets = [MatchedBoxTarget(t[:4], int(t[4]), conf=adapter.conf) for t in tracked]
+    values, _ = evaluate_probes(
+        adapter,
+        {"saliency": get_engine("saliency", adapter)},
+        probes.images,
+        targets,
+        boxes,
+        probes.boxes,
+        RECORDED,
+        CheckOptions(seed=seed),
+        labels=labels,
+        gt_labels=probes.labels,
+    )
+    for key in ("context_swap", "relative_context_reliance"):  # the margin-0.25 keys are the recorded defaults
+        values[f"{key}@0.25"] = values[key]
+    return {
+        "family": name,
+        "twin": "clean",
+        "seed": seed,
+        "weights": checkpoint,
+        "epoch": meta["epoch"],
+        "step": meta["step"],
+        "model": meta["model"],
+        "final": True,
+        "eval_seconds": time.perf_counter() - start,
+        "flip": None,
+        "probes": len(tracked),
+        "checks": {k: [None if math.isnan(float(x)) else float(x) for x in v.tolist()] for k, v in values.items()},
+    }
+
+
+def evaluate_real(args: argparse.Namespace) -> Path:
+    """Record every check of the real runs given as ``--run NAME=FOLDER[:CHECKPOINT]`` into ``<out>/real.json``."""
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    path = out / "real.json"
+    records = json.loads(path.read_text()) if path.is_file() else []
+    for spec in args.run:
+        name, _, rest = spec.partition("=")
+        folder, _, checkpoint = rest.partition(":")
+        if not name or not folder:
+            raise SystemExit(f"--run must be NAME=FOLDER[:CHECKPOINT], got {spec!r}")
+        checkpoint = checkpoint or "last.ckpt"
+        records = [r for r in records if (r["family"], r["weights"]) != (name, checkpoint)]
+        rec = evaluate_real_model(name, Path(folder), checkpoint, args.num_probe, args.imgsz)
+        records.append(rec)
+        path.write_text(json.dumps(records, indent=1))
+        short = {k: _summary(rec, k) for k in rec["checks"]}
+        print(
+            f"{name} {checkpoint} (epoch {rec['epoch']}) "
+            + " ".join(f"{k}={v:.3f}({n})" for k, (v, n) in short.items() if n),
+            flush=True,
+        )
+    return path
+
+
 # --------------------------------------------------------------------------------------------------- report
 #: Checks a gate may decide on, with the side that passes.
 CANDIDATES = {
@@ -302,6 +391,7 @@ CANDIDATES = {
     "context_reliance": "max",
     "context_swap": "max",
     "context_swap_drop": "max",
+    "swap_class_drop": "max",
     "energy_concentration/saliency": "min",
     "rank_accuracy/saliency": "min",
     "energy_in_box/saliency": "min",
@@ -354,21 +444,43 @@ def choose_threshold(records: list[dict], key: str, direction: str) -> float | N
     return max(sign * t, MIN_EFFECT) if direction == "max" else sign * t
 
 
-def _decide(rec: dict, thresholds: dict[str, float]) -> str:
+def choose_gate(records: list[dict], gated: list[str], confirm: dict[str, str] | None = None) -> dict[str, float]:
+    """Thresholds of a gate from the training families' final models: :func:`choose_threshold` for each gated
+    check, except a confirming check (``confirm``: check -> the check confirming it), whose threshold is chosen on
+    the models its confirmed check alone would refuse (the clean ones it must spare, the learned shortcuts it must
+    keep refused); ``MIN_EFFECT`` when the confirmed check refuses no clean model."""
+    confirm = dict(confirm or {})
+    out = {}
+    for key in gated:
+        if key not in confirm.values():
+            t = choose_threshold(records, key, CANDIDATES[key])
+            if t is not None:
+                out[key] = t
+    for main, key in confirm.items():
+        if main not in out:
+            continue
+        refused = [r for r in records if _decide(r, {main: out[main]}) == "fail"]
+        t = choose_threshold(refused, key, CANDIDATES[key]) if any(r["twin"] == "clean" for r in refused) else None
+        out[key] = MIN_EFFECT if t is None else t
+    return out
+
+
+def _decide(rec: dict, thresholds: dict[str, float], confirm: dict[str, str] | None = None) -> str:
     """The gate's verdict on one model's recorded per-probe values (the gate's own rule, ``judge``)."""
     from xaiwatch.checks import Rule, judge
 
     rules = [Rule(k, k.split("/")[0].split("@")[0], float(v), CANDIDATES[k]) for k, v in thresholds.items()]
     values = {k: torch.tensor([math.nan if x is None else x for x in rec["checks"][k]]) for k in thresholds}
-    return judge(values, rules, MIN_DEFINED).status
+    pairs = {k: v for k, v in (confirm or {}).items() if k in thresholds and v in thresholds}
+    return judge(values, rules, MIN_DEFINED, confirm=pairs).status
 
 
-def _family_rows(records: list[dict], family: str, thresholds: dict[str, float]) -> dict:
+def _family_rows(records: list[dict], family: str, thresholds: dict[str, float], confirm=None) -> dict:
     mine = [r for r in records if r["family"] == family]
     clean = [r for r in mine if r["twin"] == "clean"]
     learned = [r for r in mine if r["twin"] == "shortcut" and r["flip"] >= LEARNED]
     between = [r for r in mine if r["twin"] == "shortcut" and 0.2 <= r["flip"] < LEARNED]
-    verdict = {f"{r['twin']}_s{r['seed']}": _decide(r, thresholds) for r in mine}
+    verdict = {f"{r['twin']}_s{r['seed']}": _decide(r, thresholds, confirm) for r in mine}
     refused_clean = [r for r in clean if verdict[f"clean_s{r['seed']}"] == "fail"]
     caught = [r for r in learned if verdict[f"shortcut_s{r['seed']}"] == "fail"]
     return {
@@ -389,10 +501,54 @@ def _family_rows(records: list[dict], family: str, thresholds: dict[str, float])
     }
 
 
+#: The gates compared in the report: name -> (gated checks, confirm pairs).
+GATES = {
+    "grey alone (the previous default)": (["relative_context_reliance@0.25"], {}),
+    "swap_class_drop alone": (["swap_class_drop"], {}),
+    "both gated": (["relative_context_reliance@0.25", "swap_class_drop"], {}),
+    "grey confirmed by swap_class_drop": (
+        ["relative_context_reliance@0.25", "swap_class_drop"],
+        {"relative_context_reliance@0.25": "swap_class_drop"},
+    ),
+}
+
+
+def _gate_report(records, families, gated, confirm, proof_family, real) -> dict:
+    """One gate, leave-one-family-out; its defaults (chosen without ``proof_family``) on the proof family and on
+    the real clean models."""
+    lofo = {}
+    for fam in families:
+        th = choose_gate([r for r in records if r["family"] != fam], gated, confirm)
+        lofo[fam] = _family_rows(records, fam, th, confirm)
+    tuning = [r for r in records if r["family"] != proof_family]
+    defaults = choose_gate(tuning, gated, confirm)
+    held = _family_rows(records, proof_family, defaults, confirm) if proof_family in families else None
+    return {
+        "gated": gated,
+        "confirm": confirm,
+        "lofo": lofo,
+        "lofo_false_refusals": sum(r["clean_refused"] for r in lofo.values()),
+        "lofo_clean": sum(r["clean"] for r in lofo.values()),
+        "lofo_caught": sum(r["caught"] for r in lofo.values()),
+        "lofo_learned": sum(r["learned_shortcuts"] for r in lofo.values()),
+        "defaults": defaults,
+        "defaults_on_proof_family": held,
+        "real": {
+            f"{r['family']} {r['weights']}": {
+                "verdict": _decide(r, defaults, confirm),
+                **{k: list(_summary(r, k)) for k in defaults},
+            }
+            for r in real
+        },
+    }
+
+
 def report(args: argparse.Namespace) -> Path:
     """Leave-one-family-out calibration: per check and for the chosen gate; the defaults without the proof family."""
     out = Path(args.out)
     records = [r for r in json.loads((out / "records.json").read_text()) if r["final"]]
+    real_path = out / "real.json"
+    real = json.loads(real_path.read_text()) if real_path.is_file() else []
     families = sorted({r["family"] for r in records})
     per_check = {}
     for key, direction in CANDIDATES.items():
@@ -404,14 +560,10 @@ def report(args: argparse.Namespace) -> Path:
         caught = sum(r["caught"] for r in rows.values() if r)
         per_check[key] = {"lofo_false_refusals": fr, "lofo_caught": caught, "families": rows}
     gated = list(args.gated)
-    lofo = {}
-    for fam in families:
-        train_recs = [r for r in records if r["family"] != fam]
-        th = {k: choose_threshold(train_recs, k, CANDIDATES[k]) for k in gated}
-        lofo[fam] = _family_rows(records, fam, {k: v for k, v in th.items() if v is not None})
+    confirm = dict(c.split("=", 1) for c in args.confirm)
+    chosen = _gate_report(records, families, gated, confirm, args.proof_family, real)
+    gates = {name: _gate_report(records, families, g, c, args.proof_family, real) for name, (g, c) in GATES.items()}
     tuning = [r for r in records if r["family"] != args.proof_family]
-    defaults = {k: choose_threshold(tuning, k, CANDIDATES[k]) for k in gated}
-    held = _family_rows(records, args.proof_family, defaults) if args.proof_family in families else None
     result = {
         "records": len(records),
         "families": families,
@@ -419,15 +571,18 @@ def report(args: argparse.Namespace) -> Path:
         "min_defined": MIN_DEFINED,
         "per_check": per_check,
         "gated": gated,
-        "lofo": lofo,
+        "confirm": confirm,
+        "lofo": chosen["lofo"],
         "proof_family": args.proof_family,
         "defaults_chosen_on": sorted({r["family"] for r in tuning}),
-        "defaults": defaults,
-        "defaults_on_proof_family": held,
+        "defaults": chosen["defaults"],
+        "defaults_on_proof_family": chosen["defaults_on_proof_family"],
+        "real": chosen["real"],
+        "gates": gates,
     }
     (out / "calibration.json").write_text(json.dumps(result, indent=1))
-    (out / "calibration.md").write_text(_markdown(result, records))
-    print(_markdown(result, records))
+    (out / "calibration.md").write_text(_markdown(result, records, real))
+    print(_markdown(result, records, real))
     return out / "calibration.json"
 
 
@@ -435,7 +590,7 @@ def _fmt(v) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
-def _markdown(res: dict, records: list[dict]) -> str:
+def _markdown(res: dict, records: list[dict], real: list[dict] = ()) -> str:
     keys = list(CANDIDATES)
     lines = [
         "### Every check at the final epoch (mean over defined probes / defined of 16)",
@@ -449,6 +604,11 @@ def _markdown(res: dict, records: list[dict]) -> str:
             v, n = _summary(r, k)
             cells.append(f"{_fmt(v)} ({n})")
         lines.append(f"| {r['family']} | {r['twin']} s{r['seed']} | {r['flip']:.2f} | " + " | ".join(cells) + " |")
+    for r in real:
+        cells = [f"{_fmt(_summary(r, k)[0])} ({_summary(r, k)[1]})" for k in keys]
+        lines.append(
+            f"| {r['family']} (real) | clean {r['weights']} epoch {r['epoch']} | n/a | " + " | ".join(cells) + " |"
+        )
     lines += [
         "",
         "### Each check alone, leave-one-family-out (threshold chosen on the other families)",
@@ -474,6 +634,28 @@ def _markdown(res: dict, records: list[dict]) -> str:
         fr = f"{row['clean_refused']}/{row['clean']}"
         cr = f"{row['caught']}/{row['learned_shortcuts']}" if row["learned_shortcuts"] else "no learned shortcut"
         lines.append(f"| {fam} | {th} | {fr} | {cr} | {models} |")
+    lines += [
+        "",
+        "### The gates compared (leave-one-family-out on the generated families; the real clean models judged with "
+        "the gate's defaults, chosen on every family but the proof family)",
+        "",
+        "| gate | defaults | clean false refusals (LOFO) | learned shortcuts caught (LOFO) | per held-out family: "
+        "clean refused, shortcuts caught | real clean models |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, g in res.get("gates", {}).items():
+        th = ", ".join(f"`{k}` {v:g}" for k, v in g["defaults"].items())
+        if g["confirm"]:
+            th += " (" + ", ".join(f"`{k}` confirmed by `{v}`" for k, v in g["confirm"].items()) + ")"
+        fams = "; ".join(
+            f"{f} {row['clean_refused']}/{row['clean']}, {row['caught']}/{row['learned_shortcuts']}"
+            for f, row in g["lofo"].items()
+        )
+        reals = "; ".join(f"{m} -> {d['verdict']}" for m, d in g["real"].items()) or "none recorded"
+        lines.append(
+            f"| {name} | {th} | {g['lofo_false_refusals']} / {g['lofo_clean']} | {g['lofo_caught']} / "
+            f"{g['lofo_learned']} | {fams} | {reals} |"
+        )
     d = res["defaults"]
     lines += [
         "",
@@ -509,10 +691,24 @@ def main() -> None:
     e.add_argument("--num-probe", type=int, default=16)
     e.add_argument("--all-epochs", action="store_true")
     e.add_argument("--threads", type=int, default=1)
+    q = sub.add_parser("real", help="record every check of real clean fine-tunes (xaiwatch demo --real runs)")
+    q.add_argument("--out", default=str(OUT))
+    q.add_argument("--run", nargs="+", required=True, help="NAME=FOLDER[:CHECKPOINT] (default last.ckpt)")
+    q.add_argument("--num-probe", type=int, default=16)
+    q.add_argument("--imgsz", type=int, default=224)
+    q.add_argument("--threads", type=int, default=1)
     r = sub.add_parser("report", help="leave-one-family-out thresholds and tables")
     r.add_argument("--out", default=str(OUT))
     r.add_argument("--proof-family", default="tint2")
-    r.add_argument("--gated", nargs="+", default=["relative_context_reliance", "context_swap"], choices=CANDIDATES)
+    r.add_argument(
+        "--gated", nargs="+", default=["relative_context_reliance@0.25", "swap_class_drop"], choices=CANDIDATES
+    )
+    r.add_argument(
+        "--confirm",
+        nargs="*",
+        default=["relative_context_reliance@0.25=swap_class_drop"],
+        help="CHECK=CONFIRMING: CHECK refuses a model only when CONFIRMING fails too",
+    )
     args = parser.parse_args()
     if args.command == "report":
         report(args)
@@ -520,6 +716,8 @@ def main() -> None:
         train(args)
     elif args.command == "evaluate":
         evaluate(args)
+    elif args.command == "real":
+        evaluate_real(args)
 
 
 if __name__ == "__main__":

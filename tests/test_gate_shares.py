@@ -18,9 +18,15 @@ from xaiwatch.callbacks.gate import DEFAULT_CHECKS, GateShare, merge_shares
 from xaiwatch.core.errors import ConfigurationError
 
 N = 6
-#: the gate's defaults (relative_context_reliance, context_swap, energy_concentration, pointing_game) plus a map
-#: check that draws noise for the whole probe set and one that re-initialises a seeded copy of the model
-CHECKS = {**DEFAULT_CHECKS, "stability": None, "randomization_spearman": None}
+#: the gate's defaults (relative_context_reliance, swap_class_drop, context_swap, context_swap_drop), the presets' map
+#: checks, a map check that draws noise for the whole probe set and one that re-initialises a seeded copy of the model
+CHECKS = {
+    **DEFAULT_CHECKS,
+    "energy_concentration": None,
+    "pointing_game": None,
+    "stability": None,
+    "randomization_spearman": None,
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -155,7 +161,7 @@ def test_gate_shares_merge_to_the_one_process_record(fitted):
     assert all(len(v) == 3 for r in records for v in r.values.values())  # each share evaluated its 3 probes only
     two = gate._judged(gate._merge(records), 1, 2)
     assert _decision(two) == _decision(one)  # values, defined counts, bootstrap intervals, status, reasons
-    assert set(one["values"]) >= {"context_swap", "relative_context_reliance", "energy_concentration/saliency"}
+    assert set(one["values"]) >= {"context_swap", "relative_context_reliance", "swap_class_drop"}
     assert min(one["defined"].values()) >= N - 1  # defined almost everywhere (one probe has no swap donor)
     assert _decision(gate.history[-1]) == _decision(one)  # the fit's own decision on the same weights
 

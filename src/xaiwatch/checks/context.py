@@ -10,17 +10,19 @@ from the user: the variants are built from the validation images and their boxes
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torchvision.ops import box_iou
 
 from xaiwatch.checks.counterfactual import object_scores
 from xaiwatch.checks.localization import _as_boxes, box_masks
 from xaiwatch.checks.perturbation import fill_image
 from xaiwatch.core.errors import ConfigurationError, check_shape
 
-__all__ = ["CONTEXT_FILLS", "ContextSwap", "context_donors", "context_swap", "check_context_source"]
+__all__ = ["CONTEXT_FILLS", "ContextSwap", "class_shares", "context_donors", "context_swap", "check_context_source"]
 
 #: What replaces a probe object's surroundings: other probes' context, a blur of its own image, grey.
 CONTEXT_FILLS = ("swap", "blur", "grey")
@@ -37,6 +39,11 @@ class ContextSwap:
         score: :math:`(N,)` the object's class score in the original image.
         defined: :math:`(N,)` bool: the object scores at least ``min_score`` and has context to replace.
         by_fill: fill name to :math:`(N,)` flips and drops of that fill alone (``{"swap": (flip, drop), ...}``).
+        class_drop: :math:`(N,)` mean relative drop of the object's *class share* (its class's probability over the
+            sum of all classes' on the candidate that speaks for it, see :func:`class_shares`) over the variants of
+            ``fills`` where the object still has a candidate, in ``[-1, 1]`` (``swap_class_drop``). With one class
+            the share is 1 on every candidate, so this is 0 wherever defined: one-class data has no class for a
+            context to carry.
     """
 
     flip: torch.Tensor
@@ -44,6 +51,48 @@ class ContextSwap:
     score: torch.Tensor
     defined: torch.Tensor
     by_fill: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    class_drop: torch.Tensor | None = None
+
+
+def class_shares(raw, boxes: torch.Tensor, labels: torch.Tensor, iou: float = 0.5) -> torch.Tensor:
+    """Per image, the object's class share: on the raw candidate that speaks for it (the one overlapping its box
+    with IoU ``>= iou`` that gives its class the highest probability, the candidate
+    :func:`~xaiwatch.checks.object_scores` reads the score from), its class's probability over the sum of every
+    class's probability.
+
+    The share says *as what* the model sees the object, not how sure it is that an object is there: surroundings
+    that lower every class's probability alike (a detector that finds fewer objects on an unfamiliar background)
+    leave it unchanged, surroundings that carry one class's evidence move it.
+
+    Args:
+        raw: raw candidates of ``N`` images (:class:`~xaiwatch.core.types.RawOutput`).
+        boxes: :math:`(N, 4)` one ``xyxy`` box per image.
+        labels: :math:`(N,)` the objects' classes.
+        iou: overlap a candidate needs.
+
+    Returns:
+        :math:`(N,)` shares in ``[0, 1]``; ``nan`` where no candidate overlaps the box or every probability is 0.
+
+    Example:
+        >>> from xaiwatch.core.types import RawOutput
+        >>> raw = RawOutput(torch.tensor([[[0.0, 0, 10, 10], [0, 0, 9, 10]]]), torch.tensor([[[0.2, 0.6], [0.3, 0.1]]]))
+        >>> class_shares(raw, torch.tensor([[0.0, 0, 10, 10]]), torch.tensor([0]))  # the 2nd box: 0.3 / (0.3 + 0.1)
+        tensor([0.7500])
+    """
+    n = raw.scores.shape[0]
+    boxes = torch.as_tensor(boxes, dtype=raw.boxes.dtype, device=raw.boxes.device).reshape(-1, 4)
+    labels = torch.as_tensor(labels, device=raw.boxes.device).long().reshape(-1)
+    out = []
+    for i in range(n):
+        overlap = box_iou(boxes[i : i + 1], raw.boxes[i])[0] >= iou
+        if not bool(overlap.any()):
+            out.append(float("nan"))
+            continue
+        probs = raw.scores[i][overlap].detach().float()  # (k, C)
+        best = probs[int(probs[:, int(labels[i])].argmax())]
+        total = float(best.sum())
+        out.append(float(best[int(labels[i])]) / total if total > 0 else float("nan"))
+    return torch.tensor(out, dtype=torch.float32)
 
 
 def _overlaps(box: torch.Tensor, others: torch.Tensor, gap: float) -> bool:
@@ -113,7 +162,7 @@ def check_context_source(boxes: torch.Tensor, size: Sequence[int], name: str = "
             f"{name}: the context checks replace everything around each probe's object, but every probe's box covers "
             f"at least {_MAX_BOX_SHARE:.0%} of its image (shares {[round(float(s), 2) for s in share]}): there is no "
             "context. Choose `probe_indices` with smaller objects or remove 'context_swap' / 'context_reliance' / "
-            "'relative_context_reliance' from `checks`."
+            "'relative_context_reliance' / 'swap_class_drop' from `checks`."
         )
 
 
@@ -166,7 +215,10 @@ def context_swap(
     context (covers less than 90% of the image). A variant counts for the flip only when the object is still
     detected in it (a candidate overlapping the box scores at least ``min_score`` for some class): the flip asks
     *as what* the model sees the object on new surroundings; an object that is simply lost (the surroundings
-    carried its objectness, not its class) shows in ``drop`` instead.
+    carried its objectness, not its class) shows in ``drop`` instead. ``class_drop`` is the continuous form of the
+    flip: the relative drop of the object's class share (:func:`class_shares`), read on the candidate that speaks
+    for the pasted box, so a model that finds an object less sure of *an object* on other surroundings (as a real
+    aerial detector does on another tile) but not of *its class* keeps it at 0.
 
     Args:
         adapter: the model adapter (``raw``).
@@ -182,7 +234,7 @@ def context_swap(
         extra_fills: fills scored into ``by_fill`` only, not into ``flip`` / ``drop`` (one forward pass shared with
             another check: the grey fill's drop is ``relative_context_reliance``).
         original: the originals' ``(scores, classes)`` from :func:`~xaiwatch.checks.object_scores` when already
-            computed (saves a forward pass).
+            computed, optionally with their class shares as a third entry (saves a forward pass).
         margin: keep this much of the surroundings too, as a share of the box's shorter side on every side (the
             immediate surroundings an object always has, such as a frame, are then kept as part of it).
         positions: re-score only the probes at these positions (a share of the probe set, as one rank of several
@@ -227,28 +279,34 @@ def context_swap(
     every = list(dict.fromkeys([*fills, *extra_fills]))
     jobs = [(f, s) for f in every for s in (range(int(donors)) if f == "swap" else (0,))]
 
-    def score(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        s, c, top = object_scores(adapter.raw(x), boxes, labels, iou, best=True)
-        return s.cpu(), c.cpu(), top.cpu()
+    def score(x: torch.Tensor, b: torch.Tensor, lab: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raw = adapter.raw(x)
+        s, c, top = object_scores(raw, b, lab, iou, best=True)
+        return s.cpu(), c.cpu(), top.cpu(), class_shares(raw, b, lab, iou)
 
-    with torch.no_grad(), eval_state(adapter.model):
-        s0, c0, _ = score(images) if original is None else (original[0].cpu().float(), original[1].cpu().long(), None)
-        results = []
-        for fill, slot in jobs:
-            variant, ok = _variants(images, kept, fill, pairs, slot, pool, rows)
-            s1, c1, top1 = score(variant)
-            results.append((fill, ok.cpu(), s1, c1, top1))
     share = box_masks(kept, images.shape[-2:]).float().mean(dim=(1, 2)).cpu()
-    defined = (s0 >= float(min_score)) & (share < _MAX_BOX_SHARE)
+    with torch.no_grad(), eval_state(adapter.model):
+        s0, c0, share0 = _originals(original, lambda: score(images, boxes, labels))
+        defined = (s0 >= float(min_score)) & (share < _MAX_BOX_SHARE)
+        # only defined probes are re-scored (the others' values are nan whatever their variants give)
+        live = [i for i in range(images.shape[0]) if bool(defined[i])]
+        where = list(range(images.shape[0])) if rows is None else rows
+        results = [
+            (fill, *_rescored(score, images, kept, boxes, labels, fill, slot, pairs, pool, where, live))
+            for fill, slot in jobs
+        ]
     nan = torch.full_like(s0, float("nan"))
-    flips, drops, by_fill = [], [], {}
-    for fill, ok, s1, c1, top1 in results:
+    flips, drops, class_drops, by_fill = [], [], [], {}
+    for fill, ok, s1, c1, top1, share1 in results:
         counted = ok & defined & (c0 >= 0) & (c1 >= 0) & (top1 >= float(min_score))  # still detected, as what?
         flip = torch.where(counted, (c1 != c0).float(), nan)
         drop = torch.where(ok & defined, ((s0 - s1) / s0.clamp(min=1e-6)).clamp(-1, 1), nan)
         if fill in fills:
             flips.append(flip)
             drops.append(drop)
+            kept_share = ok & defined & ~share0.isnan() & ~share1.isnan()  # the object still has a candidate
+            relative = ((share0 - share1) / share0.clamp(min=1e-6)).clamp(-1, 1)
+            class_drops.append(torch.where(kept_share, relative, nan))
         prev = by_fill.get(fill)
         by_fill[fill] = (
             (flip, drop)
@@ -257,7 +315,35 @@ def context_swap(
         )
     flip = _nanmean_rows(torch.stack(flips))
     drop = _nanmean_rows(torch.stack(drops))
-    return ContextSwap(flip, torch.where(defined, drop, nan), s0, defined, by_fill)
+    class_drop = _nanmean_rows(torch.stack(class_drops))
+    return ContextSwap(flip, torch.where(defined, drop, nan), s0, defined, by_fill, class_drop)
+
+
+def _rescored(score, images, kept, boxes, labels, fill, slot, pairs, pool, where, live) -> tuple[torch.Tensor, ...]:
+    """``(ok, scores, classes, best scores, class shares)`` of one variant, re-scored only at the ``live`` probes
+    (``ok`` False, scores 0, classes -1, shares ``nan`` elsewhere)."""
+    n = images.shape[0]
+    out = [torch.zeros(n), torch.full((n,), -1, dtype=torch.long), torch.zeros(n), torch.full((n,), math.nan)]
+    ok = torch.zeros(n, dtype=torch.bool)
+    if live:
+        at = torch.tensor(live, dtype=torch.long, device=images.device)
+        variant, ok_live = _variants(
+            images[at], kept[at], fill, [pairs[i] for i in live], slot, pool, [where[i] for i in live]
+        )
+        for full, part in zip(out, score(variant, boxes[at], labels[at])):
+            full[at.cpu()] = part.to(full.dtype)
+        ok[at.cpu()] = ok_live.cpu()
+    return (ok, *out)
+
+
+def _originals(original, score) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The originals' ``(scores, classes, class shares)``: from ``original`` when it has them, else one forward."""
+    if original is not None and len(original) >= 3:
+        return original[0].cpu().float(), original[1].cpu().long(), original[2].cpu().float()
+    s0, c0, _, share0 = score()
+    if original is not None:
+        s0, c0 = original[0].cpu().float(), original[1].cpu().long()
+    return s0, c0, share0
 
 
 def _nanmean_rows(x: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from xaiwatch.checks import localization, perturbation, randomization, similarity
-from xaiwatch.checks.context import context_swap
+from xaiwatch.checks.context import class_shares, context_swap
 from xaiwatch.checks.counterfactual import image_flips, object_scores
 from xaiwatch.checks.rule import value_key
 from xaiwatch.core.context import explaining
@@ -168,7 +168,9 @@ def evaluate_probes(
     pool = _Pool.of(images, boxes, labels, gt_boxes, gt_labels, positions)  # every probe, for checks that mix them
     images, targets, boxes, labels, gt_boxes, gt_labels, counterfactuals = pool.share(targets, counterfactuals)
     with explaining(adapter.model, seed=o.seed), torch.no_grad():
-        score, cls = object_scores(adapter.raw(images.detach()), boxes, labels.to(images.device))
+        raw = adapter.raw(images.detach())
+        score, cls = object_scores(raw, boxes, labels.to(images.device))
+        share = class_shares(raw, boxes, labels.to(images.device))
     defined = score.cpu() >= floor
     nan = torch.tensor(float("nan"))
     maps = {m: _maps(e, images, targets, o.batch_size) for m, e in engines.items()}
@@ -189,8 +191,9 @@ def evaluate_probes(
                     min_score=0.0,
                 )
             values[name] = torch.where(defined, drop.float().cpu(), nan)
-    if {"context_swap", "context_swap_drop"} & checks or shared:
-        fills = tuple(o.fills) if {"context_swap", "context_swap_drop"} & checks else ()
+    swaps = {"context_swap", "context_swap_drop", "swap_class_drop"}
+    if swaps & checks or shared:
+        fills = tuple(o.fills) if swaps & checks else ()
         with explaining(adapter.model, seed=o.seed):
             swap = context_swap(
                 adapter,
@@ -203,11 +206,15 @@ def evaluate_probes(
                 o.donors,
                 min_score=floor,
                 extra_fills=("grey",) if shared else (),
-                original=(score, cls),
+                original=(score, cls, share),
                 margin=o.context_margin,
                 positions=pool.rows,
             )
-        for name, v in (("context_swap", swap.flip), ("context_swap_drop", swap.drop)):
+        for name, v in (
+            ("context_swap", swap.flip),
+            ("context_swap_drop", swap.drop),
+            ("swap_class_drop", swap.class_drop),
+        ):
             if name in checks:
                 values[name] = v
         if shared:

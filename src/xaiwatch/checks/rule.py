@@ -29,6 +29,7 @@ MODEL_CHECKS: dict[str, str] = {
     "relative_context_reliance": "max",
     "context_swap": "max",
     "context_swap_drop": "max",
+    "swap_class_drop": "max",
     "counterfactual_flip": "max",
 }
 #: Threshold ranges other than ``[0, 1]``: ``energy_concentration`` is a ratio to a uniform map (1 = uniform).

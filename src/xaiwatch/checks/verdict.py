@@ -12,7 +12,9 @@ defined probes, carries its probe count and a bootstrap confidence interval, and
   detector's per-probe context drops spread over -0.8 .. 0.7, see docs/gate.md).
 
 The verdict fails when any gated check fails, is inconclusive when none fails but one is inconclusive, and passes
-otherwise.
+otherwise. A gated check may be *confirmed by* another (``confirm={"relative_context_reliance": "swap_class_drop"}``):
+it then fails only when its confirming check fails too, and is inconclusive when it would fail alone; the
+confirming check never decides the verdict by itself (its result is shown with ``confirms`` set).
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ class CheckResult:
         status: ``"pass"``, ``"fail"``, ``"inconclusive"`` or ``"logged"``.
         bound: the one-sided bootstrap bound a failing mean was tested with (``nan`` otherwise).
         note: why an inconclusive check could not be decided.
+        confirms: the gated check this one confirms (``""``: it decides the verdict itself).
     """
 
     key: str
@@ -102,6 +105,7 @@ class CheckResult:
     status: str = "logged"
     bound: float = math.nan
     note: str = ""
+    confirms: str = ""
 
     def describe(self) -> str:
         """``key = value [ci] on d/n probes (needs >= t)``: failing values never print as passing."""
@@ -115,6 +119,8 @@ class CheckResult:
             text += f" (needs {'>=' if self.direction == 'min' else '<='} {self.threshold:g})"
         if self.status == "inconclusive" and self.note:
             text += f" - {self.note}"
+        if self.confirms:
+            text += f" [confirms {self.confirms}]"
         return text
 
 
@@ -144,9 +150,10 @@ class Verdict:
 
     @property
     def reasons(self) -> list[str]:
-        """One line per failing or inconclusive gated check (the error first, if any)."""
+        """One line per failing or inconclusive gated check (the error first, if any; confirming checks are not
+        reasons of their own)."""
         lines = [self.error] if self.error else []
-        return lines + [r.describe() for r in self.results if r.status in ("fail", "inconclusive")]
+        return lines + [r.describe() for r in self.results if r.status in ("fail", "inconclusive") and not r.confirms]
 
     def lines(self) -> list[str]:
         """One line per check, passing or not, led by its status (``fail: energy_concentration/saliency = ...``)."""
@@ -186,6 +193,7 @@ def judge(
     level: float = 0.9,
     seed: int = 0,
     significant: bool = True,
+    confirm: Mapping[str, str] | None = None,
 ) -> Verdict:
     """Decide the gate from per-probe check values.
 
@@ -198,6 +206,9 @@ def judge(
             failing mean is tested with.
         seed: seed of the bootstrap.
         significant: a check fails only when its one-sided bound is over the threshold too (``False``: the mean).
+        confirm: gated check key to the gated check key that must fail too before it fails (the confirming check
+            does not decide the verdict by itself); a check that fails while its confirmation does not is
+            ``"inconclusive"``.
 
     Returns:
         the :class:`Verdict` (results in the order of ``values``, then rules whose key is missing).
@@ -213,6 +224,12 @@ def judge(
         >>> rules, _ = parse_rules({"context_swap": 0.1}, [])
         >>> judge({"context_swap": noisy}, rules, min_defined=3).status, judge({"context_swap": [0.5] * 5}, rules).status
         ('inconclusive', 'fail')
+        >>> rules, _ = parse_rules({"relative_context_reliance": 0.05, "swap_class_drop": 0.05}, [])
+        >>> lost = {"relative_context_reliance": [0.5] * 5}  # the score is lost without context ...
+        >>> judge({**lost, "swap_class_drop": [0.0] * 5}, rules, confirm={"relative_context_reliance": "swap_class_drop"}).status
+        'inconclusive'
+        >>> judge({**lost, "swap_class_drop": [0.3] * 5}, rules, confirm={"relative_context_reliance": "swap_class_drop"}).status
+        'fail'
     """
     by_key = {r.key: r for r in rules}
     results = []
@@ -252,7 +269,23 @@ def judge(
                 note,
             )
         )
-    statuses = {r.status for r in results}
+    confirm = dict(confirm or {})
+    unknown = [k for k in (*confirm, *confirm.values()) if k not in by_key]
+    if unknown:
+        raise ConfigurationError(
+            f"`confirm` names {unknown}, which are not gated checks (gated: {sorted(by_key)}); give both checks of "
+            "each pair a threshold in `checks`."
+        )
+    found = {r.key: r for r in results}
+    for key, other in confirm.items():
+        main, check = found[key], found[other]
+        check.confirms = key
+        if main.status == "fail" and check.status != "fail":
+            main.status = "inconclusive"
+            main.note = (
+                f"over the threshold, but not confirmed by {other} ({check.status}: {format_value(check.value)})"
+            )
+    statuses = {r.status for r in results if not r.confirms}
     status = "fail" if "fail" in statuses else "inconclusive" if "inconclusive" in statuses else "pass"
     return Verdict(status, results)
 
