@@ -28,6 +28,8 @@ __all__ = [
     "explanation_panel",
     "explanation_tile",
     "map_region",
+    "overlay_pixels",
+    "PixelGrid",
     "NORMALIZATIONS",
     "PANEL_SIZE",
 ]
@@ -162,6 +164,89 @@ def _show_image(ax, img: np.ndarray) -> None:
     ax.axis("off")
 
 
+@dataclass(frozen=True)
+class PixelGrid:
+    """Where an image of ``(rows, cols)`` pixels lands on the canvas, as matplotlib's Agg canvas draws it.
+
+    Attributes:
+        top, left: the first display pixel row (from the top) and column.
+        height, width: display pixels.
+        rows, cols: the image coordinate (in image pixels) sampled by each display pixel, per row and column.
+    """
+
+    top: int
+    left: int
+    height: int
+    width: int
+    rows: np.ndarray
+    cols: np.ndarray
+
+    @classmethod
+    def of(cls, shape: tuple[int, int], box: tuple[float, float, float, float], canvas_height: float) -> PixelGrid:
+        """The grid of an image of ``shape`` drawn into ``box`` (display pixels ``x0, y0, width, height``, y up).
+
+        As Agg draws it (measured on matplotlib 3.11): the pixels of the box rounded to whole pixels, each showing
+        the image at its centre.
+
+        Example:
+            >>> g = PixelGrid.of((2, 2), (0.6, 0.0, 4.0, 4.0), 4.0)
+            >>> g.left, g.width, g.cols.tolist()
+            (1, 4, [0.45, 0.95, 1.45, 1.95])
+        """
+        x0, y0, width, height = (float(v) for v in box)
+        left, right = round(x0), round(x0 + width)
+        top, bottom = round(canvas_height - round(y0 + height)), round(canvas_height - round(y0))
+        cols = (np.arange(left, right) + 0.5 - x0) * shape[1] / width
+        rows = (np.arange(top, bottom) + 0.5 - (canvas_height - y0 - height)) * shape[0] / height
+        return cls(top, left, bottom - top, right - left, rows, cols)
+
+
+def _nearest(coords: np.ndarray, n: int) -> np.ndarray:
+    return np.clip(np.floor(coords), 0, n - 1).astype(np.intp)
+
+
+def _linear(coords: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    x = np.clip(coords - 0.5, 0, n - 1)
+    lo = np.floor(x).astype(np.intp)
+    return lo, np.minimum(lo + 1, n - 1), (x - lo).astype(np.float32)
+
+
+def overlay_pixels(image: np.ndarray, heat: np.ndarray, grid: PixelGrid) -> tuple[np.ndarray, np.ndarray]:
+    """The image and the map over it at display resolution, composited with numpy.
+
+    The image is enlarged pixel by pixel (``"nearest"``), the RGBA map bilinearly in premultiplied-alpha space and
+    laid over it ("source over"), as matplotlib draws the two ``imshow`` layers, without matplotlib's float
+    resampling of both layers at every picture.
+
+    Args:
+        image: :math:`(H, W, 3)` float image in ``[0, 1]``.
+        heat: :math:`(H, W, 4)` float RGBA map (:func:`heat_rgba`).
+        grid: where the image lands on the canvas (:meth:`PixelGrid.of`).
+
+    Returns:
+        The enlarged image and the composite, both :math:`(grid.height, grid.width, 3)` uint8.
+
+    Example:
+        >>> img, heat = np.zeros((2, 2, 3)), heat_rgba(np.array([[0.0, 0.0], [0.0, 1.0]]))
+        >>> base, over = overlay_pixels(img, heat, PixelGrid.of((2, 2), (0.0, 0.0, 4.0, 4.0), 4.0))
+        >>> base.shape, int(over[0, 0].max()), int(over[3, 3].max()) > 0
+        ((4, 4, 3), 0, True)
+    """
+    h, w = image.shape[:2]
+    base = image.astype(np.float32, copy=False)[_nearest(grid.rows, h)][:, _nearest(grid.cols, w)]
+    premultiplied = np.concatenate([heat[..., :3] * heat[..., 3:], heat[..., 3:]], axis=2).astype(np.float32)
+    r0, r1, fr = _linear(grid.rows, h)
+    c0, c1, fc = _linear(grid.cols, w)
+    rows = premultiplied[r0] * (1 - fr)[:, None, None] + premultiplied[r1] * fr[:, None, None]
+    over = rows[:, c0] * (1 - fc)[None, :, None] + rows[:, c1] * fc[None, :, None]
+    composite = over[..., :3] + base * (1 - over[..., 3:])
+    return _to_uint8(base), _to_uint8(composite)
+
+
+def _to_uint8(a: np.ndarray) -> np.ndarray:
+    return (np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
 @dataclass
 class _PanelParts:
     """The Figure of an explanation panel and what is drawn again for each picture (see :func:`_panel_parts`)."""
@@ -182,6 +267,7 @@ def _new_parts(dpi: int, colorbar: bool) -> _PanelParts:
         parts.cax = fig.add_axes(_BAR_RECT)
     for ax in (parts.ax_img, parts.ax_map):
         ax.axis("off")
+        ax.set_aspect("equal")
     return parts
 
 
@@ -211,17 +297,21 @@ def _clear_panel(parts: _PanelParts) -> None:
             artist.remove()
 
 
-def _set_image(parts: _PanelParts, key: str, ax, data: np.ndarray, interpolation: str) -> None:
-    """Show ``data`` over ``(0, w) x (h, 0)`` in ``ax``: a new image the first time, new data after."""
-    h, w = data.shape[:2]
+def _grid(ax, shape: tuple[int, int]) -> PixelGrid:
+    """The display pixels the axes' image of ``shape`` covers (the axes span the image exactly)."""
+    box = ax.bbox
+    return PixelGrid.of(shape, (box.x0, box.y0, box.width, box.height), ax.figure.bbox.height)
+
+
+def _set_pixels(parts: _PanelParts, key: str, grid: PixelGrid, pixels: np.ndarray) -> None:
+    """Put ``pixels`` on the canvas at ``grid``, unresampled, below the axes' boxes and labels."""
+    x0, y0 = grid.left, round(parts.fig.bbox.height) - grid.top - grid.height
     image = parts.images.get(key)
     if image is None:
-        parts.images[key] = ax.imshow(data, extent=(0, w, h, 0), interpolation=interpolation)
+        parts.images[key] = parts.fig.figimage(pixels, xo=x0, yo=y0, origin="upper", zorder=-1)
     else:
-        image.set_data(data)
-        image.set_extent((0, w, h, 0))
-    ax.set_xlim(0, w)
-    ax.set_ylim(h, 0)
+        image.set_data(pixels)
+        image.ox, image.oy = x0, y0
 
 
 def _draw_panel(
@@ -251,9 +341,16 @@ def _draw_panel(
     heat = normalize_map(saliency, normalize, scale)
     signed = normalize == "signed"
     fig, ax_img, ax_map = parts.fig, parts.ax_img, parts.ax_map
-    _set_image(parts, "image", ax_img, img, "nearest")
-    _set_image(parts, "map_image", ax_map, img, "nearest")
-    _set_image(parts, "heat", ax_map, heat_rgba(heat, signed, cmap), "bilinear")
+    h, w = img.shape[:2]
+    for ax in (ax_img, ax_map):  # data coordinates are image pixels; boxes and labels are placed in the final
+        ax.set_xlim(0, w)  # (equal-aspect) axes, on a fresh or a reused Figure alike
+        ax.set_ylim(h, 0)
+        ax.apply_aspect()
+    grid_img, grid_map = _grid(ax_img, (h, w)), _grid(ax_map, (h, w))
+    _, right = overlay_pixels(img, heat_rgba(heat, signed, cmap), grid_map)
+    left = _to_uint8(img[_nearest(grid_img.rows, h)][:, _nearest(grid_img.cols, w)])
+    _set_pixels(parts, "image", grid_img, left)
+    _set_pixels(parts, "map", grid_map, right)
     if parts.cax is not None:
         vmin, vmax = display_range(saliency, normalize, scale)
         what = {"per_map": "|map|, own max", "fixed": "|map|, fixed scale", "signed": "map, signed"}[normalize]
@@ -261,8 +358,6 @@ def _draw_panel(
             parts.bar = add_colorbar(fig, parts.cax, "bwr" if signed else cmap, vmin, vmax, what)
         else:
             set_colorbar(parts.bar, "bwr" if signed else cmap, vmin, vmax, what)
-    for ax in (ax_img, ax_map):  # labels are placed in the final (equal-aspect) axes, on any reused Figure alike
-        ax.apply_aspect()
     placer = LabelPlacer(ax_img)
     if gt_boxes is not None and gt_labels is not None and len(gt_boxes):
         _draw_boxes(ax_img, gt_boxes.cpu(), gt_labels.cpu(), names, "--", color=_GT_COLOR, placer=placer)
