@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 from matplotlib import colormaps
+from matplotlib.artist import Artist
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
@@ -215,7 +216,8 @@ def overlay_pixels(image: np.ndarray, heat: np.ndarray, grid: PixelGrid) -> tupl
     """The image and the map over it at display resolution, composited with numpy.
 
     The image is enlarged pixel by pixel (``"nearest"``), the RGBA map bilinearly in premultiplied-alpha space and
-    laid over it ("source over"), as matplotlib draws the two ``imshow`` layers, without matplotlib's float
+    laid over it ("source over" in 8 bits), as matplotlib draws the two ``imshow`` layers (measured: 97% of the
+    pixels equal, the rest within one level but for a row or column on a rounding tie), without matplotlib's float
     resampling of both layers at every picture.
 
     Args:
@@ -233,18 +235,22 @@ def overlay_pixels(image: np.ndarray, heat: np.ndarray, grid: PixelGrid) -> tupl
         ((4, 4, 3), 0, True)
     """
     h, w = image.shape[:2]
-    base = image.astype(np.float32, copy=False)[_nearest(grid.rows, h)][:, _nearest(grid.cols, w)]
+    base = _to_uint8(image[_nearest(grid.rows, h)][:, _nearest(grid.cols, w)]).astype(np.int32)
     premultiplied = np.concatenate([heat[..., :3] * heat[..., 3:], heat[..., 3:]], axis=2).astype(np.float32)
     r0, r1, fr = _linear(grid.rows, h)
     c0, c1, fc = _linear(grid.cols, w)
     rows = premultiplied[r0] * (1 - fr)[:, None, None] + premultiplied[r1] * fr[:, None, None]
     over = rows[:, c0] * (1 - fc)[None, :, None] + rows[:, c1] * fc[None, :, None]
-    composite = over[..., :3] + base * (1 - over[..., 3:])
-    return _to_uint8(base), _to_uint8(composite)
+    alpha = over[..., 3:]
+    colour = _to_uint8(over[..., :3] / np.where(alpha > 0, alpha, 1)).astype(np.int32)  # demultiplied, 8 bits
+    alpha8 = _to_uint8(alpha).astype(np.int32)
+    composite = base + (colour - base) * alpha8 // 255  # Agg's 8-bit "source over"
+    return base.astype(np.uint8), composite.astype(np.uint8)
 
 
 def _to_uint8(a: np.ndarray) -> np.ndarray:
-    return (np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)
+    """``[0, 1]`` floats to bytes as matplotlib converts them (truncated)."""
+    return (np.clip(a, 0, 1) * 255).astype(np.uint8)
 
 
 @dataclass
@@ -303,15 +309,41 @@ def _grid(ax, shape: tuple[int, int]) -> PixelGrid:
     return PixelGrid.of(shape, (box.x0, box.y0, box.width, box.height), ax.figure.bbox.height)
 
 
+class _Pixels(Artist):
+    """RGB pixels copied onto the Agg canvas as they are (no resampling, no float conversion), at a grid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rgba: np.ndarray | None = None
+        self.left = self.bottom = 0
+
+    def set_pixels(self, pixels: np.ndarray, left: int, bottom: int) -> None:
+        """Show ``pixels`` (:math:`(h, w, 3)` uint8, top row first) with their bottom-left corner at that pixel."""
+        rgba = np.empty((*pixels.shape[:2], 4), np.uint8)
+        rgba[..., :3] = pixels
+        rgba[..., 3] = 255
+        self.rgba, self.left, self.bottom = rgba, int(left), int(bottom)
+        self.stale = True
+
+    def draw(self, renderer) -> None:  # noqa: D102 (matplotlib's Artist.draw)
+        if self.rgba is None or not self.get_visible():
+            return
+        gc = renderer.new_gc()
+        try:
+            renderer.draw_image(gc, self.left, self.bottom, self.rgba[::-1])
+        finally:
+            gc.restore()
+        self.stale = False
+
+
 def _set_pixels(parts: _PanelParts, key: str, grid: PixelGrid, pixels: np.ndarray) -> None:
-    """Put ``pixels`` on the canvas at ``grid``, unresampled, below the axes' boxes and labels."""
-    x0, y0 = grid.left, round(parts.fig.bbox.height) - grid.top - grid.height
-    image = parts.images.get(key)
-    if image is None:
-        parts.images[key] = parts.fig.figimage(pixels, xo=x0, yo=y0, origin="upper", zorder=-1)
-    else:
-        image.set_data(pixels)
-        image.ox, image.oy = x0, y0
+    """Put ``pixels`` on the canvas at ``grid``, below the axes' boxes and labels."""
+    artist = parts.images.get(key)
+    if artist is None:
+        artist = parts.images[key] = _Pixels()
+        artist.set_zorder(-1)
+        parts.fig.add_artist(artist)
+    artist.set_pixels(pixels, grid.left, round(parts.fig.bbox.height) - grid.top - grid.height)
 
 
 def _draw_panel(
