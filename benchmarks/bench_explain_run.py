@@ -10,7 +10,7 @@ their own, each the median of ``repeat`` runs:
   entries one run makes.
 
 ``--profile`` adds the top functions (cumulative seconds) of one compute and one writing run (cProfile).
-Run: python benchmarks/bench_explain_run.py [--quick] [--profile] (or call ``bench_explain_run()``).
+Run: python benchmarks/bench_explain_run.py [--quick] [--profile] [--out DIR] (writes DIR/explain_run.json).
 """
 
 from __future__ import annotations
@@ -131,11 +131,22 @@ def bench_explain_run(repeat: int = 5, profile: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    if "--quick" in sys.argv:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 probes, one repeat")
+    parser.add_argument("--profile", action="store_true", help="print the cProfile top functions")
+    parser.add_argument("--out", default="bench_output", help="folder of explain_run.json")
+    args = parser.parse_args()
+    if args.quick:
         os.environ["XAIWATCH_BENCH_SMOKE"] = "1"
     torch.set_num_threads(1)
-    result = bench_explain_run(profile="--profile" in sys.argv)
+    result = bench_explain_run(profile=args.profile)
     for name, text in result.pop("profile", {}).items():
         print(f"==== {name}\n{text}")
     for name, value in result.items():
         print(f"{name}: {value:.4g}" if isinstance(value, float) else f"{name}: {value}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "explain_run.json").write_text(json.dumps(result, indent=1))
