@@ -7,7 +7,8 @@ their own, each the median of ``repeat`` runs:
 - ``compute``: ``_run`` on the training thread (detections and both methods' maps of every probe);
 - ``drawing and writing``: ``_write`` on rank zero's writer thread (every panel drawn, PNG-encoded and written);
 - ``explaining() entry``: one ``with explaining(model)`` on the demo model, outermost and nested, and how many
-  entries one run makes.
+  entries one run makes;
+- both halves also in CPU seconds of the process (``time.process_time``), steadier when other work shares the cores.
 
 ``--profile`` adds the top functions (cumulative seconds) of one compute and one writing run (cProfile).
 Run: python benchmarks/bench_explain_run.py [--quick] [--profile] [--out DIR] (writes DIR/explain_run.json).
@@ -109,8 +110,19 @@ def bench_explain_run(repeat: int = 5, profile: bool = False) -> dict:
                     with explaining(model):
                         pass
 
+        def cpu(fn) -> float:
+            """Median CPU seconds of ``fn`` (this process, every thread): steadier than wall time on a busy machine."""
+            times = []
+            for _ in range(1 if smoke() else repeat):
+                start = time.process_time()
+                fn()
+                times.append(time.process_time() - start)
+            return sorted(times)[len(times) // 2]
+
         rows = {
             "probes": len(share),
+            "compute CPU seconds per run": cpu(lambda: cb._run(share, ctx)),
+            "drawing and writing CPU seconds per run": cpu(lambda: cb._write(record, ctx)),
             "pictures per run": pictures,
             "compute seconds per run": timeit(lambda: cb._run(share, ctx), repeat),
             "drawing and writing seconds per run": timeit(lambda: cb._write(record, ctx), repeat),
