@@ -213,11 +213,11 @@ def explaining(model: nn.Module, seed: int | None = 0, device_type: str | None =
     is never written. On exit every one of these is restored, also after an exception.
 
     Entered again for the same model inside itself (a callback enters it once per run and every engine call
-    inside enters it too), it costs about a tenth of a millisecond instead of ~10 ms on YOLOv8n: the nested entry
-    enables gradients, forks and seeds the RNGs and removes the hooks added inside, as the outermost does, but
-    leaves the eval flags, the full hook snapshot and the head caches to the outermost entry (the model is already
-    in eval mode; caches built inside were built with autograd allowed). Do not enter ``torch.inference_mode()``
-    inside it and then explain: a cache built there would be an inference tensor.
+    inside enters it too), it costs about 1 ms instead of 10-20 ms on YOLOv8n (measured by bench_explain_run):
+    the nested entry enables gradients, forks and seeds the RNGs and removes the hooks added inside, as the
+    outermost does, but leaves the eval flags, the full hook snapshot and the head caches to the outermost entry
+    (the model is already in eval mode; caches built inside were built with autograd allowed). Do not enter
+    ``torch.inference_mode()`` inside it and then explain: a cache built there would be an inference tensor.
 
     Yields:
         a function ``prepare(x)`` that returns a detached clone of ``x`` usable for autograd (inference
