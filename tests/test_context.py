@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from xaiwatch.core.context import eval_state, explaining, fork_rng, hooks_restored
+from xaiwatch.core.context import eval_state, explaining, fork_rng, hooks_restored, is_explaining
 
 
 def _model() -> nn.Module:
@@ -97,3 +97,72 @@ def test_ultralytics_anchor_cache_reset_between_inference_and_grad(tiny_net, ima
             x = prepare(images).requires_grad_()
             (g,) = torch.autograd.grad(adapter.score(x, ClassTarget(0)).sum(), x)
     assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def _rng_state():
+    return torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+
+
+def _same_rng(a, b) -> bool:
+    return torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+def test_nested_entry_keeps_every_guarantee_of_its_own():
+    """Inside an outer context a nested entry is cheap, yet it seeds, forks and removes its hooks as before."""
+    m = _model().train()
+    m[1].eval()
+    before = _snapshot(m)
+    outer_rng = _rng_state()
+    kept = m[0].register_forward_hook(lambda *a: None)
+    with explaining(m, seed=5):
+        assert is_explaining(m) and not is_explaining(m[0])
+        torch.rand(3)  # the outer stream moves on
+        mid = _rng_state()
+        with torch.no_grad(), explaining(m, seed=7) as prepare:
+            assert torch.is_grad_enabled() and not any(x.training for x in m.modules())
+            first = torch.rand(4)
+            m[2].register_forward_hook(lambda *a: None)
+            m[1].register_forward_pre_hook(lambda *a: None)
+            x = prepare(torch.rand(2, 3, 8, 8)).requires_grad_()
+            (g,) = torch.autograd.grad(m(x).sum(), x)
+        assert not m[2]._forward_hooks and not m[1]._forward_pre_hooks  # removed at the nested exit
+        assert kept.id in m[0]._forward_hooks
+        assert _same_rng(mid, _rng_state())  # the nested fork restored the outer stream
+        with explaining(m, seed=7):
+            assert torch.equal(first, torch.rand(4))  # seeded alike at every nested entry
+        m.train()  # code inside that switches to training is put back in eval by a nested entry
+        with explaining(m):
+            assert not any(x.training for x in m.modules())
+        assert m[0].training
+    assert not is_explaining(m) and g.abs().sum() > 0
+    _assert_same(before, _snapshot(m))
+    assert _same_rng(outer_rng, _rng_state())
+    assert len(m[0]._forward_hooks) == 1
+
+
+def test_nested_entry_removes_hooks_after_an_error():
+    m = _model()
+    with explaining(m):
+        with pytest.raises(RuntimeError, match="boom"), explaining(m):
+            m[3].register_forward_hook(lambda *a: None)
+            raise RuntimeError("boom")
+        assert not m[3]._forward_hooks and is_explaining(m)
+    assert not is_explaining(m)
+
+
+def test_engines_inside_one_outer_context_give_the_same_maps(tiny_net, images):
+    """ExplainCallback enters the context once per run: the maps equal those of engines entering it alone."""
+    from xaiwatch.adapters import YOLOv8Adapter
+    from xaiwatch.explain import get_engine
+    from xaiwatch.targets import ClassTarget
+
+    adapter = YOLOv8Adapter(tiny_net)
+    engines = [get_engine("saliency", adapter), get_engine("layer_cam", adapter, layer="neck.p3")]
+    with torch.inference_mode():
+        x = images * 1
+        alone = [e.attribute(x, ClassTarget(1)) for e in engines]
+        with explaining(tiny_net):
+            adapter.detect(x)  # caches anchors inside the outer context, as the callback's detection does
+            inside = [e.attribute(x, ClassTarget(1)) for e in engines]
+    for a, b in zip(alone, inside):
+        assert a.abs().sum() > 0 and torch.equal(a, b)

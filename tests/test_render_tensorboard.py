@@ -101,3 +101,24 @@ def test_gate_reason_lists_every_check_every_epoch():
     assert "| context_reliance | 0.200 | <= 0.05 | FAIL |" in text
     assert "| energy_in_box/saliency | 0.610 | >= 0.45 | pass |" in text
     assert "| pointing_game/saliency | 0.750 | - | logged |" in text
+
+
+def test_pictures_are_written_as_fast_pngs_that_read_back_exactly(tmp_path):
+    """XaiWriter encodes its PNGs itself (zlib level 1): the same pixels, tag and step as ``add_image`` writes."""
+    import numpy as np
+
+    from xaiwatch.logging import Tags, XaiWriter
+    from xaiwatch.logging.reader import read_pictures
+
+    rng = np.random.default_rng(0)
+    picture = (rng.random((63, 116, 3)) * 255).astype(np.uint8)
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    with SummaryWriter(str(ours)) as sw:
+        XaiWriter(sw).explanation("saliency", "probe_00", picture, 40)
+    with SummaryWriter(str(theirs)) as sw:
+        sw.add_image(Tags.explain("saliency", "probe_00"), picture, global_step=40, dataformats="HWC")
+    got, expected = read_pictures(ours, "explain/"), read_pictures(theirs, "explain/")
+    assert got.keys() == expected.keys() == {Tags.explain("saliency", "probe_00")}
+    (tag,) = got
+    assert list(got[tag]) == [40] and np.array_equal(got[tag][40], picture)
+    assert np.array_equal(expected[tag][40], picture)

@@ -3,7 +3,8 @@
 The base owns everything that is the same for every callback — the adapter and writer resolution, the probe set
 (seeded choice, identity by content, ``state_dict``), the schedule (epochs and training steps, step 0 before
 training, ``trainer.validate`` / ``trainer.test``), the split of the probes across ranks and the gather of the
-results, failure isolation and the log folder — so that a subclass writes only:
+results, failure isolation and the log folder, and runs the subclass's work inside one
+:func:`~xaiwatch.core.context.explaining` context of the model — so that a subclass writes only:
 
 - ``_run(share, ctx) -> record``: the work on this rank's share of the probes (a list of positions in the probe
   set), returning a small picklable record (typically a list with one entry per probe);
@@ -33,6 +34,7 @@ from typing_extensions import override
 from xaiwatch.adapters import DetectorAdapter, resolve_adapter
 from xaiwatch.callbacks import budget as _budget
 from xaiwatch.callbacks.probes import choose_probe_indices, load_probes, probe_item, stage_dataset, tensorboard_writer
+from xaiwatch.core.context import explaining
 from xaiwatch.core.errors import ConfigurationError
 from xaiwatch.core.types import ProbeSet
 from xaiwatch.core.validation import choice, distinct_indices, optional_positive_int, positive_int
@@ -410,7 +412,8 @@ class ProbeCallback(Callback):
         ctx = self._context(trainer, pl_module, stage, epoch)
         share = list(range(ctx.rank, len(self._indices), ctx.world_size))
         try:
-            record = self._run(share, ctx)
+            with self._explaining():
+                record = self._run(share, ctx)
         except Exception as err:
             if self.on_error == "raise" and ctx.world_size == 1:
                 raise
@@ -428,6 +431,12 @@ class ProbeCallback(Callback):
         self._on_record(trainer, merged, ctx)
         if self._writer is not None:
             self._submit(lambda: self._write(merged, ctx), f"writing step {step}")
+
+    def _explaining(self) -> contextlib.AbstractContextManager:
+        """One explaining context of the model for a whole run: every engine's own entry inside nests cheaply
+        (~1 ms instead of ~10 ms on YOLOv8n); an adapter without a module (a test double) gets none."""
+        model = getattr(self._adapter, "model", None)
+        return explaining(model, seed=self.seed) if isinstance(model, torch.nn.Module) else contextlib.nullcontext()
 
     def run_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Run the callback's work now, outside its schedule (every rank must call it), and wait until it is written.

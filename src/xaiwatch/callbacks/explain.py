@@ -149,18 +149,19 @@ class ExplainCallback(ProbeCallback):
         start = time.perf_counter()
         adapter = self._adapter
         images = self.probes.images[share].to(ctx.device)
-        with explaining(adapter.model, seed=self.seed):
-            detections = adapter.detect(images) if share else []
         out = []
-        for j, p in enumerate(share):
-            tracked = self._tracked[p]
-            if not tracked and len(detections[j]):  # probes without ground truth track their top detection
-                tracked = [[*detections[j].boxes[0].tolist(), float(detections[j].labels[0])]]
-            targets = [
-                MatchedBoxTarget(t[:4], int(t[4]), iou_threshold=self.iou_threshold, conf=adapter.conf) for t in tracked
-            ]
-            found = {m: e.explain_boxes(images[j : j + 1], targets).cpu() for m, e in self._engines.items()}
-            out.append((p, tracked, found, detections[j].to("cpu")))
+        with explaining(adapter.model, seed=self.seed):  # once per run: the engines' own entries nest cheaply
+            detections = adapter.detect(images) if share else []
+            for j, p in enumerate(share):
+                tracked = self._tracked[p]
+                if not tracked and len(detections[j]):  # probes without ground truth track their top detection
+                    tracked = [[*detections[j].boxes[0].tolist(), float(detections[j].labels[0])]]
+                targets = [
+                    MatchedBoxTarget(t[:4], int(t[4]), iou_threshold=self.iou_threshold, conf=adapter.conf)
+                    for t in tracked
+                ]
+                found = {m: e.explain_boxes(images[j : j + 1], targets).cpu() for m, e in self._engines.items()}
+                out.append((p, tracked, found, detections[j].to("cpu")))
         return ShareRecord(out, time.perf_counter() - start)
 
     @override

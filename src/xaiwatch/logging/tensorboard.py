@@ -113,6 +113,42 @@ class Tags:
         return f"boundary/picture/{subject}"
 
 
+#: zlib level of the PNGs xaiwatch writes: 1 encodes a 1160 x 630 panel in about half the time of PIL's default 6
+PNG_COMPRESS_LEVEL = 1
+
+
+def _add_picture(writer: Any, tag: str, picture: np.ndarray, step: int) -> None:
+    """Write an :math:`(H, W, 3)` uint8 picture as a PNG of :data:`PNG_COMPRESS_LEVEL`.
+
+    ``SummaryWriter.add_image`` converts the picture to float and back, resizes it by 1 and encodes it at PIL's
+    default level 6; the same image summary is written here straight from the bytes (through the writer's file
+    writer, as ``add_image`` does). Other writers get ``add_image``.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    picture = np.asarray(picture)
+    if (
+        not isinstance(writer, SummaryWriter)
+        or picture.dtype != np.uint8
+        or picture.ndim != 3
+        or picture.shape[2] not in (1, 3, 4)
+    ):
+        writer.add_image(tag, picture, global_step=step, dataformats="HWC")
+        return
+    import io
+
+    from PIL import Image
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    buffer = io.BytesIO()
+    Image.fromarray(picture[..., 0] if picture.shape[2] == 1 else picture).save(
+        buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL
+    )
+    height, width, channels = picture.shape
+    image = Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=buffer.getvalue())
+    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+
+
 class XaiWriter:
     """Thin wrapper of a ``SummaryWriter`` (torch's or tensorboardX's) writing xaiwatch's records.
 
@@ -128,11 +164,11 @@ class XaiWriter:
 
     def explanation(self, method: str, subject: str, picture: np.ndarray, step: int) -> None:
         """Write one overlay picture, :math:`(H, W, 3)` uint8."""
-        self.writer.add_image(Tags.explain(method, subject), picture, global_step=step, dataformats="HWC")
+        _add_picture(self.writer, Tags.explain(method, subject), picture, step)
 
     def filmstrip(self, subject: str, picture: np.ndarray, step: int) -> None:
         """Write the filmstrip of one tracked object."""
-        self.writer.add_image(Tags.filmstrip(subject), picture, global_step=step, dataformats="HWC")
+        _add_picture(self.writer, Tags.filmstrip(subject), picture, step)
 
     def explain_seconds(self, seconds: float, step: int) -> None:
         """Write the wall time the callback spent this epoch."""
@@ -145,7 +181,7 @@ class XaiWriter:
 
     def projection(self, layer: str, picture: np.ndarray, step: int) -> None:
         """Write the scatter picture of one layer's projection, :math:`(H, W, 3)` uint8."""
-        self.writer.add_image(Tags.projection(layer), picture, global_step=step, dataformats="HWC")
+        _add_picture(self.writer, Tags.projection(layer), picture, step)
 
     def embedding(
         self, layer: str, features: Any, metadata: list, header: list[str], thumbnails: Any, step: int
@@ -183,7 +219,7 @@ class XaiWriter:
 
     def picture(self, tag: str, picture: np.ndarray, step: int) -> None:
         """Write one :math:`(H, W, 3)` uint8 picture under a tag built by :class:`Tags`."""
-        self.writer.add_image(tag, picture, global_step=step, dataformats="HWC")
+        _add_picture(self.writer, tag, picture, step)
 
     def text(self, tag: str, text: str, step: int) -> None:
         """Write markdown text under a tag built by :class:`Tags`."""

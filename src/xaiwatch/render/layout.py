@@ -10,11 +10,12 @@ from collections.abc import Sequence
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
+from matplotlib.colorbar import Colorbar
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.transforms import Bbox
 
-__all__ = ["picture_title", "LabelPlacer", "add_colorbar", "MIN_TEXT_PX", "FONT"]
+__all__ = ["picture_title", "LabelPlacer", "add_colorbar", "set_colorbar", "MIN_TEXT_PX", "FONT"]
 
 #: the smallest text height (pixels at 100 % zoom) any xaiwatch picture uses
 MIN_TEXT_PX = 10.0
@@ -134,7 +135,7 @@ class LabelPlacer:
         return False
 
 
-def add_colorbar(fig: Figure, cax: Axes, cmap: str, vmin: float, vmax: float, label: str) -> None:
+def add_colorbar(fig: Figure, cax: Axes, cmap: str, vmin: float, vmax: float, label: str) -> Colorbar:
     """A vertical colour bar in ``cax`` from ``vmin`` to ``vmax`` (ticks at both ends and the middle).
 
     Args:
@@ -143,11 +144,33 @@ def add_colorbar(fig: Figure, cax: Axes, cmap: str, vmin: float, vmax: float, la
         cmap: colormap name.
         vmin, vmax: the value range the colours stand for.
         label: what the values are, drawn above the bar.
+
+    Returns:
+        The colour bar (:func:`set_colorbar` gives it another colormap, range and label).
+    """
+    bar = fig.colorbar(ScalarMappable(norm=Normalize(vmin, vmax if vmax > vmin else vmin + 1.0), cmap=cmap), cax=cax)
+    set_colorbar(bar, cmap, vmin, vmax, label)
+    return bar
+
+
+def set_colorbar(bar: Colorbar, cmap: str, vmin: float, vmax: float, label: str) -> None:
+    """Give a colour bar of :func:`add_colorbar` another colormap, value range and label (a figure drawn again).
+
+    Args:
+        bar: the colour bar.
+        cmap: colormap name.
+        vmin, vmax: the value range the colours stand for (an empty range shows ``vmin`` to ``vmin + 1``).
+        label: what the values are, drawn above the bar.
     """
     if not vmax > vmin:
         vmax = vmin + 1.0
-    bar = fig.colorbar(ScalarMappable(norm=Normalize(vmin, vmax), cmap=cmap), cax=cax)
+    mappable = bar.mappable
+    if mappable.cmap.name != cmap or tuple(mappable.get_clim()) != (vmin, vmax):
+        with mappable.callbacks.blocked():
+            mappable.set_cmap(cmap)
+            mappable.set_clim(vmin, vmax)
+        bar.update_normal(mappable)
     bar.set_ticks([vmin, (vmin + vmax) / 2, vmax])
     bar.set_ticklabels([f"{v:.3g}" for v in (vmin, (vmin + vmax) / 2, vmax)])
-    cax.tick_params(labelsize=FONT["tick"])
-    cax.set_title(label, fontsize=FONT["tick"], loc="left", pad=6)
+    bar.ax.tick_params(labelsize=FONT["tick"])
+    bar.ax.set_title(label, fontsize=FONT["tick"], loc="left", pad=6, y=1.0)  # fixed y: no layout pass per picture
