@@ -40,7 +40,14 @@ class Report(pl.Callback):
         gate = next(c for c in trainer.callbacks if isinstance(c, SaliencyGate))
         evaluated = list(RecordingGate.evaluated)
         # every probe in one call on this rank, on the weights of the last decision (no step since)
-        reference = judge(gate.evaluate(positions=None), gate.rules, gate.min_defined, seed=gate.seed)
+        reference = judge(
+            gate.evaluate(positions=None),
+            gate.rules,
+            gate.min_defined,
+            seed=gate.seed,
+            significant=gate.significant,
+            confirm=gate.confirm,
+        )
         report = {
             "rank": trainer.global_rank,
             "seen": Recording.seen,
