@@ -212,21 +212,17 @@ def gate_probes(dataset, num_probe: int, seed: int = 0):
     return probes, tracked, boxes, labels
 
 
-def evaluate_model(run: Path, weights: str, num_probe: int, seed: int = 0) -> dict:
-    """Every recorded check (per probe) on ``num_probe`` probes chosen as the gate chooses them, and the flip rate."""
-    from xaiwatch.checks import CheckOptions, context_swap, evaluate_probes
-    from xaiwatch.data.shapes import FAMILIES
+def recorded_checks(
+    adapter, dataset, num_probe: int, seed: int
+) -> tuple[dict, object, list, torch.Tensor, torch.Tensor]:
+    """Every :data:`RECORDED` check per probe on ``num_probe`` probes of ``dataset`` chosen as the gate chooses them:
+    ``(values, probes, tracked, boxes, labels)`` (the last four from :func:`gate_probes`)."""
+    from xaiwatch.checks import CheckOptions, evaluate_probes
     from xaiwatch.explain import get_engine
     from xaiwatch.targets import MatchedBoxTarget
 
-    meta, adapter, consistent = load_run(run, weights)
-    base = run.parents[1] / "data" / f"{meta['family']}_s{meta['seed']}" / "shortcut"
-    wrong = _dataset(base / "counterfactual_wrong", list(FAMILIES[meta["family"]].classes), meta["imgsz"])
-    start = time.perf_counter()
-    control = flip_of(adapter, consistent, wrong)
-    probes, tracked, boxes, labels = gate_probes(consistent, num_probe, seed)
+    probes, tracked, boxes, labels = gate_probes(dataset, num_probe, seed)
     targets = [MatchedBoxTarget(t[:4], int(t[4]), conf=adapter.conf) for t in tracked]
-    options = CheckOptions(seed=seed)
     values, _ = evaluate_probes(
         adapter,
         {"saliency": get_engine("saliency", adapter)},
@@ -235,10 +231,29 @@ def evaluate_model(run: Path, weights: str, num_probe: int, seed: int = 0) -> di
         boxes,
         probes.boxes,
         RECORDED,
-        options,
+        CheckOptions(seed=seed),
         labels=labels,
         gt_labels=probes.labels,
     )
+    return values, probes, tracked, boxes, labels
+
+
+def _per_probe(values: dict) -> dict:
+    """Check values as JSON lists, NaN as ``None``."""
+    return {k: [None if math.isnan(float(x)) else float(x) for x in v.tolist()] for k, v in values.items()}
+
+
+def evaluate_model(run: Path, weights: str, num_probe: int, seed: int = 0) -> dict:
+    """Every recorded check (per probe) on ``num_probe`` probes chosen as the gate chooses them, and the flip rate."""
+    from xaiwatch.checks import context_swap
+    from xaiwatch.data.shapes import FAMILIES
+
+    meta, adapter, consistent = load_run(run, weights)
+    base = run.parents[1] / "data" / f"{meta['family']}_s{meta['seed']}" / "shortcut"
+    wrong = _dataset(base / "counterfactual_wrong", list(FAMILIES[meta["family"]].classes), meta["imgsz"])
+    start = time.perf_counter()
+    control = flip_of(adapter, consistent, wrong)
+    values, probes, _, boxes, labels = recorded_checks(adapter, consistent, num_probe, seed)
     by_fill = {}
     for margin in (0.0, 0.25):
         swap = context_swap(
@@ -262,7 +277,7 @@ def evaluate_model(run: Path, weights: str, num_probe: int, seed: int = 0) -> di
         "eval_seconds": time.perf_counter() - start,
         **control,
         "probes": num_probe,
-        "checks": {k: [None if math.isnan(float(x)) else float(x) for x in v.tolist()] for k, v in values.items()},
+        "checks": _per_probe(values),
         "by_fill": by_fill,
     }
 
@@ -321,26 +336,9 @@ def load_real_run(run: Path, checkpoint: str = "last.ckpt", imgsz: int = 224):
 def evaluate_real_model(name: str, run: Path, checkpoint: str, num_probe: int, imgsz: int, seed: int = 0) -> dict:
     """Every recorded check (per probe) of a real clean fine-tune, as :func:`evaluate_model` records a generated
     one (no counterfactual flip rate: real data has no known cue)."""
-    from xaiwatch.checks import CheckOptions, evaluate_probes
-    from xaiwatch.explain import get_engine
-    from xaiwatch.targets import MatchedBoxTarget
-
     meta, adapter, val = load_real_run(run, checkpoint, imgsz)
     start = time.perf_counter()
-    probes, tracked, boxes, labels = gate_probes(val, num_probe, seed)
-    targets = [MatchedBoxTarget(t[:4], int(t[4]), conf=adapter.conf) for t in tracked]
-    values, _ = evaluate_probes(
-        adapter,
-        {"saliency": get_engine("saliency", adapter)},
-        probes.images,
-        targets,
-        boxes,
-        probes.boxes,
-        RECORDED,
-        CheckOptions(seed=seed),
-        labels=labels,
-        gt_labels=probes.labels,
-    )
+    values, _, tracked, _, _ = recorded_checks(adapter, val, num_probe, seed)
     for key in ("context_swap", "relative_context_reliance"):  # the margin-0.25 keys are the recorded defaults
         values[f"{key}@0.25"] = values[key]
     return {
@@ -355,7 +353,7 @@ def evaluate_real_model(name: str, run: Path, checkpoint: str, num_probe: int, i
         "eval_seconds": time.perf_counter() - start,
         "flip": None,
         "probes": len(tracked),
-        "checks": {k: [None if math.isnan(float(x)) else float(x) for x in v.tolist()] for k, v in values.items()},
+        "checks": _per_probe(values),
     }
 
 
