@@ -32,7 +32,6 @@ def run(
     from pytorch_lightning.loggers import TensorBoardLogger
 
     from xaiwatch.callbacks import SaliencyGate
-    from xaiwatch.checks.verdict import judge
     from xaiwatch.data import YoloDataModule
     from xaiwatch.demo_real import real_module, write_deepforest_tiles
 
@@ -85,7 +84,7 @@ def run(
     }
     if the_gate is not None:
         start = time.perf_counter()
-        verdict = judge(the_gate.evaluate(module), the_gate.rules, the_gate.min_defined, seed=the_gate.seed)
+        verdict = the_gate.judge(the_gate.evaluate(module))
         result["gate"] = {
             "checks": dict(the_gate.checks),
             "status": verdict.status,

@@ -26,7 +26,7 @@ from conftest import SquaresDataset, collate  # noqa: E402
 from helpers import square_sized, tiny_module  # noqa: E402
 from xaiwatch.callbacks import ExplainCallback, SaliencyGate  # noqa: E402
 from xaiwatch.callbacks.explain import ExplainCallback as _Explain  # noqa: E402
-from xaiwatch.checks import CheckOptions, judge  # noqa: E402
+from xaiwatch.checks import CheckOptions  # noqa: E402
 
 
 class Report(pl.Callback):
@@ -40,14 +40,7 @@ class Report(pl.Callback):
         gate = next(c for c in trainer.callbacks if isinstance(c, SaliencyGate))
         evaluated = list(RecordingGate.evaluated)
         # every probe in one call on this rank, on the weights of the last decision (no step since)
-        reference = judge(
-            gate.evaluate(positions=None),
-            gate.rules,
-            gate.min_defined,
-            seed=gate.seed,
-            significant=gate.significant,
-            confirm=gate.confirm,
-        )
+        reference = gate.judge(gate.evaluate(positions=None))
         report = {
             "rank": trainer.global_rank,
             "seen": Recording.seen,

@@ -23,7 +23,7 @@ from xaiwatch.callbacks.validation import validate_methods
 from xaiwatch.checks.context import check_context_source
 from xaiwatch.checks.evaluate import CheckOptions, evaluate_probes
 from xaiwatch.checks.rule import MAP_CHECKS, parse_rules
-from xaiwatch.checks.verdict import INCONCLUSIVE, judge
+from xaiwatch.checks.verdict import INCONCLUSIVE, Verdict, judge
 from xaiwatch.core.errors import ConfigurationError
 from xaiwatch.core.validation import choice, positive_int
 from xaiwatch.logging.tensorboard import Tags
@@ -404,14 +404,7 @@ class SaliencyGate(ProbeCallback):
         try:
             if merged.error is not None:
                 raise _ShareFailed(merged.error)
-            verdict = judge(
-                merged.values,
-                self.rules,
-                self.min_defined,
-                seed=self.seed,
-                significant=self.significant,
-                confirm=self.confirm,
-            )
+            verdict = self.judge(merged.values)
         except Exception as err:
             if self.on_error == "raise":
                 raise
@@ -432,6 +425,13 @@ class SaliencyGate(ProbeCallback):
             "verdict": verdict.to_dict(),
             "seconds": seconds,
         }
+
+    def judge(self, values: dict[str, Any]) -> Verdict:
+        """The verdict on per-probe check ``values`` (e.g. of :meth:`evaluate`) by this gate's rules, probe floor,
+        bootstrap seed, significance rule and confirmations: the same rule the gate decides with."""
+        return judge(
+            values, self.rules, self.min_defined, seed=self.seed, significant=self.significant, confirm=self.confirm
+        )
 
     def evaluate(
         self, pl_module: pl.LightningModule | None = None, positions: Sequence[int] | None = None
