@@ -92,6 +92,15 @@ class _Failed:
     message: str
 
 
+def _serial_torch() -> None:
+    """The writer thread's torch ops run on that thread alone. A second thread that runs parallel torch ops gets an
+    OpenMP team of its own; the idle team stays while the thread lives, so libgomp counts more threads than cores
+    and makes the training thread's workers sleep between parallel regions instead of spinning: every training
+    step after the first drawing was 55% slower (YOLOv8n, 160 px, batch 16, 2 cores: 195 -> 305 ms) at the same CPU
+    time. ``torch.set_num_threads`` is per thread (OpenMP's and MKL's local setting), so training keeps its own."""
+    torch.set_num_threads(1)
+
+
 def probe_key(image: torch.Tensor, boxes: torch.Tensor) -> str:
     """A content key of a validation image and its boxes: the SHA-1 of the 8-bit image and the rounded boxes.
 
@@ -459,7 +468,9 @@ class ProbeCallback(Callback):
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"xaiwatch-{type(self).__name__}")
+            self._pool = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=f"xaiwatch-{type(self).__name__}", initializer=_serial_torch
+            )
 
         def job() -> None:
             with self._counted():
