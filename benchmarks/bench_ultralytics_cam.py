@@ -26,6 +26,33 @@ sys.path.insert(0, str(Path(__file__).parent))
 from run import timeit, yolov8n  # noqa: E402  (the one timer of every benchmark)
 
 
+def flops(fn) -> int:
+    """Floating-point operations of ``fn`` (matmuls and convolutions, forward and backward, by
+    ``torch.utils.flop_counter``'s formulas), counted below autograd so that a batched VJP counts once per sample.
+    (``FlopCounterMode`` itself cannot be used: its module tracker's hooks fail inside ``torch.autograd.grad``.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_map
+    from torch.utils.flop_counter import flop_registry
+
+    def shape(t):
+        return t.shape if isinstance(t, torch.Tensor) else t
+
+    class _Count(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            rule = flop_registry.get(func._overloadpacket)
+            if rule is not None:
+                _Count.total += rule(*tree_map(shape, args), **tree_map(shape, kwargs), out_val=tree_map(shape, out))
+            return out
+
+    with _Count():
+        fn()
+    return _Count.total
+
+
 class _Backend(nn.Module):
     """What ultralytics' function expects: ``model.model`` is the DetectionModel (as its AutoBackend)."""
 
@@ -76,6 +103,7 @@ def run(quick: bool = False, ks: tuple[int, ...] = (1, 4, 16), size: int = 320, 
         torch.autograd.grad(adapter.raw(xi).scores[0, int(order[0])].max(), xi)
 
     base = timeit(floor, repeat)
+    floor_flops = flops(floor)
     results: dict = {
         "model": "fall detector YOLOv8s, bus.jpg" if real else "random YOLOv8n, noise",
         "floor seconds (forward + backward to input)": base,
@@ -98,6 +126,10 @@ def run(quick: bool = False, ks: tuple[int, ...] = (1, 4, 16), size: int = 320, 
             for name, group in engines.items():
                 row[name] = timeit(lambda g=group, t=targets: [e.attribute_boxes(x, t) for e in g], repeat)
             results[f"K={k}"] = {n: {"seconds": v, "x_floor": v / base} for n, v in row.items()}
+            for name, group in engines.items():  # the compute floor of the method itself: its FLOPs / the floor's
+                results[f"K={k}"][name]["flops_x_floor"] = (
+                    flops(lambda g=group, t=targets: [e.attribute_boxes(x, t) for e in g]) / floor_flops
+                )
     return results
 
 
@@ -107,7 +139,8 @@ def report(results: dict) -> None:
     for key, row in results.items():
         if key.startswith("K="):
             for name, r in row.items():
-                print(f"  {key:5s} {name:45s} {r['seconds'] * 1000:8.1f} ms  {r['x_floor']:5.2f} x floor")
+                fl = f"   FLOPs {r['flops_x_floor']:5.2f} x the floor's" if "flops_x_floor" in r else ""
+                print(f"  {key:5s} {name:45s} {r['seconds'] * 1000:8.1f} ms  {r['x_floor']:5.2f} x floor{fl}")
 
 
 if __name__ == "__main__":

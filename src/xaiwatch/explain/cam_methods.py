@@ -100,8 +100,8 @@ class _CamEngine(Engine):
             cam = F.interpolate(cam, size=tuple(size), mode="bilinear", align_corners=False)
             if len(activations) == 1:
                 return cam
-            peak = cam.amax(dim=(2, 3), keepdim=True)
-            cam = torch.where(peak > 0, cam / torch.where(peak > 0, peak, 1), 0)
+            peak = cam.amax(dim=(2, 3), keepdim=True)  # 0 only for a map that is 0 everywhere (ReLU'd)
+            cam = cam.div_(peak.masked_fill_(peak == 0, 1))
             merged = cam if merged is None else torch.maximum(merged, cam, out=merged)
         return merged
 
