@@ -185,6 +185,7 @@ class ProbeCallback(Callback):
         self._indices: list[int] | None = None
         self._keys: list[str] = []
         self._log_dirs: list[str] = []  # log folders of this and earlier (resumed) runs, oldest first
+        self._restored_log_dirs: list[str] = []  # those of the checkpoint this fit resumed from (none: a fresh fit)
         # resolved at setup
         self._adapter: DetectorAdapter | None = None
         self._writer: XaiWriter | None = None
@@ -556,6 +557,7 @@ class ProbeCallback(Callback):
         self._indices = [int(i) for i in indices] or None
         self._keys = list(state.get("probe_keys", []))
         self._log_dirs = list(state.get("log_dirs", []))
+        self._restored_log_dirs = list(self._log_dirs)
         self._last_step = int(state.get("last_step", -1))
 
     def __getstate__(self) -> dict[str, Any]:

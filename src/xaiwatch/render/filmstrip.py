@@ -138,6 +138,7 @@ def write_gif(frames: Sequence[np.ndarray], path: str | Path, duration_ms: int =
         raise ConfigurationError("An animation needs at least one frame.")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    images = [Image.fromarray(f) for f in frames]
+    # each frame's 256-colour palette by fast octree (PIL's default, median cut, took 4x longer on our panels)
+    images = [Image.fromarray(f).quantize(256, method=Image.Quantize.FASTOCTREE) for f in frames]
     images[0].save(path, save_all=True, append_images=images[1:], duration=duration_ms, loop=0)
     return path

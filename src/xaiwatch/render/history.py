@@ -119,13 +119,15 @@ class PictureHistory:
             for s in self.steps(subject)
         ]
 
-    def write(self, subject: str, folder: str | Path) -> tuple[Path, Path]:
-        """Write ``<subject>_filmstrip.png`` and ``<subject>.gif`` into ``folder``; return both paths."""
+    def write(self, subject: str, folder: str | Path, strip: np.ndarray | None = None) -> tuple[Path, Path]:
+        """Write ``<subject>_filmstrip.png`` and ``<subject>.gif`` into ``folder``; return both paths.
+
+        ``strip``: the subject's :meth:`filmstrip` when the caller has drawn it already (it is not drawn twice)."""
         from PIL import Image
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         png = folder / f"{subject}_filmstrip.png"
-        Image.fromarray(self.filmstrip(subject)).save(png)
+        Image.fromarray(self.filmstrip(subject) if strip is None else strip).save(png, compress_level=1)
         gif = write_gif(self.animation_frames(subject), folder / f"{subject}.gif")
         return png, gif
