@@ -232,7 +232,9 @@ def test_filmstrips_gifs_and_several_objects(tmp_path):
     cb = ExplainCallback(num_probe=2, max_objects=2, on_error="raise", normalize="fixed")
     trainer = _trainer(tmp_path, [cb], epochs=2)
     train = DataLoader(SquaresDataset(8, 0), batch_size=8, collate_fn=collate)
-    trainer.fit(_module(), train, DataLoader(val, 4, collate_fn=collate))
+    with patch("xaiwatch.callbacks.explain.read_pictures", side_effect=AssertionError("read back")) as read:
+        trainer.fit(_module(), train, DataLoader(val, 4, collate_fn=collate))
+    assert not read.called  # a fresh fit drew every picture itself: nothing is read back from its log
     acc = _events(trainer.logger.log_dir)
     subjects = {"probe_00", "probe_00_obj1", "probe_01", "probe_01_obj1"}
     assert {t for t in acc.Tags()["images"] if t.startswith("explain/saliency/")} == {
