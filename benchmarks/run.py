@@ -105,9 +105,12 @@ def bench_foundation(repeat: int) -> dict:
 
 def bench_callback_share(quick: bool, out: Path) -> dict:
     """The demo (YOLOv8n, 160 px, 600 train / 100 val images, batch 16, callbacks/demo.yaml) over 6 epochs: wall
-    time without callbacks, with them, and with them under ``TimeBudget(0.1)``; the callbacks' share is
+    time without callbacks (a plain ModelCheckpoint in their GatedModelCheckpoint's place), with them, and with them
+    under ``TimeBudget(0.1)``; the callbacks' share is
     ``1 - plain / with`` (smoke: 2 epochs of 32 / 16 images, at most 2 probes per callback)."""
     from bench_damo import _demo_callbacks, timed_demo_fit
+
+    from pytorch_lightning.callbacks import ModelCheckpoint
 
     from xaiwatch.callbacks import TimeBudget
     from xaiwatch.data import generate
@@ -116,8 +119,10 @@ def bench_callback_share(quick: bool, out: Path) -> dict:
     data = generate(out / "share_data", num_train=n_train, num_val=n_val, imgsz=160, seed=0, overwrite=True)
     rows: dict[str, float] = {}
     budget = TimeBudget(share=0.1)
+    # the plain fit checkpoints as the demo's GatedModelCheckpoint does (a plain Trainer checkpoints by default too)
+    plain_checkpoint = ModelCheckpoint(monitor="val/map50", mode="max", save_top_k=1, save_last=True)
     for label, callbacks in (
-        ("plain", []),
+        ("plain", [plain_checkpoint]),
         ("demo callbacks", _demo_callbacks(quick)),
         ("demo callbacks + TimeBudget(0.1)", [*_demo_callbacks(quick), budget]),
     ):
