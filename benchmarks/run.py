@@ -109,7 +109,6 @@ def bench_callback_share(quick: bool, out: Path) -> dict:
     under ``TimeBudget(0.1)``; the callbacks' share is
     ``1 - plain / with`` (smoke: 2 epochs of 32 / 16 images, at most 2 probes per callback)."""
     from bench_damo import _demo_callbacks, timed_demo_fit
-
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     from xaiwatch.callbacks import TimeBudget
