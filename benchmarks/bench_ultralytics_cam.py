@@ -38,19 +38,22 @@ def flops(fn) -> int:
         return t.shape if isinstance(t, torch.Tensor) else t
 
     class _Count(TorchDispatchMode):
-        total = 0
+        def __init__(self) -> None:
+            super().__init__()
+            self.total = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             out = func(*args, **kwargs)
             rule = flop_registry.get(func._overloadpacket)
             if rule is not None:
-                _Count.total += rule(*tree_map(shape, args), **tree_map(shape, kwargs), out_val=tree_map(shape, out))
+                self.total += rule(*tree_map(shape, args), **tree_map(shape, kwargs), out_val=tree_map(shape, out))
             return out
 
-    with _Count():
+    counter = _Count()
+    with counter:
         fn()
-    return _Count.total
+    return counter.total
 
 
 class _Backend(nn.Module):
