@@ -62,7 +62,12 @@ def test_bad_module_arguments():
 
 
 def test_training_learns_and_logs_map(tmp_path):
-    """120 steps on 64 squares: validation loss falls and mAP@50 rises from 0 (about 8 s on 2 CPU cores)."""
+    """120 steps on 64 squares: mAP@50 rises from 0 and the validation loss is logged (about 8 s on 2 CPU cores).
+
+    The validation loss is not a learning signal here: ultralytics' task-aligned assigner gives an untrained model
+    almost no positive anchors, so its loss starts small (0.4-0.9 on most seeds) and rises once boxes are matched.
+    "Loss halves" passed on one CPU and failed on another (0.57 -> 2.80 with mAP rising); mAP is the measure.
+    """
     from torch.utils.data import DataLoader
 
     from conftest import SquaresDataset, collate
@@ -89,8 +94,8 @@ def test_training_learns_and_logs_map(tmp_path):
     train = DataLoader(SquaresDataset(64, 0), batch_size=8, collate_fn=collate, shuffle=True)
     trainer.fit(module, train, DataLoader(SquaresDataset(16, 1), batch_size=8, collate_fn=collate))
     assert len(history) == 5
-    assert history[-1]["val/loss"] < 0.5 * history[0]["val/loss"]
-    assert history[0]["val/map50"] < 0.05 and history[-1]["val/map50"] > 0.15
+    assert all(torch.isfinite(torch.tensor(h["val/loss"])) for h in history)
+    assert history[0]["val/map50"] < 0.05 and history[-1]["val/map50"] > 0.1  # seeds 0-5 here: 0.16-1.0
     assert 0.0 <= history[-1]["val/map"] <= history[-1]["val/map50"] <= 1.0
     assert isinstance(module.xai_adapter(), YOLOv8Adapter) and module.xai_adapter().names == ["0", "1", "2"]
 
