@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -176,6 +176,11 @@ class DetectorAdapter(ABC):
         if not names:
             raise ConfigurationError(f"Empty layer name {name!r}; use one of: {', '.join(self.layer_names())}.")
         return names
+
+    def raw_from_forward(self, output: Any, images: torch.Tensor) -> RawOutput | None:
+        """Candidates from the output of a call ``self.model(images)`` made elsewhere (the validation pass), or
+        ``None`` when this adapter cannot read one (its caller then runs a forward of its own). Default: ``None``."""
+        return None
 
     def postprocess(self, raw: RawOutput) -> list[Detections]:
         """Class-aware non-maximum suppression of raw candidates, keeping each box's candidate index."""

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 from xaiwatch.adapters.base import DetectorAdapter
 from xaiwatch.core.context import register_cache_reset
@@ -83,6 +85,13 @@ class RTDETRAdapter(DetectorAdapter):
     def raw(self, images: torch.Tensor) -> RawOutput:
         """The queries of the last decoder layer as candidates; the model must be in eval mode."""
         return self.raw_from_output(self.model(images), images.shape[-2:])
+
+    @override
+    def raw_from_forward(self, output: Any, images: torch.Tensor) -> RawOutput | None:
+        """The candidates of an eval-mode ``model(images)`` call; ``None`` for any other output."""
+        if not (isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], (tuple, list))):
+            return None
+        return self.raw_from_output(output, images.shape[-2:])
 
     def raw_from_output(self, out: tuple, size: Sequence[int]) -> RawOutput:
         """Candidates from an eval-mode output ``(y, (dec_bboxes, dec_scores, ...))`` for images of ``size`` (H, W)."""

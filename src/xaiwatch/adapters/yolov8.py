@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 from xaiwatch.adapters.base import DetectorAdapter
 from xaiwatch.core.context import register_cache_reset
@@ -109,6 +111,11 @@ class YOLOv8Adapter(DetectorAdapter):
     def raw(self, images: torch.Tensor) -> RawOutput:
         """Decoded candidates (see :class:`DetectorAdapter`); the model must be in eval mode."""
         return self.raw_from_output(self.model(images))
+
+    @override
+    def raw_from_forward(self, output: Any, images: torch.Tensor) -> RawOutput | None:
+        """The candidates of an eval-mode ``model(images)`` call; ``None`` for a training-mode output."""
+        return None if isinstance(output, dict) else self.raw_from_output(output)
 
     def raw_from_output(self, out: tuple | torch.Tensor | dict) -> RawOutput:
         """Candidates from an eval-mode output of the model, ``(y, preds)`` or ``y`` of shape (B, 4 + C, N)."""

@@ -33,6 +33,7 @@ from typing_extensions import override
 
 from xaiwatch.adapters import DetectorAdapter, resolve_adapter
 from xaiwatch.callbacks import budget as _budget
+from xaiwatch.callbacks.capture import CapturedBatch, ValidationCapture
 from xaiwatch.callbacks.probes import choose_probe_indices, load_probes, probe_item, stage_dataset, tensorboard_writer
 from xaiwatch.core.context import explaining
 from xaiwatch.core.errors import ConfigurationError
@@ -200,6 +201,10 @@ class ProbeCallback(Callback):
         self._futures: list[Any] = []
         self._pending: BaseException | None = None
         self._budget: Any = None  # the trainer's TimeBudget, found at setup
+        self.reuse_validation = True  # subclasses with `_captures` take forward results from the validation pass
+        self._capture: ValidationCapture | None = None
+        self._captured: list[Any] = []  # records of `_consume`, for the run at this validation's end
+        self._capture_epoch = 0
 
     # ------------------------------------------------------------------------------------ subclass seams
     def _setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:  # noqa: B027
@@ -229,6 +234,16 @@ class ProbeCallback(Callback):
 
     def _on_failure(self, trainer: pl.Trainer, reasons: list[str], ctx: RunContext) -> None:  # noqa: B027
         """Every rank, when a rank's share failed under ``on_error="warn"`` (already warned about)."""
+
+    def _captures(self) -> dict[str, torch.nn.Module] | None:
+        """The layers whose maps this callback takes from the validation pass before a scheduled run (``{}``: the
+        candidates only), or ``None`` (default): it reads nothing from that pass (see :mod:`.capture`)."""
+        return None
+
+    def _consume(self, batch: CapturedBatch) -> Any:
+        """A compact record of one validation batch's chosen images (subclasses with :meth:`_captures`); the run
+        that follows finds the records in :attr:`_captured`."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------- setup
     @property
@@ -358,8 +373,74 @@ class ProbeCallback(Callback):
         if n and not self._skip(trainer) and trainer.global_step % n == 0 and trainer.global_step > 0:
             self._scheduled(trainer, pl_module, epoch=trainer.current_epoch)  # epochs completed so far
 
+    def _capture_due(self, trainer: pl.Trainer) -> bool:
+        """Whether this validation epoch ends in a scheduled run that can take its forward results from it (one
+        process: under DDP each rank's validation sees other images than its share)."""
+        from pytorch_lightning.trainer.states import TrainerFn
+
+        n = self.every_n_epochs
+        return bool(
+            self.reuse_validation
+            and not self._skip(trainer)
+            and trainer.state.fn == TrainerFn.FITTING
+            and trainer.world_size == 1
+            and n
+            and (trainer.current_epoch + 1) % n == 0
+            and int(trainer.global_step) != self._ran_at
+            and self._captures() is not None
+        )
+
+    @override
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_capture()
+        self._captured = []
+        if not self._capture_due(trainer):
+            return
+        paths = getattr(self._dataset, "image_paths", None)
+        self._capture_epoch = int(trainer.current_epoch) + 1  # epochs completed at the run that follows
+        self._capture = ValidationCapture(self._adapter, set(self._indices), self._take, self._captures(), paths=paths)
+        self._capture.start()
+
+    def _take(self, batch: CapturedBatch) -> None:
+        """The capture's consumer: a failure stops the capture (the run embeds those images itself) and warns."""
+        try:
+            self._captured.append(self._consume(batch))
+        except Exception as err:
+            self._stop_capture()
+            self._captured = []
+            if self.on_error == "raise":
+                raise
+            rank_zero_warn(
+                f"{type(self).__name__}: reading the validation pass failed ({type(err).__name__}: {err}); "
+                "this run computes its own forward instead."
+            )
+
+    def _stop_capture(self) -> None:
+        if self._capture is not None:
+            self._capture.stop()
+            self._capture = None
+
+    @override
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self._capture is not None:
+            self._capture.batch_start(batch if dataloader_idx == 0 else None)
+
+    @override
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self._capture is not None:
+            self._capture.batch_end()
+
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_capture()  # before the run: its own forwards are not the validation pass
+        try:
+            self._validation_end(trainer, pl_module)
+        finally:
+            self._captured = []
+
+    def _validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from pytorch_lightning.trainer.states import TrainerFn
 
         if self._skip(trainer):
@@ -522,6 +603,8 @@ class ProbeCallback(Callback):
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._stop_capture()  # no hook of ours stays on the model
+        self._captured = []
         futures, self._futures = self._futures, []
         for future in futures:  # what was explained before the failure is still written
             future.exception()
@@ -529,6 +612,7 @@ class ProbeCallback(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._stop_capture()
         self.flush()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
@@ -562,7 +646,7 @@ class ProbeCallback(Callback):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)  # the worker thread does not travel (ddp_spawn pickles callbacks)
-        state.update(_pool=None, _futures=[], _pending=None)
+        state.update(_pool=None, _futures=[], _pending=None, _capture=None, _captured=[])
         return state
 
     @override

@@ -16,6 +16,7 @@ from xaiwatch.adapters import DetectorAdapter
 from xaiwatch.analysis import COUNT_TYPES, ErrorCounts
 from xaiwatch.analysis.matching import validate_iou_thresholds
 from xaiwatch.callbacks.base import ProbeCallback, RunContext, ShareRecord
+from xaiwatch.callbacks.capture import CapturedBatch
 from xaiwatch.callbacks.probes import probe_item
 from xaiwatch.callbacks.validation import validate_methods
 from xaiwatch.core.context import explaining
@@ -73,6 +74,9 @@ class ErrorAnalysisCallback(ProbeCallback):
         outside_fit: also analyse at the end of ``trainer.validate`` / ``trainer.test``.
         per_class: also write ``errors/<kind>/<class>`` (by default only the totals ``errors/<kind>/all``, so that
             SCALARS stays readable with many classes).
+        reuse_validation: take the subset's detections from the validation pass that precedes a run by epoch
+            (where the module fed xaiwatch's batches unchanged to the model, in one process), instead of a forward
+            of their own; the counts are the same.
         analyze_at_start: also analyse the model before training (step 0).
         adapter: the model adapter; otherwise ``pl_module.xai_adapter()`` or inferred.
         on_error: ``"warn"`` (training continues) or ``"raise"``.
@@ -107,6 +111,7 @@ class ErrorAnalysisCallback(ProbeCallback):
         every_n_train_steps: int | None = None,
         outside_fit: bool = True,
         per_class: bool = False,
+        reuse_validation: bool = True,
     ) -> None:
         super().__init__(
             every_n_epochs=every_n_epochs,
@@ -129,6 +134,7 @@ class ErrorAnalysisCallback(ProbeCallback):
                 "saliency, layer_cam or integrated_gradients."
             )
         self.per_class = bool(per_class)
+        self.reuse_validation = bool(reuse_validation)
         self.iou_threshold = float(iou_threshold)
         self.background_iou = float(background_iou)
         self.explain_method = explain_method
@@ -165,24 +171,40 @@ class ErrorAnalysisCallback(ProbeCallback):
     # ------------------------------------------------------------------------------------------------ run
     @override
     def _run(self, share: list[int], ctx: RunContext) -> ShareRecord:
-        """Count this rank's images; the errors worth explaining travel as (key, index, what, detections)."""
+        """Count this rank's images; the errors worth explaining travel as (key, index, what, detections).
+        Images the validation pass just saw take their detections from it (no forward of their own)."""
         start = time.perf_counter()
         adapter = self._adapter
         counts = ErrorCounts(adapter.num_classes, self.iou_threshold, self.background_iou)
         false_pos, misses = [], []  # (sort key, dataset index, what, detections)
-        chunk_all = [self._indices[p] for p in share]
-        for first in range(0, len(chunk_all), self.batch_size):
-            chunk = chunk_all[first : first + self.batch_size]
+        wanted = [self._indices[p] for p in share]
+        found = {idx: seen for record in (self._captured if ctx.stage == "fit" else []) for idx, seen in record}
+        missing = [i for i in wanted if i not in found]
+        for first in range(0, len(missing), self.batch_size):
+            chunk = missing[first : first + self.batch_size]
             items = [probe_item(self._dataset[i]) for i in chunk]
             for idx, (_, boxes, labels), dets in zip(chunk, items, self._detect([it[0] for it in items], ctx.device)):
-                result = counts.update(dets, boxes, labels)
-                for d, kind in enumerate(result.error):
-                    if kind:
-                        false_pos.append((float(dets.scores[d]), idx, (d, kind), dets))
-                for g in torch.nonzero(result.missed).flatten().tolist():
-                    area = float((boxes[g, 2] - boxes[g, 0]) * (boxes[g, 3] - boxes[g, 1]))
-                    misses.append((area, idx, (g,), dets))
+                found[idx] = (boxes, labels, dets)
+        for idx in wanted:
+            boxes, labels, dets = found[idx]
+            result = counts.update(dets, boxes, labels)
+            for d, kind in enumerate(result.error):
+                if kind:
+                    false_pos.append((float(dets.scores[d]), idx, (d, kind), dets))
+            for g in torch.nonzero(result.missed).flatten().tolist():
+                area = float((boxes[g, 2] - boxes[g, 0]) * (boxes[g, 3] - boxes[g, 1]))
+                misses.append((area, idx, (g,), dets))
         return ShareRecord([(0, counts, false_pos, misses)], time.perf_counter() - start)
+
+    @override
+    def _captures(self) -> dict[str, torch.nn.Module]:
+        return {}  # the candidates only
+
+    @override
+    def _consume(self, batch: CapturedBatch) -> list[tuple[int, tuple]]:
+        """``(index, (boxes, labels, detections))`` of the analysed images in one validation batch."""
+        detections = [d.detach().to("cpu") for d in self._adapter.postprocess(batch.raw)]
+        return [(i, (b, lab, d)) for i, b, lab, d in zip(batch.ids, batch.boxes, batch.labels, detections)]
 
     @override
     def _merge(self, records: list[ShareRecord]) -> ShareRecord:

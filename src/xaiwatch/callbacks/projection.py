@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from xaiwatch.adapters import DetectorAdapter
 from xaiwatch.callbacks.base import ProbeCallback, RunContext, ShareRecord
+from xaiwatch.callbacks.capture import CapturedBatch
 from xaiwatch.callbacks.probes import probe_item
 from xaiwatch.core.errors import ConfigurationError
 from xaiwatch.core.validation import in_range, positive_int
@@ -24,6 +25,7 @@ from xaiwatch.features import (
     aligned_init,
     displacement,
     embed,
+    embed_batch,
     project,
     separability,
     validate_projection,
@@ -42,7 +44,8 @@ class ProjectionCallback(ProbeCallback):
     ground-truth box and every predicted box is pooled from each layer's feature map with ``roi_align`` at
     the layer's measured stride; for ``level="image"`` each image is globally average-pooled. One forward pass
     per batch gives both the detections and the features (hooks removed afterwards, no side effect on
-    training). Each layer's points are projected with PCA, t-SNE or UMAP, aligned onto the previous epoch's
+    training); after a validation epoch, that pass is the validation's own (``reuse_validation``), so the
+    subset costs no forward of its own. Each layer's points are projected with PCA, t-SNE or UMAP, aligned onto the previous epoch's
     layout (Procrustes; t-SNE / UMAP also start from it), and written to TensorBoard with step = completed
     epochs: the scatter picture ``projection/<layer>`` (IMAGES: colour = class, marker = ground truth
     found / missed, true / false positive), the vectors with metadata columns and a sprite of crops (PROJECTOR),
@@ -57,6 +60,10 @@ class ProjectionCallback(ProbeCallback):
         every_n_epochs: project after every n-th training epoch's validation (``None``: not by epoch).
         every_n_train_steps: project after every n-th optimiser step too.
         outside_fit: also project at the end of ``trainer.validate`` / ``trainer.test``.
+        reuse_validation: take the features and detections of the subset from the validation pass that precedes a
+            run by epoch (hooks for that epoch only), where the module fed xaiwatch's batches (``"images"``,
+            ``"indices"``, ``"paths"``) unchanged to the model in one process; images it did not see, and runs by
+            step, at start or under DDP, get a forward of their own. The points are the same either way.
         max_points: most points per epoch; for ``"box"`` the image subset holds at most half as many
             ground-truth boxes, the rest is for predictions (highest scores kept).
         project_at_start: also project the model before training (step 0).
@@ -103,6 +110,7 @@ class ProjectionCallback(ProbeCallback):
         seed: int = 0,
         every_n_train_steps: int | None = None,
         outside_fit: bool = True,
+        reuse_validation: bool = True,
     ) -> None:
         layers = [layers] if isinstance(layers, str) else (list(layers) if layers is not None else None)
         if layers is not None and (not layers or len(set(layers)) != len(layers)):
@@ -128,6 +136,7 @@ class ProjectionCallback(ProbeCallback):
             outside_fit=outside_fit,
         )
         self.layers, self.level, self.method = layers, level, method
+        self.reuse_validation = bool(reuse_validation)
         self.max_points, self.batch_size = int(max_points), int(batch_size)
         self.projector = bool(projector)
         self.perplexity, self.n_neighbors, self.knn_k = float(perplexity), int(n_neighbors), int(knn_k)
@@ -203,10 +212,33 @@ class ProjectionCallback(ProbeCallback):
         return self.run_at_start
 
     @override
+    def _captures(self) -> dict[str, torch.nn.Module]:
+        return {name: self._adapter.layer(name) for name in self._layer_names}
+
+    @override
+    def _consume(self, batch: CapturedBatch) -> tuple[list[int], Embeddings]:
+        """The points of the subset's images in one validation batch (pooled now: no map outlives its batch)."""
+        detections = [d.detach() for d in self._adapter.postprocess(batch.raw)]
+        names = self._adapter.names
+        points = embed_batch(
+            batch.images, batch.boxes, batch.labels, batch.ids, detections, batch.maps, self.level, names,
+            self._capture_epoch, self.iou_threshold, self.thumbnail,
+        )  # fmt: skip
+        return batch.ids, points
+
+    @override
     def _run(self, share: list[int], ctx: RunContext) -> ShareRecord:
-        """Embed this rank's images (one forward per batch); rank zero projects every rank's points."""
+        """Embed this rank's images (one forward per batch, or none for those the validation pass embedded);
+        rank zero projects every rank's points."""
         start = time.perf_counter()
-        points = self._embed(ctx.device, [self._indices[p] for p in share], ctx.epoch)
+        wanted = [self._indices[p] for p in share]
+        captured = self._captured if ctx.stage == "fit" else []
+        seen = {i for ids, _ in captured for i in ids}
+        parts = [points for _, points in captured]
+        missing = [i for i in wanted if i not in seen]
+        if missing:
+            parts.append(self._embed(ctx.device, missing, ctx.epoch))
+        points = Embeddings.cat(parts).in_image_order(wanted) if seen else Embeddings.cat(parts)
         return ShareRecord([(share[0] if share else 0, points)], time.perf_counter() - start)
 
     @override

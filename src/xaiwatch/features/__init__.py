@@ -4,7 +4,7 @@ alignment across epochs and class-separability metrics."""
 from __future__ import annotations
 
 from xaiwatch.features.capture import box_thumbnails, capture_layers, global_pool, roi_pool, spatial_scale
-from xaiwatch.features.embed import LEVELS, METADATA_HEADER, Embeddings, embed
+from xaiwatch.features.embed import LEVELS, METADATA_HEADER, Embeddings, embed, embed_batch
 from xaiwatch.features.metrics import knn_accuracy, match_predictions, separability, silhouette
 from xaiwatch.features.projection import (
     METHODS,
@@ -27,6 +27,7 @@ __all__ = [
     "capture_layers",
     "displacement",
     "embed",
+    "embed_batch",
     "global_pool",
     "knn_accuracy",
     "match_predictions",

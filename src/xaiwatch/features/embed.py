@@ -17,7 +17,7 @@ from xaiwatch.features.metrics import match_predictions
 if TYPE_CHECKING:
     from xaiwatch.adapters import DetectorAdapter
 
-__all__ = ["LEVELS", "METADATA_HEADER", "Embeddings", "embed"]
+__all__ = ["LEVELS", "METADATA_HEADER", "Embeddings", "embed", "embed_batch"]
 
 LEVELS = ("box", "image")
 METADATA_HEADER = ["class", "source", "outcome", "score", "image", "epoch"]
@@ -63,6 +63,13 @@ class Embeddings:
             self.scores[idx],
             self.thumbnails[idx],
         )
+
+    def in_image_order(self, order: Sequence[int]) -> Embeddings:
+        """The points re-ordered image by image as in ``order`` (validation indices; each image's own points keep
+        their order): what :func:`embed` returns for batches of those images in that order."""
+        rank = {int(i): r for r, i in enumerate(order)}
+        where = [rank.get(int(row[4]), len(rank)) for row in self.metadata]
+        return self.select(sorted(range(len(where)), key=where.__getitem__))
 
     @staticmethod
     def cat(parts: Sequence[Embeddings]) -> Embeddings:
@@ -147,6 +154,42 @@ def _image_points(batch: _Batch, detections: list[Detections], maps: dict[str, t
         torch.tensor(scores),
         thumbs.clamp(0, 1).cpu(),
     )
+
+
+def embed_batch(
+    images: torch.Tensor,
+    gt_boxes: Sequence[torch.Tensor],
+    gt_labels: Sequence[torch.Tensor],
+    ids: Sequence[int],
+    detections: list[Detections],
+    maps: dict[str, torch.Tensor],
+    level: str = "box",
+    names: Sequence[str] | None = None,
+    epoch: int = 0,
+    iou_threshold: float = 0.5,
+    thumbnail: int = 32,
+) -> Embeddings:
+    """The points of one batch whose forward pass is already done (detections and captured layer maps), as
+    :func:`embed` computes them per batch (the projection reads the validation pass with it).
+
+    Args:
+        images: :math:`(B, 3, H, W)` the images in ``[0, 1]``.
+        gt_boxes: ground-truth boxes per image (``xyxy`` pixels).
+        gt_labels: ground-truth classes per image.
+        ids: an id per image (its validation index).
+        detections: the adapter's detections per image.
+        maps: layer name to :math:`(B, C, h, w)` feature map.
+        level: ``"box"`` or ``"image"``.
+        names: class names (metadata).
+        epoch: written in each point's metadata.
+        iou_threshold: IoU at which a prediction is a true positive.
+        thumbnail: side of the sprite thumbnails.
+    """
+    if level not in LEVELS:
+        raise ConfigurationError(f"`level` can be box or image, got {level!r}.")
+    batch = (images, list(gt_boxes), list(gt_labels), list(ids))
+    ctx = _Pass(names, epoch, iou_threshold, thumbnail)
+    return (_box_points if level == "box" else _image_points)(batch, detections, maps, ctx)
 
 
 def embed(
