@@ -20,7 +20,7 @@ from xaiwatch.core.validation import choice, in_range, positive_int
 from xaiwatch.explain import Engine, get_engine
 from xaiwatch.logging.reader import read_pictures
 from xaiwatch.render.dispatch import draw_explanation, per_image
-from xaiwatch.render.history import PictureHistory
+from xaiwatch.render.history import PictureHistory, encode
 from xaiwatch.targets import MatchedBoxTarget
 
 __all__ = ["ExplainCallback"]
@@ -181,11 +181,12 @@ class ExplainCallback(ProbeCallback):
                     writer.tracked(_subject(p, k), match.detected, match.score, ctx.step)
             for method, k, picture, tile in self._pictures(p, tracked, found, dets, ctx):
                 subject = _subject(p, k)
-                writer.explanation(method, subject, picture, ctx.step)
+                png = encode(picture)  # once: TensorBoard's image and the history's frame are the same bytes
+                writer.explanation(method, subject, picture, ctx.step, png=png)
                 if self.filmstrip and ctx.stage == "fit":
                     match = matches[k] if k < len(matches) else None
                     score = match.score if match is not None else None
-                    self._history.add(subject, method, ctx.step, picture, tile=tile, score=score)
+                    self._history.add(subject, method, ctx.step, picture, tile=tile, score=score, encoded=png)
         writer.explain_seconds(record.seconds + time.perf_counter() - start, ctx.step)  # compute and drawing
         writer.flush()
 

@@ -117,8 +117,9 @@ class Tags:
 PNG_COMPRESS_LEVEL = 1
 
 
-def _add_picture(writer: Any, tag: str, picture: np.ndarray, step: int) -> None:
-    """Write an :math:`(H, W, 3)` uint8 picture as a PNG of :data:`PNG_COMPRESS_LEVEL`.
+def _add_picture(writer: Any, tag: str, picture: np.ndarray, step: int, png: bytes | None = None) -> None:
+    """Write an :math:`(H, W, 3)` uint8 picture as a PNG of :data:`PNG_COMPRESS_LEVEL` (``png``: its bytes, already
+    encoded by the caller, who keeps them too).
 
     ``SummaryWriter.add_image`` converts the picture to float and back, resizes it by 1 and encodes it at PIL's
     default level 6; the same image summary is written here straight from the bytes (through the writer's file
@@ -140,12 +141,14 @@ def _add_picture(writer: Any, tag: str, picture: np.ndarray, step: int) -> None:
     from PIL import Image
     from tensorboard.compat.proto.summary_pb2 import Summary
 
-    buffer = io.BytesIO()
-    Image.fromarray(picture[..., 0] if picture.shape[2] == 1 else picture).save(
-        buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL
-    )
+    if png is None:
+        buffer = io.BytesIO()
+        Image.fromarray(picture[..., 0] if picture.shape[2] == 1 else picture).save(
+            buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL
+        )
+        png = buffer.getvalue()
     height, width, channels = picture.shape
-    image = Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=buffer.getvalue())
+    image = Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=png)
     writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
 
@@ -162,9 +165,9 @@ class XaiWriter:
                 raise TypeError(f"`writer` must be a TensorBoard SummaryWriter, got {type(writer).__name__}.")
         self.writer = writer
 
-    def explanation(self, method: str, subject: str, picture: np.ndarray, step: int) -> None:
-        """Write one overlay picture, :math:`(H, W, 3)` uint8."""
-        _add_picture(self.writer, Tags.explain(method, subject), picture, step)
+    def explanation(self, method: str, subject: str, picture: np.ndarray, step: int, png: bytes | None = None) -> None:
+        """Write one overlay picture, :math:`(H, W, 3)` uint8 (``png``: its PNG bytes, when already encoded)."""
+        _add_picture(self.writer, Tags.explain(method, subject), picture, step, png)
 
     def filmstrip(self, subject: str, picture: np.ndarray, step: int) -> None:
         """Write the filmstrip of one tracked object."""

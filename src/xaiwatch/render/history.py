@@ -54,6 +54,7 @@ class PictureHistory:
         *,
         tile: np.ndarray | None = None,
         score: float | str | None = None,
+        encoded: bytes | None = None,
     ) -> None:
         """Remember one picture.
 
@@ -65,9 +66,12 @@ class PictureHistory:
             tile: the filmstrip tile; by default the map panel of an
                 :func:`~xaiwatch.render.overlay.explanation_panel` picture (:func:`~xaiwatch.render.overlay.map_region`).
             score: the tracked object's score at this step, written under the tile.
+            encoded: the picture's PNG bytes (:func:`encode`), when the caller already has them.
         """
         step = int(step)
-        self._store.setdefault(subject, {}).setdefault(method, {})[step] = encode(picture)
+        self._store.setdefault(subject, {}).setdefault(method, {})[step] = (
+            encode(picture) if encoded is None else encoded
+        )
         tile = map_region(picture) if tile is None else tile
         self._tiles.setdefault(subject, {}).setdefault(method, {})[step] = encode(tile)
         if score is not None:
