@@ -234,6 +234,27 @@ def test_filmstrip_columns_are_epochs_wrapping_with_scores():
         filmstrip({"saliency": tiles}, list(range(9)), scores=[0.1, 0.2])
 
 
+def test_filmstrip_pixels_match_its_figure():
+    """The fast form (texts on an Axes-less Figure, tiles pasted as pixels) is the Figure's layout: the texts are
+    pixel for pixel the same, the tiles the same pictures up to resampling."""
+    from xaiwatch.render.filmstrip import _layout
+
+    rng = np.random.default_rng(0)
+    tiles = [np.repeat(np.repeat(rng.integers(0, 255, (5, 5, 3), dtype=np.uint8), 100, 0), 100, 1) for _ in range(7)]
+    rows, steps, scores = {"saliency": tiles, "layer_cam | neck.p3": tiles[::-1]}, list(range(0, 70, 10)), [0.5] * 7
+    slow = figure_to_array(filmstrip_figure(rows, steps, "probe 03", scores=scores))
+    fast = filmstrip(rows, steps, "probe 03", scores=scores)
+    assert fast.shape == slow.shape
+    _, _, places = _layout(rows, steps, 2.4, scores, 6)
+    text = np.ones(fast.shape[:2], bool)
+    for _, _, left, top in places:
+        x, y = round(left * 100), round(top * 100)
+        text[y - 1 : y + 241, x - 1 : x + 241] = False
+        inner = np.abs(fast[y + 8 : y + 232, x + 8 : x + 232].astype(int) - slow[y + 8 : y + 232, x + 8 : x + 232])
+        assert np.median(inner) <= 2  # the same blocks of colour (edges differ by resampling)
+    assert np.abs(fast.astype(int) - slow)[text].max() <= 64 and (fast != slow)[text].mean() < 0.01  # anti-aliasing
+
+
 def test_history_filmstrip_uses_the_map_tiles_and_scores():
     history = PictureHistory()
     for step in (0, 1, 2):

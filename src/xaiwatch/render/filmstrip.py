@@ -42,6 +42,22 @@ def _filmstrip_arg_validation(rows, steps, scores, max_columns) -> None:
         raise ConfigurationError(f"`max_columns` must be >= 1, got {max_columns}.")
 
 
+def _layout(rows: Mapping[str, Sequence[np.ndarray]], steps: Sequence[int], tile: float, scores, max_columns: int):
+    """Figure size and, per tile, ``(k, r, left, top)`` in inches from the top left: one layout for both forms."""
+    n_methods, n_steps = len(rows), len(steps)
+    blocks = math.ceil(n_steps / max_columns)
+    cols = min(n_steps, max_columns)
+    foot = _FOOT if scores is not None else 0.08
+    block_h = _HEAD + n_methods * (tile + foot)
+    width, height = _LEFT + cols * (tile + 0.1) + 0.1, _TITLE + blocks * block_h
+    places = []
+    for k in range(n_steps):
+        block, col = divmod(k, max_columns)
+        for r in range(n_methods):
+            places.append((k, r, _LEFT + col * (tile + 0.1), _TITLE + block * block_h + _HEAD + r * (tile + foot)))
+    return width, height, places
+
+
 def filmstrip_figure(
     rows: Mapping[str, Sequence[np.ndarray]],
     steps: Sequence[int],
@@ -51,42 +67,48 @@ def filmstrip_figure(
     max_columns: int = 6,
     dpi: int = 100,
 ) -> Figure:
-    """The Figure of :func:`filmstrip`."""
+    """The layout of :func:`filmstrip` as a matplotlib Figure with one Axes per tile (to edit or save as vector
+    graphics; :func:`filmstrip` composes the same layout from pixels, about 4x faster)."""
     _filmstrip_arg_validation(rows, steps, scores, max_columns)
-    n_methods, n_steps = len(rows), len(steps)
-    blocks = math.ceil(n_steps / max_columns)
-    cols = min(n_steps, max_columns)
-    foot = _FOOT if scores is not None else 0.08
-    block_h = _HEAD + n_methods * (tile + foot)
-    width, height = _LEFT + cols * (tile + 0.1) + 0.1, _TITLE + blocks * block_h
+    width, height, places = _layout(rows, steps, tile, scores, max_columns)
     fig = Figure(figsize=(width, height), dpi=dpi)
     FigureCanvasAgg(fig)
     names = list(rows)
-    for k in range(n_steps):
-        block, col = divmod(k, max_columns)
-        for r, name in enumerate(names):
-            left = _LEFT + col * (tile + 0.1)
-            top = _TITLE + block * block_h + _HEAD + r * (tile + foot)
-            ax = fig.add_axes((left / width, 1 - (top + tile) / height, tile / width, tile / height))
-            ax.imshow(rows[name][k], interpolation="antialiased")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(f"epoch {steps[k]}", fontsize=FONT["axes"], pad=4)
-            if scores is not None:
-                ax.set_xlabel(_score_text(scores[k]), fontsize=FONT["axes"], labelpad=3)
-            if col == 0:
-                fig.text(
-                    (_LEFT - 0.1) / width,
-                    1 - (top + tile / 2) / height,
-                    name,
-                    ha="right",
-                    va="center",
-                    fontsize=FONT["axes"],
-                    wrap=True,
-                )
+    for k, r, left, top in places:
+        name = names[r]
+        ax = fig.add_axes((left / width, 1 - (top + tile) / height, tile / width, tile / height))
+        ax.imshow(rows[name][k], interpolation="antialiased")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if r == 0:
+            ax.set_title(f"epoch {steps[k]}", fontsize=FONT["axes"], pad=4)
+        if scores is not None:
+            ax.set_xlabel(_score_text(scores[k]), fontsize=FONT["axes"], labelpad=3)
+        if k % max_columns == 0:
+            _row_name(fig, name, left, top, tile, width, height)
     fig.suptitle(title, fontsize=FONT["title"], y=1 - 0.08 / height, va="top")
     return fig
+
+
+def _row_name(fig: Figure, name: str, left: float, top: float, tile: float, width: float, height: float) -> None:
+    fig.text(
+        (_LEFT - 0.1) / width, 1 - (top + tile / 2) / height, name, ha="right", va="center",
+        fontsize=FONT["axes"], wrap=True,
+    )  # fmt: skip
+
+
+def _fit(picture: np.ndarray, side: int) -> np.ndarray:
+    """``picture`` resized to fit a ``side`` x ``side`` square (aspect kept, antialiased), centred on white."""
+    from PIL import Image
+
+    h, w = picture.shape[:2]
+    scale = side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    resized = np.asarray(Image.fromarray(np.ascontiguousarray(picture)).resize(size, Image.Resampling.BILINEAR))
+    out = np.full((side, side, 3), 255, np.uint8)
+    y, x = (side - size[1]) // 2, (side - size[0]) // 2
+    out[y : y + size[1], x : x + size[0]] = resized
+    return out
 
 
 def filmstrip(
@@ -99,6 +121,10 @@ def filmstrip(
     dpi: int = 100,
 ) -> np.ndarray:
     """A grid of pictures: one column per epoch, one row per method, wrapping into blocks of ``max_columns`` epochs.
+
+    The texts (title, epochs, scores, method names) are drawn by matplotlib on a Figure without Axes and the tiles
+    pasted into it as pixels (resized with PIL, a thin frame around each): the layout of :func:`filmstrip_figure`
+    without its one Axes per tile, which made a 7-epoch strip of 2 methods cost ~1 s.
 
     Args:
         rows: method name to one :math:`(h, w, 3)` uint8 picture per step (all rows as long as ``steps``).
@@ -120,7 +146,31 @@ def filmstrip(
         >>> filmstrip({"saliency": tiles}, [0, 1, 2], scores=[0.1, 0.5, 0.9]).shape[1] > 3 * 240
         True
     """
-    return figure_to_array(filmstrip_figure(rows, steps, title, tile, scores, max_columns, dpi))
+    _filmstrip_arg_validation(rows, steps, scores, max_columns)
+    width, height, places = _layout(rows, steps, tile, scores, max_columns)
+    fig = Figure(figsize=(width, height), dpi=dpi)
+    names = list(rows)
+    point = 1 / 72  # inches
+    for k, r, left, top in places:
+        centre = (left + tile / 2) / width
+        if r == 0:  # where Axes.set_title(pad=4) puts it: the baseline 4 points above the tile
+            fig.text(centre, 1 - (top - 4 * point) / height, f"epoch {steps[k]}", ha="center", va="baseline",
+                     fontsize=FONT["axes"])  # fmt: skip
+        if scores is not None:  # where set_xlabel(labelpad=3) puts it without ticks: its top 3 points below
+            fig.text(centre, 1 - (top + tile + 3 * point) / height, _score_text(scores[k]), ha="center", va="top",
+                     fontsize=FONT["axes"])  # fmt: skip
+        if k % max_columns == 0:
+            _row_name(fig, names[r], left, top, tile, width, height)
+    fig.suptitle(title, fontsize=FONT["title"], y=1 - 0.08 / height, va="top")
+    canvas = figure_to_array(fig)
+    side = round(tile * dpi)
+    for k, r, left, top in places:
+        x, y = round(left * dpi), round(top * dpi)
+        block = _fit(rows[names[r]][k], side)
+        block[[0, -1], :] = 38  # a frame like the Axes' spines
+        block[:, [0, -1]] = 38
+        canvas[y : y + side, x : x + side] = block[: canvas.shape[0] - y, : canvas.shape[1] - x]
+    return canvas
 
 
 def stack_vertical(pictures: Sequence[np.ndarray]) -> np.ndarray:
