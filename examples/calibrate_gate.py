@@ -10,6 +10,7 @@ The positive control is the counterfactual flip rate (cue made wrong, everything
     python examples/calibrate_gate.py evaluate                                         # every check, every model
     python examples/calibrate_gate.py real --run real_fall=/path/to/demo_real_output  # real clean fine-tunes
     python examples/calibrate_gate.py report --proof-family tint2                      # thresholds + tables
+    python examples/calibrate_gate.py judge --defaults docs/calibration/calibration.json  # fixed thresholds, out of sample
     python examples/calibrate_gate.py all                                              # everything, in sequence
 
 ``real`` records every check of real clean fine-tunes written by ``xaiwatch demo --real`` (their Lightning
@@ -541,6 +542,39 @@ def _gate_report(records, families, gated, confirm, proof_family, real) -> dict:
     }
 
 
+def judge_fixed(args: argparse.Namespace) -> Path:
+    """Judge the final models under ``<out>`` with *fixed* thresholds (the ``defaults`` and ``confirm`` of an earlier
+    ``calibration.json``): nothing is chosen on these models, so the table is an out-of-sample report. Writes
+    ``<out>/judged.md``."""
+    out = Path(args.out)
+    shipped = json.loads(Path(args.defaults).read_text())
+    thresholds, confirm = shipped["defaults"], shipped.get("confirm") or {}
+    records = [r for r in json.loads((out / "records.json").read_text()) if r["final"]]
+    lines = [
+        f"Thresholds fixed in advance ({args.defaults}): "
+        + ", ".join(f"`{k}` {v:g}" for k, v in thresholds.items())
+        + "".join(f" (`{k}` confirmed by `{v}`)" for k, v in confirm.items()),
+        "",
+        "| family | clean refused | learned shortcuts (flip >= 0.5) caught | models: flip -> verdict |",
+        "|---|---|---|---|",
+    ]
+    totals = [0, 0, 0, 0]
+    for fam in sorted({r["family"] for r in records}):
+        rows = _family_rows(records, fam, thresholds, confirm)
+        totals = [a + b for a, b in zip(totals, (rows["clean_refused"], rows["clean"], rows["caught"],
+                                                  rows["learned_shortcuts"]))]  # fmt: skip
+        models = "; ".join(f"{k} {v['flip']:.2f} -> {v['verdict']}" for k, v in sorted(rows["models"].items()))
+        lines.append(
+            f"| {fam} | {rows['clean_refused']}/{rows['clean']} | {rows['caught']}/{rows['learned_shortcuts']} | "
+            f"{models} |"
+        )
+    lines.append(f"| all | {totals[0]}/{totals[1]} | {totals[2]}/{totals[3]} | |")
+    path = out / "judged.md"
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return path
+
+
 def report(args: argparse.Namespace) -> Path:
     """Leave-one-family-out calibration: per check and for the chosen gate; the defaults without the proof family."""
     out = Path(args.out)
@@ -695,6 +729,9 @@ def main() -> None:
     q.add_argument("--num-probe", type=int, default=16)
     q.add_argument("--imgsz", type=int, default=224)
     q.add_argument("--threads", type=int, default=1)
+    j = sub.add_parser("judge", help="judge the models with thresholds fixed in advance (out of sample)")
+    j.add_argument("--out", default=str(OUT))
+    j.add_argument("--defaults", default="docs/calibration/calibration.json")
     r = sub.add_parser("report", help="leave-one-family-out thresholds and tables")
     r.add_argument("--out", default=str(OUT))
     r.add_argument("--proof-family", default="tint2")
@@ -716,6 +753,8 @@ def main() -> None:
         evaluate(args)
     elif args.command == "real":
         evaluate_real(args)
+    elif args.command == "judge":
+        judge_fixed(args)
 
 
 if __name__ == "__main__":
