@@ -27,7 +27,7 @@ class FlippedValidation(YOLOv8Module):
         return super().validation_step({**batch, "images": batch["images"].flip(-1)}, batch_idx)
 
 
-def _fit(tmp_path, data, reuse, module_cls=None):
+def _fit(tmp_path, data, reuse, module_cls=None, **trainer_options):
     from xaiwatch.data import YoloDataModule
 
     module = tiny_module(3) if module_cls is None else _seeded(module_cls)
@@ -42,8 +42,10 @@ def _fit(tmp_path, data, reuse, module_cls=None):
         1
     ]
     dm = YoloDataModule(str(data), imgsz=64, batch_size=4, seed=0)
-    make_trainer(tmp_path / f"r{reuse}", [projection, errors], epochs=2).fit(module, datamodule=dm)
+    trainer = make_trainer(tmp_path / f"r{reuse}", [projection, errors], epochs=2, **trainer_options)
+    trainer.fit(module, datamodule=dm)
     counts = errors.last_counts
+    own["analysed"] = errors.indices
     return module, projection, own, (counts.images, {k: v.tolist() for k, v in counts.counts.items()})
 
 
@@ -87,6 +89,15 @@ def test_a_model_fed_other_images_is_not_read(tmp_path, data):
     _, proj, own, counts = _fit(tmp_path, data, reuse=True, module_cls=FlippedValidation)
     assert own["embedded"] == [12, 12, 12] and own["detected"] == [4, 4, 4, 4]  # every run embedded by itself
     _, reference, _, counts_off = _fit(tmp_path / "off", data, reuse=False, module_cls=FlippedValidation)
+    _same_history(proj.history, reference.history)
+    assert counts == counts_off
+
+
+def test_images_the_validation_did_not_see_get_their_own_forward(tmp_path, data):
+    _, proj, own, counts = _fit(tmp_path, data, reuse=True, limit_val_batches=1)  # 4 of the 12 images
+    unseen = sum(i >= 4 for i in own["analysed"])  # the validation batch of 4 held images 0-3
+    assert own["embedded"] == [12, 8, 8] and 0 < unseen < 8 and sum(own["detected"]) == 2 * unseen
+    _, reference, _, counts_off = _fit(tmp_path / "off", data, reuse=False, limit_val_batches=1)
     _same_history(proj.history, reference.history)
     assert counts == counts_off
 
