@@ -89,9 +89,10 @@ class RTDETRAdapter(DetectorAdapter):
     @override
     def raw_from_forward(self, output: Any, images: torch.Tensor) -> RawOutput | None:
         """The candidates of an eval-mode ``model(images)`` call; ``None`` for any other output."""
-        if not (isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], (tuple, list))):
+        try:
+            return self.raw_from_output(output, images.shape[-2:])
+        except UnsupportedModelError:
             return None
-        return self.raw_from_output(output, images.shape[-2:])
 
     def raw_from_output(self, out: tuple, size: Sequence[int]) -> RawOutput:
         """Candidates from an eval-mode output ``(y, (dec_bboxes, dec_scores, ...))`` for images of ``size`` (H, W)."""

@@ -115,7 +115,10 @@ class YOLOv8Adapter(DetectorAdapter):
     @override
     def raw_from_forward(self, output: Any, images: torch.Tensor) -> RawOutput | None:
         """The candidates of an eval-mode ``model(images)`` call; ``None`` for a training-mode output."""
-        return None if isinstance(output, dict) else self.raw_from_output(output)
+        try:
+            return self.raw_from_output(output)
+        except UnsupportedModelError:
+            return None
 
     def raw_from_output(self, out: tuple | torch.Tensor | dict) -> RawOutput:
         """Candidates from an eval-mode output of the model, ``(y, preds)`` or ``y`` of shape (B, 4 + C, N)."""

@@ -387,18 +387,18 @@ class ProbeCallback(Callback):
             and n
             and (trainer.current_epoch + 1) % n == 0
             and int(trainer.global_step) != self._ran_at
-            and self._captures() is not None
         )
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._stop_capture()
         self._captured = []
-        if not self._capture_due(trainer):
+        layers = self._captures() if self._capture_due(trainer) else None
+        if layers is None:
             return
         paths = getattr(self._dataset, "image_paths", None)
         self._capture_epoch = int(trainer.current_epoch) + 1  # epochs completed at the run that follows
-        self._capture = ValidationCapture(self._adapter, set(self._indices), self._take, self._captures(), paths=paths)
+        self._capture = ValidationCapture(self._adapter, set(self._indices), self._take, layers, paths=paths)
         self._capture.start()
 
     def _take(self, batch: CapturedBatch) -> None:

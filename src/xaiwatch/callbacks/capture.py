@@ -5,8 +5,9 @@ that needs only forward results of some of those images (detections, feature map
 analysis) can take them from that pass: :class:`ValidationCapture` puts a forward hook on the model (and on the
 named layers) for one validation epoch, and, for each batch holding chosen images, hands their rows to the
 callback's ``consume`` function right away (so no feature map outlives its batch). A batch is used only when it is
-a dict with ``"images"`` and ``"indices"`` (xaiwatch's :func:`~xaiwatch.data.collate_detection`) and the model was
-called on exactly those images; the images it never sees are left to the callback's own forward.
+a dict with ``"images"``, ``"indices"`` and ``"paths"`` (xaiwatch's :func:`~xaiwatch.data.collate_detection`), each
+row's path is the file of that index in the callback's dataset, and the model was called on exactly those images;
+the images it never sees are left to the callback's own forward.
 """
 
 from __future__ import annotations

@@ -45,9 +45,9 @@ class ProjectionCallback(ProbeCallback):
     the layer's measured stride; for ``level="image"`` each image is globally average-pooled. One forward pass
     per batch gives both the detections and the features (hooks removed afterwards, no side effect on
     training); after a validation epoch, that pass is the validation's own (``reuse_validation``), so the
-    subset costs no forward of its own. Each layer's points are projected with PCA, t-SNE or UMAP, aligned onto the previous epoch's
-    layout (Procrustes; t-SNE / UMAP also start from it), and written to TensorBoard with step = completed
-    epochs: the scatter picture ``projection/<layer>`` (IMAGES: colour = class, marker = ground truth
+    subset costs no forward of its own. Each layer's points are projected with PCA, t-SNE or UMAP, aligned onto
+    the previous epoch's layout (Procrustes; t-SNE / UMAP also start from it), and written to TensorBoard with
+    step = completed epochs: the scatter picture ``projection/<layer>`` (IMAGES: colour = class, marker = ground truth
     found / missed, true / false positive), the vectors with metadata columns and a sprite of crops (PROJECTOR),
     and ``projection/<layer>/silhouette``, ``.../knn_accuracy`` (class separability of the ground-truth points in
     feature space, cosine distance) and ``.../displacement`` (how far the known points moved) (SCALARS).

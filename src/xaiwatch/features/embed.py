@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -228,13 +229,14 @@ def embed(
     if level not in LEVELS:
         raise ConfigurationError(f"`level` can be box or image, got {level!r}.")
     modules = {name: adapter.layer(name) for name in layers}
-    ctx = _Pass(adapter.names, epoch, iou_threshold, thumbnail)
+    points_of = functools.partial(
+        embed_batch, level=level, names=adapter.names, epoch=epoch, iou_threshold=iou_threshold, thumbnail=thumbnail
+    )
     parts = []
     with explaining(adapter.model, seed=seed) as prepare, torch.no_grad(), capture_layers(modules) as maps:
         for images, gt_boxes, gt_labels, ids in batches:
             images = prepare(images)
             detections = adapter.detect(images)
-            batch = (images, list(gt_boxes), list(gt_labels), list(ids))
-            parts.append((_box_points if level == "box" else _image_points)(batch, detections, maps, ctx))
+            parts.append(points_of(images, gt_boxes, gt_labels, ids, detections, maps))
             maps.clear()
     return Embeddings.cat(parts)
