@@ -69,3 +69,35 @@ def test_unknown_method_and_layer(tiny_net):
         get_engine("guided_magic", adapter)
     with pytest.raises(ConfigurationError, match="Unknown layer 'nope'"):
         get_engine("grad_cam", adapter, layer="nope")
+
+
+@pytest.mark.parametrize("method", ["saliency", "layer_cam"])
+def test_explain_boxes_reads_a_given_raw_output_instead_of_a_forward_of_its_own(tiny_net, images, method):
+    """With the image's raw output from a batched forward, the model runs once less, and the maps are those of the
+    candidates matched on that output (here a random model's tied candidates, which the batched forward's last
+    bits order differently from the engine's own); a raw output of another batch size is refused."""
+    from xaiwatch.core.context import explaining
+    from xaiwatch.targets import MatchedBoxTarget
+
+    adapter = YOLOv8Adapter(tiny_net)
+    engine = get_engine(method, adapter)
+    targets = [MatchedBoxTarget([8.0, 8.0, 40.0, 36.0], 1), MatchedBoxTarget([30.0, 20.0, 60.0, 60.0], 0)]
+    calls = []
+    handle = tiny_net.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        own = engine.explain_boxes(images[:1], targets)
+        forwards_own = len(calls)
+        with explaining(tiny_net), torch.no_grad():
+            raw = adapter.raw(images)
+        calls.clear()
+        given = engine.explain_boxes(images[:1], targets, raw=raw[0])
+    finally:
+        handle.remove()
+    assert len(calls) == forwards_own - 1
+    expected = [m.match(raw[0])[0] for m in targets]
+    assert [m.candidate for m in given.matches] == [m.candidate for m in expected]
+    chosen = [BoxTarget(m.candidate, t.label) for m, t in zip(expected, targets)]
+    assert torch.equal(given.maps, engine.attribute_boxes(images[:1], chosen))
+    assert own.maps.shape == given.maps.shape
+    with pytest.raises(ConfigurationError, match="raw output of the one image"):
+        engine.explain_boxes(images[:1], targets, raw=raw)

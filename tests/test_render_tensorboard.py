@@ -122,3 +122,35 @@ def test_pictures_are_written_as_fast_pngs_that_read_back_exactly(tmp_path):
     (tag,) = got
     assert list(got[tag]) == [40] and np.array_equal(got[tag][40], picture)
     assert np.array_equal(expected[tag][40], picture)
+
+
+def test_event_records_are_checksummed_in_c_and_frame_exactly_as_tensorboards_own(tmp_path):
+    """After ``XaiWriter`` exists, every record of an event file carries the masked CRC-32C that TensorBoard's own
+    pure-Python code computes (recomputed here from the file's bytes), and the record writer no longer runs it."""
+    import struct
+
+    import numpy as np
+    from tensorboard.compat.tensorflow_stub import pywrap_tensorflow
+    from tensorboard.summary.writer import record_writer
+
+    from xaiwatch.logging import fast_event_checksums
+
+    rng = np.random.default_rng(1)
+    picture = (rng.random((90, 120, 3)) * 255).astype(np.uint8)
+    with SummaryWriter(str(tmp_path)) as sw:
+        writer = XaiWriter(sw)
+        writer.explanation("saliency", "probe_00", picture, 3)
+        writer.scalar("xaiwatch/explain_seconds", 0.25, 3)
+    assert fast_event_checksums() and record_writer.masked_crc32c is not pywrap_tensorflow.masked_crc32c
+    (events,) = tmp_path.glob("events.out.tfevents.*")
+    data, pos, records = events.read_bytes(), 0, 0
+    while pos < len(data):
+        header = data[pos : pos + 8]
+        (length,) = struct.unpack("<Q", header)
+        (header_crc,) = struct.unpack("<I", data[pos + 8 : pos + 12])
+        body = data[pos + 12 : pos + 12 + length]
+        (body_crc,) = struct.unpack("<I", data[pos + 12 + length : pos + 16 + length])
+        assert header_crc == pywrap_tensorflow.masked_crc32c(header)
+        assert body_crc == pywrap_tensorflow.masked_crc32c(body)
+        pos, records = pos + 16 + length, records + 1
+    assert pos == len(data) and records >= 3  # the file version record, the picture and the scalar

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from typing_extensions import override
 
@@ -151,7 +152,9 @@ class ExplainCallback(ProbeCallback):
         images = self.probes.images[share].to(ctx.device)
         out = []
         with explaining(adapter.model, seed=self.seed):  # once per run: the engines' own entries nest cheaply
-            detections = adapter.detect(images) if share else []
+            with torch.no_grad():  # one batched forward: the detections, and each probe's matches below
+                raw = adapter.raw(images) if share else None
+            detections = [d.detach() for d in adapter.postprocess(raw)] if share else []
             for j, p in enumerate(share):
                 tracked = self._tracked[p]
                 if not tracked and len(detections[j]):  # probes without ground truth track their top detection
@@ -160,7 +163,9 @@ class ExplainCallback(ProbeCallback):
                     MatchedBoxTarget(t[:4], int(t[4]), iou_threshold=self.iou_threshold, conf=adapter.conf)
                     for t in tracked
                 ]
-                found = {m: e.explain_boxes(images[j : j + 1], targets).cpu() for m, e in self._engines.items()}
+                found = {
+                    m: e.explain_boxes(images[j : j + 1], targets, raw=raw[j]).cpu() for m, e in self._engines.items()
+                }
                 out.append((p, tracked, found, detections[j].to("cpu")))
         return ShareRecord(out, time.perf_counter() - start)
 

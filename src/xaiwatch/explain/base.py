@@ -18,7 +18,7 @@ from xaiwatch.core.context import explaining
 from xaiwatch.core.errors import ConfigurationError
 from xaiwatch.core.inputs import check_images
 from xaiwatch.core.types import Explanation, Match, RawOutput
-from xaiwatch.targets import MatchedBoxTarget, Target
+from xaiwatch.targets import BoxTarget, MatchedBoxTarget, Target
 
 __all__ = ["Engine", "register", "available_methods", "get_engine"]
 
@@ -121,12 +121,17 @@ class Engine(ABC):
             else image.new_zeros(0, 1, *image.shape[-2:])
         )
 
-    def explain_boxes(self, image: torch.Tensor, targets: Sequence[Target]) -> Explanation:
+    def explain_boxes(
+        self, image: torch.Tensor, targets: Sequence[Target], raw: RawOutput | None = None
+    ) -> Explanation:
         """Explain ``K`` targets of one image and say what each resolved to.
 
         Args:
             image: :math:`(1, 3, H, W)` image.
             targets: ``K`` targets.
+            raw: the image's raw output (``adapter.raw(image)`` of the model being explained), when the caller
+                already has it, e.g. from one batched forward over several images: the matches and the method's
+                extras are read from it instead of from a forward of their own.
 
         Returns:
             An :class:`~xaiwatch.core.types.Explanation`: the :math:`(K, 1, H, W)` maps of
@@ -143,12 +148,22 @@ class Engine(ABC):
             (torch.Size([1, 1, 16, 16]), 0, 'saliency')
         """
         targets = list(targets)
-        maps, extras = self._explain_maps(image, targets)
-        raw = None
-        if self.needs_raw or any(isinstance(t, MatchedBoxTarget) for t in targets):
-            with explaining(self.adapter.model, seed=self.seed), torch.no_grad():
-                raw = self.adapter.raw(image.detach())
+        if raw is not None and raw.scores.shape[0] != 1:
+            raise ConfigurationError(
+                f"`raw` must be the raw output of the one image, got {raw.scores.shape[0]} images."
+            )
+        given = raw is not None
+        if not given:
+            maps, extras = self._explain_maps(image, targets)
+            if self.needs_raw or any(isinstance(t, MatchedBoxTarget) for t in targets):
+                with explaining(self.adapter.model, seed=self.seed), torch.no_grad():
+                    raw = self.adapter.raw(image.detach())
         matches: list[Match | None] = [t.match(raw)[0] if isinstance(t, MatchedBoxTarget) else None for t in targets]
+        if given:
+            # the candidates chosen on the given output are the ones explained (a batched forward can differ from
+            # the engine's own in the last bits, and so break a tie between two candidates the other way)
+            chosen = [BoxTarget(m.candidate, t.label) if m is not None else t for t, m in zip(targets, matches)]
+            maps, extras = self._explain_maps(image, chosen)
         return Explanation(self.name, maps.detach(), matches, {**extras, **self._extras(image, targets, matches, raw)})
 
     def _explain_maps(self, image: torch.Tensor, targets: list[Target]) -> tuple[torch.Tensor, dict]:
