@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from conftest import SquaresDataset, collate  # noqa: E402
 from helpers import tiny_module  # noqa: E402
-from xaiwatch.callbacks import ExplainCallback  # noqa: E402
+from xaiwatch.callbacks import ExplainCallback, ProjectionCallback  # noqa: E402
 
 
 class KillAt(Callback):
@@ -37,6 +37,7 @@ class KillAt(Callback):
 def main(out: str, phase: str) -> None:
     callbacks = [
         ExplainCallback(methods=["saliency"], num_probe=2, on_error="raise"),
+        ProjectionCallback(layers=["neck.p3"], max_points=16, on_error="raise"),
         ModelCheckpoint(dirpath=Path(out, "ckpt"), save_last=True, every_n_epochs=1, save_top_k=-1),
     ]
     if phase == "first":

@@ -11,7 +11,7 @@ from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
 from torch.utils.tensorboard import SummaryWriter
 
 from xaiwatch.logging import Tags, XaiWriter
-from xaiwatch.logging.projector import embedding_subdir, write_embedding
+from xaiwatch.logging.projector import embedding_subdir, import_embeddings, write_embedding
 
 HEADER = ["class", "source", "outcome"]
 
@@ -85,3 +85,29 @@ def test_rows_that_do_not_match_are_refused(tmp_path):
         write_embedding(tmp_path, "t", 0, features, metadata, HEADER, thumbnails[:3])
     with pytest.raises(ValueError, match=r"must be \(N, D\)"):
         write_embedding(tmp_path, "t", 0, features[0])
+
+
+def test_an_earlier_runs_embeddings_are_copied_into_the_resumed_runs_folder(tmp_path):
+    """The PROJECTOR refuses files outside its config's folder, so a resumed fit in a new version folder copies the
+    earlier epochs of its own tags; writing a step again there leaves the earlier run's file as it was."""
+    features, metadata, thumbnails = _points(6)
+    old, new = tmp_path / "version_0", tmp_path / "version_1"
+    tag = Tags.projection("neck.p3")
+    for step in (0, 2):
+        write_embedding(old, tag, step, features, metadata, HEADER, thumbnails)
+    write_embedding(old, "someone else's", 2, features)
+    write_embedding(new, tag, 4, features * 2, metadata, HEADER, thumbnails)
+    assert import_embeddings(new, old, Tags.projection("")) == 2
+    assert import_embeddings(new, old, Tags.projection("")) == 0  # already listed
+    assert import_embeddings(old, old, Tags.projection("")) == 0
+    paths = sorted(e.tensor_path for e in _config(new))
+    assert paths == sorted(f"{embedding_subdir(tag, s)}/tensors.tsv" for s in (0, 2, 4))
+    for s in (0, 2):
+        for name in ("tensors.tsv", "metadata.tsv", "sprite.png"):
+            assert (new / embedding_subdir(tag, s) / name).read_bytes() == (
+                old / embedding_subdir(tag, s) / name
+            ).read_bytes()
+    before = (old / embedding_subdir(tag, 2) / "tensors.tsv").read_bytes()
+    write_embedding(new, tag, 2, features * 3, metadata, HEADER, thumbnails)  # the resumed fit redoes step 2
+    assert (old / embedding_subdir(tag, 2) / "tensors.tsv").read_bytes() == before
+    assert _config(new)[0].tensor_name == f"{tag} (last: step 4)"

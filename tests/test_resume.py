@@ -41,6 +41,17 @@ def test_killed_run_resumes_with_every_earlier_picture(tmp_path):
         assert gif.n_frames == 5  # steps 0, 2, 4 (killed run, read back from its log folder) and 6, 8
     strip = read_events(resumed).Images("explain_filmstrip/probe_00")
     assert len(strip) == 1 and strip[0].step == 8
+    # the PROJECTOR of the resumed folder lists every epoch, those of the killed run copied into it
+    from google.protobuf import text_format
+    from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
+
+    config = text_format.Parse((resumed / "projector_config.pbtxt").read_text(), ProjectorConfig())
+    steps = sorted(int(e.tensor_path.split("/")[0]) for e in config.embeddings)
+    assert steps == [0, 2, 4, 6, 8]
+    assert all(
+        (resumed / e.tensor_path).is_file() and (resumed / e.sprite.image_path).is_file() for e in config.embeddings
+    )
+    assert max(config.embeddings, key=lambda e: e.tensor_path).tensor_name == "projection/neck.p3 (last: step 8)"
 
 
 def _setup_on(cb: ExplainCallback, dataset, tmp_path) -> None:

@@ -30,6 +30,7 @@ from xaiwatch.features import (
     separability,
     validate_projection,
 )
+from xaiwatch.logging import Tags
 from xaiwatch.render.projection import projection_scatter
 
 __all__ = ["ProjectionCallback"]
@@ -144,6 +145,7 @@ class ProjectionCallback(ProbeCallback):
         # state (state_dict)
         self._layouts: dict[str, dict[str, list[float]]] = {}  # layer -> point key -> last (x, y)
         # resolved at setup
+        self._imported = True  # whether the PROJECTOR epochs of the resumed runs are copied in (a fit: at first write)
         self._layer_names: list[str] = []
         self.history: dict[str, dict[int, dict[str, float]]] = {}  # layer -> step -> scalars (rank zero computes)
 
@@ -164,6 +166,7 @@ class ProjectionCallback(ProbeCallback):
                 "every class needs points. Raise `max_points`."
             )
         validate_projection(self.method, self._known_points(), self.perplexity, self.n_neighbors)
+        self._imported = stage != "fit"  # a fit's first write copies the PROJECTOR epochs of the runs it resumed
 
     def _resolve_layers(self, adapter: DetectorAdapter) -> list[str]:
         aliases = list(adapter.layer_names())
@@ -244,9 +247,20 @@ class ProjectionCallback(ProbeCallback):
     @override
     def _write(self, record: ShareRecord, ctx: RunContext) -> None:
         start = time.perf_counter()
+        if not self._imported and self.projector:
+            self._import_earlier()
         self._project(Embeddings.cat([points for _, points in record.items]), ctx.step, ctx.epoch)
         self._writer.projection_seconds(record.seconds + time.perf_counter() - start, ctx.step)
         self._writer.flush()
+
+    def _import_earlier(self) -> None:
+        """The PROJECTOR epochs of the runs a resumed fit continues, copied into its log folder (the checkpoint's
+        state, restored after ``setup()``, names those runs' folders)."""
+        from xaiwatch.logging.projector import import_embeddings
+
+        self._imported = True
+        for folder in self._restored_log_dirs:
+            import_embeddings(self.log_dir, folder, Tags.projection(""))
 
     def _embed(self, device: torch.device | str, indices: list[int], epoch: int) -> Embeddings:
         return embed(

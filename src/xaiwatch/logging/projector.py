@@ -18,7 +18,7 @@ import numpy as np
 
 from xaiwatch.logging.tensorboard import PNG_COMPRESS_LEVEL, order_projector_config
 
-__all__ = ["write_embedding", "embedding_subdir"]
+__all__ = ["write_embedding", "embedding_subdir", "import_embeddings"]
 
 CONFIG = "projector_config.pbtxt"
 
@@ -85,7 +85,7 @@ def write_embedding(
         ValueError: when metadata or thumbnails do not have one row per vector, or the header does not match.
     """
     from google.protobuf import text_format
-    from tensorboard.plugins.projector.projector_config_pb2 import EmbeddingInfo, ProjectorConfig
+    from tensorboard.plugins.projector.projector_config_pb2 import EmbeddingInfo
 
     mat = np.asarray(features.detach().cpu() if hasattr(features, "detach") else features)
     if mat.ndim != 2:
@@ -116,13 +116,62 @@ def write_embedding(
         info.sprite.single_image_dim.extend([int(thumbs.shape[3]), int(thumbs.shape[2])])
     (folder / "tensors.tsv").write_bytes(_tsv_rows(mat.tolist()))
 
-    path = log_dir / CONFIG
-    config = ProjectorConfig()
-    if path.is_file():
-        text_format.Parse(path.read_text(), config)
+    config = _read_config(log_dir)
     kept = [e for e in config.embeddings if e.tensor_path != info.tensor_path]
     del config.embeddings[:]
     config.embeddings.extend([*kept, info])
-    path.write_text(text_format.MessageToString(config))
+    (log_dir / CONFIG).write_text(text_format.MessageToString(config))
     order_projector_config(log_dir)
     return folder
+
+
+def _read_config(log_dir: Path):
+    from google.protobuf import text_format
+    from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
+
+    config = ProjectorConfig()
+    path = log_dir / CONFIG
+    if path.is_file():
+        text_format.Parse(path.read_text(), config)
+    return config
+
+
+def import_embeddings(log_dir: str | Path, earlier: str | Path, prefix: str) -> int:
+    """Copy an earlier run's embeddings whose tag starts with ``prefix`` into ``log_dir`` and list them there.
+
+    A resumed fit logs into a new version folder, and TensorBoard's PROJECTOR refuses files outside the folder of
+    its config, so the epochs before the resume are copied (not linked: a step written again must not change the
+    earlier run's files). Entries ``log_dir`` already lists, and entries whose files are missing, are left alone.
+
+    Returns:
+        The number of embeddings copied.
+    """
+    import shutil
+
+    from google.protobuf import text_format
+
+    from xaiwatch.logging.tensorboard import _projector_entry
+
+    log_dir, earlier = Path(log_dir), Path(earlier)
+    if log_dir.resolve() == earlier.resolve():
+        return 0
+    config, theirs = _read_config(log_dir), _read_config(earlier)
+    listed = {e.tensor_path for e in config.embeddings}
+    copied = 0
+    for entry in theirs.embeddings:
+        tag, step = _projector_entry(entry)
+        if not tag.startswith(prefix) or entry.tensor_path in listed or step < 0:
+            continue
+        files = [p for p in (entry.tensor_path, entry.metadata_path, entry.sprite.image_path) if p]
+        if not all((earlier / p).is_file() for p in files):
+            continue
+        for p in files:
+            (log_dir / p).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(earlier / p, log_dir / p)
+        config.embeddings.append(entry)
+        listed.add(entry.tensor_path)
+        copied += 1
+    if copied:
+        (log_dir / CONFIG).write_text(text_format.MessageToString(config))
+        order_projector_config(log_dir)
+    return copied
