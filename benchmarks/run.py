@@ -221,6 +221,11 @@ def _bench_training(results: dict, quick: bool, out: Path) -> None:
 
     results["image_check"] = bench_images()
     print(json.dumps(results["image_check"], indent=1))
+    print("\n== TensorBoard writing: event-record checksums and PROJECTOR files, ours vs tensorboard's own ==")
+    from bench_writers import bench_writers
+
+    results["writers"] = bench_writers(quick)
+    print(json.dumps(results["writers"], indent=1))
     print("\n== The demo's callbacks' share of training time, with and without TimeBudget(0.1) ==")
     results["callback_share"] = bench_callback_share(quick, out)
     _print_rows(results["callback_share"], lambda n, v: f"  {n:40s} {v:9.3f}")
