@@ -16,11 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from xaiwatch.logging.tensorboard import PNG_COMPRESS_LEVEL, order_projector_config
+from xaiwatch.logging.tensorboard import PNG_COMPRESS_LEVEL, PROJECTOR_CONFIG, _order_embeddings, _projector_entry
 
-__all__ = ["write_embedding", "embedding_subdir", "import_embeddings"]
-
-CONFIG = "projector_config.pbtxt"
+__all__ = ["write_embedding", "embedding_subdir", "import_embeddings", "read_config"]
 
 
 def embedding_subdir(tag: str, step: int) -> str:
@@ -84,7 +82,6 @@ def write_embedding(
     Raises:
         ValueError: when metadata or thumbnails do not have one row per vector, or the header does not match.
     """
-    from google.protobuf import text_format
     from tensorboard.plugins.projector.projector_config_pb2 import EmbeddingInfo
 
     mat = np.asarray(features.detach().cpu() if hasattr(features, "detach") else features)
@@ -116,24 +113,32 @@ def write_embedding(
         info.sprite.single_image_dim.extend([int(thumbs.shape[3]), int(thumbs.shape[2])])
     (folder / "tensors.tsv").write_bytes(_tsv_rows(mat.tolist()))
 
-    config = _read_config(log_dir)
+    config = read_config(log_dir)
     kept = [e for e in config.embeddings if e.tensor_path != info.tensor_path]
     del config.embeddings[:]
     config.embeddings.extend([*kept, info])
-    (log_dir / CONFIG).write_text(text_format.MessageToString(config))
-    order_projector_config(log_dir)
+    _save_config(log_dir, config)
     return folder
 
 
-def _read_config(log_dir: Path):
+def read_config(log_dir: str | Path):
+    """The ``ProjectorConfig`` of a log directory (empty when it has none)."""
     from google.protobuf import text_format
     from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
 
     config = ProjectorConfig()
-    path = log_dir / CONFIG
+    path = Path(log_dir) / PROJECTOR_CONFIG
     if path.is_file():
         text_format.Parse(path.read_text(), config)
     return config
+
+
+def _save_config(log_dir: Path, config) -> None:
+    """Write ``config`` ordered as :func:`~xaiwatch.logging.order_projector_config` orders it, in one write."""
+    from google.protobuf import text_format
+
+    _order_embeddings(config)
+    (log_dir / PROJECTOR_CONFIG).write_text(text_format.MessageToString(config))
 
 
 def import_embeddings(log_dir: str | Path, earlier: str | Path, prefix: str) -> int:
@@ -148,14 +153,10 @@ def import_embeddings(log_dir: str | Path, earlier: str | Path, prefix: str) -> 
     """
     import shutil
 
-    from google.protobuf import text_format
-
-    from xaiwatch.logging.tensorboard import _projector_entry
-
     log_dir, earlier = Path(log_dir), Path(earlier)
     if log_dir.resolve() == earlier.resolve():
         return 0
-    config, theirs = _read_config(log_dir), _read_config(earlier)
+    config, theirs = read_config(log_dir), read_config(earlier)
     listed = {e.tensor_path for e in config.embeddings}
     copied = 0
     for entry in theirs.embeddings:
@@ -172,6 +173,5 @@ def import_embeddings(log_dir: str | Path, earlier: str | Path, prefix: str) -> 
         listed.add(entry.tensor_path)
         copied += 1
     if copied:
-        (log_dir / CONFIG).write_text(text_format.MessageToString(config))
-        order_projector_config(log_dir)
+        _save_config(log_dir, config)
     return copied

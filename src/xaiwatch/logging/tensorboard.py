@@ -26,6 +26,8 @@ __all__ = [
 
 #: the file, in the run's log directory, holding the command that opens the run with every picture kept
 COMMAND_FILE = "tensorboard_command.txt"
+#: the PROJECTOR's config file, in the run's log directory
+PROJECTOR_CONFIG = "projector_config.pbtxt"
 #: the first CUSTOM SCALARS category: what a person should see first
 STORY = "xaiwatch: the story"
 _SAMPLED_PLUGINS = ("images", "text", "tensors")  # TensorBoard keeps 10 of each per tag by default
@@ -248,16 +250,13 @@ class XaiWriter:
                 metadata_header=header,
             )
             return
-        from xaiwatch.logging.projector import CONFIG, write_embedding
-
-        write_embedding(run_dir, Tags.projection(layer), step, features, metadata, header, thumbnails)
         from torch.utils.tensorboard import SummaryWriter
 
-        if isinstance(self.writer, SummaryWriter):  # its own add_embedding rewrites the config from this copy
-            from google.protobuf import text_format
-            from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
+        from xaiwatch.logging.projector import read_config, write_embedding
 
-            self.writer._projector_config = text_format.Parse((run_dir / CONFIG).read_text(), ProjectorConfig())
+        write_embedding(run_dir, Tags.projection(layer), step, features, metadata, header, thumbnails)
+        if isinstance(self.writer, SummaryWriter):  # its own add_embedding rewrites the config from this copy
+            self.writer._projector_config = read_config(run_dir)
 
     def projection_metrics(self, layer: str, values: dict[str, float], step: int) -> None:
         """Write per-layer scalars (separability, displacement); ``nan`` values are skipped."""
@@ -477,10 +476,17 @@ def order_projector_config(run_dir: str | Path) -> Path | None:
     from google.protobuf import text_format
     from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
 
-    path = Path(run_dir) / "projector_config.pbtxt"
+    path = Path(run_dir) / PROJECTOR_CONFIG
     if not path.is_file():
         return None
     config = text_format.Parse(path.read_text(), ProjectorConfig())
+    _order_embeddings(config)
+    path.write_text(text_format.MessageToString(config))
+    return path
+
+
+def _order_embeddings(config) -> None:
+    """Reorder a ``ProjectorConfig``'s entries in place as :func:`order_projector_config` writes them."""
     entries = [(_projector_entry(e), e) for e in config.embeddings]
     last = {}
     for (tag, step), _ in entries:
@@ -494,5 +500,3 @@ def order_projector_config(run_dir: str | Path) -> Path | None:
         copies.append(copy)
     del config.embeddings[:]
     config.embeddings.extend(copies)
-    path.write_text(text_format.MessageToString(config))
-    return path
